@@ -1,0 +1,108 @@
+"""Typed errors. Each names the layer or file, what was expected and found, and the fix.
+
+Every error also inherits the builtin it refines, so `except ValueError` keeps working, and
+carries an `exit_code` the CLI returns (listed in the README).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "VconError",
+    "UsageError",
+    "ConfigError",
+    "LoadError",
+    "UnsafeFileError",
+    "CaptureError",
+    "SelectionError",
+    "StageError",
+    "ArtifactError",
+    "OutputExistsError",
+    "DataError",
+    "ExportError",
+    "ParityError",
+    "TrainingError",
+]
+
+
+class VconError(Exception):
+    """Base of every error vcon-fx raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(VconError, ValueError):
+    """A command-line argument is malformed (shape string, flag combination)."""
+
+    exit_code = 2
+
+
+class ConfigError(VconError, ValueError):
+    """A compression config is invalid (rank ≤ 0, sparsity outside (0, 1), unknown bits)."""
+
+    exit_code = 2
+
+
+class LoadError(VconError, ValueError):
+    """A model source is missing, of an unknown format, corrupt or incomplete."""
+
+    exit_code = 3
+
+
+class UnsafeFileError(LoadError):
+    """A file would need unpickling (which runs code) and `--trust-pickle` was not given."""
+
+    exit_code = 3
+
+
+class CaptureError(VconError, RuntimeError):
+    """Neither torch.fx nor torch.export could capture the model as a graph."""
+
+    exit_code = 4
+
+
+class SelectionError(VconError, ValueError):
+    """Targets matched no layer, or a block is not a single-exit region."""
+
+    exit_code = 5
+
+
+class StageError(VconError, RuntimeError):
+    """The model is at the wrong stage (vanish while β > 0, export with a dense branch)."""
+
+    exit_code = 6
+
+
+class ArtifactError(VconError, ValueError):
+    """A vcon artifact (recipe JSON + safetensors) is missing, corrupt or inconsistent."""
+
+    exit_code = 7
+
+
+class OutputExistsError(VconError, FileExistsError):
+    """The output path exists and `--force` was not given."""
+
+    exit_code = 8
+
+
+class DataError(VconError, ValueError):
+    """A data file is unreadable, has NaN/Inf, the wrong shape or labels out of range."""
+
+    exit_code = 9
+
+
+class ExportError(VconError, RuntimeError):
+    """ONNX export failed."""
+
+    exit_code = 10
+
+
+class ParityError(VconError, ValueError):
+    """onnxruntime and PyTorch disagree beyond tolerance; lists every mismatching output."""
+
+    exit_code = 11
+
+
+class TrainingError(VconError, RuntimeError):
+    """Fine-tuning diverged (NaN/Inf loss) or could not continue."""
+
+    exit_code = 12
