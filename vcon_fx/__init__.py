@@ -1,0 +1,1 @@
+"""vcon-fx: Vanishing Contributions compression as torch.fx graph passes."""
