@@ -25,13 +25,15 @@ class Blend(nn.Module):
         compressed: its compressed twin (same inputs, same output shape).
         group: the group's name, used by schedules and reports.
         beta: the initial β (1 reproduces the original model exactly).
+        order: the group's position from input to output.
     """
 
-    def __init__(self, dense: nn.Module, compressed: nn.Module, group: str, beta: float = 1.0):
+    def __init__(self, dense: nn.Module, compressed: nn.Module, group: str, beta: float = 1.0, order: int = 0):
         super().__init__()
         self.dense = dense
         self.compressed = compressed
         self.group = group
+        self.order = order  # position from input to output, for staggered schedules
         self.register_buffer("beta", torch.tensor(float(beta)))
         # A Python mirror of β, so forward branches without a device sync; kept in step by
         # set_beta and by loading a state dict.
@@ -68,12 +70,9 @@ def _refresh_beta_mirror(module: Blend, _incompatible) -> None:
 
 
 def blend_modules(model: nn.Module) -> dict[str, Blend]:
-    """Every Blend in `model`, keyed by group name, in module registration order.
-
-    Registration order follows the graph from input to output (duplicate registers groups in
-    topological order), which is what staggered schedules rely on.
-    """
-    return {m.group: m for m in model.modules() if isinstance(m, Blend)}
+    """Every Blend in `model`, keyed by group name, from input to output (staggered schedules rely on it)."""
+    blends = [m for m in model.modules() if isinstance(m, Blend)]
+    return {m.group: m for m in sorted(blends, key=lambda m: m.order)}
 
 
 def get_betas(model: nn.Module) -> dict[str, float]:

@@ -1,0 +1,193 @@
+"""The public pipeline, one call a step: transform → (fine-tune) → vanish.
+
+These entry points copy once at the boundary: the caller's model is never changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+from torch import fx, nn
+
+from .capture import capture as capture_graph
+from .errors import ArtifactError, ConfigError
+from .methods.base import LayerPlan, LayerSite, MethodConfig, method_for
+from .passes.blend import set_beta
+from .passes.duplicate import duplicate
+from .passes.normalize import normalize
+from .passes.select import Group, Selection, find_sites, select
+from .passes.vanish import vanish_graph
+from .recipe import Recipe, input_spec, recipe_of
+
+__all__ = ["transform", "plan", "vanish", "Plan", "rebuild"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """What `transform` would do, without doing it: for `inspect`."""
+
+    capture: str
+    notes: list[str]
+    selection: Selection
+    plans: dict[str, LayerPlan]
+    groups: list[Group]
+    total_params: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def params_after(self) -> int:
+        saved = sum(p.params_before - p.params_after for p in self.plans.values() if not p.skipped)
+        return self.total_params - saved
+
+
+def plan(
+    model: nn.Module,
+    config: MethodConfig,
+    *,
+    example_inputs: tuple = (),
+    example_kwargs: dict | None = None,
+    targets: tuple[str, ...] | None = None,
+    ignore: tuple[str, ...] = (),
+    granularity: str = "layer",
+    blocks: tuple[str, ...] = (),
+    include_stem: bool = False,
+    include_head: bool = False,
+    capture: str = "auto",
+    seq_inputs: tuple[str, ...] = (),
+) -> Plan:
+    """Capture, select and plan every layer (pure: nothing is compressed).
+
+    Raises:
+        CaptureError, SelectionError, ConfigError: as `transform`.
+    """
+    gm, notes, path, sites = _captured(model, example_inputs, example_kwargs, capture, seq_inputs)
+    selection = select(gm, sites, targets=targets, ignore=ignore, granularity=granularity, blocks=blocks,
+                       include_stem=include_stem, include_head=include_head)
+    method = method_for(config)
+    plans = {p: method.plan(sites[p]) for g in selection.groups for p in g.layers}
+    groups = [g for g in selection.groups if any(not plans[p].skipped for p in g.layers)]
+    total = sum(p.numel() for p in gm.parameters())
+    result = Plan(path, notes, selection, plans, groups, total, {"gm": gm, "sites": sites})
+    return result
+
+
+def transform(
+    model: nn.Module,
+    config: MethodConfig,
+    *,
+    example_inputs: tuple = (),
+    example_kwargs: dict | None = None,
+    targets: tuple[str, ...] | None = None,
+    ignore: tuple[str, ...] = (),
+    granularity: str = "layer",
+    blocks: tuple[str, ...] = (),
+    include_stem: bool = False,
+    include_head: bool = False,
+    freeze_dense: bool = False,
+    capture: str = "auto",
+    seq_inputs: tuple[str, ...] = (),
+    source: dict | None = None,
+) -> fx.GraphModule:
+    """Build the blended model: every selected layer or block gets a compressed twin, β = 1 (pure).
+
+    Args:
+        model: any nn.Module; it is copied, never changed.
+        config: e.g. `LowRankConfig(rank=64)`.
+        example_inputs / example_kwargs: inputs the model runs on (for capture and shapes).
+        targets / ignore: type names, globs or `re:` regexes (default: every Linear/Conv).
+        granularity: "layer" or "block" (then `blocks` names the regions).
+        include_stem / include_head: also compress the first / last layer.
+        freeze_dense: the dense branch does not train (default: it does, as in the paper).
+        capture: "auto", "fx" or "export".
+        seq_inputs: input names with a sequence axis (dim 1).
+        source: how to rebuild `model` (set by the CLI), so `load` needs no model.
+
+    Returns:
+        A GraphModule whose outputs equal the model's at β = 1, with its recipe in `.meta["vcon"]`.
+
+    Raises:
+        CaptureError, SelectionError, ConfigError, UsageError.
+
+    Example:
+        >>> import torch, vcon_fx
+        >>> net = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
+        ...                           torch.nn.ReLU(), torch.nn.Linear(64, 2))
+        >>> vm = vcon_fx.transform(net, vcon_fx.LowRankConfig(rank=4), example_inputs=(torch.randn(1, 8),))
+        >>> sorted(vcon_fx.get_betas(vm))
+        ['2']
+    """
+    example_kwargs = dict(example_kwargs or {})
+    the_plan = plan(model, config, example_inputs=example_inputs, example_kwargs=example_kwargs, targets=targets,
+                    ignore=ignore, granularity=granularity, blocks=blocks, include_stem=include_stem,
+                    include_head=include_head, capture=capture, seq_inputs=seq_inputs)
+    if not the_plan.groups:
+        first = next(iter(the_plan.plans.values()))
+        raise ConfigError(
+            f"{config.method} would leave every matched layer dense (e.g. {first.path}: {first.skip_reason}); "
+            "choose a stronger compression"
+        )
+    gm = the_plan.extra["gm"]
+    method = method_for(config)
+    duplicate(gm, the_plan.groups, method, the_plan.plans, the_plan.extra["sites"], freeze_dense=freeze_dense)
+    excluded = dict(the_plan.selection.excluded)
+    excluded.update({p: pl.skip_reason for p, pl in the_plan.plans.items() if pl.skipped})
+    gm.meta["vcon"] = Recipe(
+        config=config,
+        groups=the_plan.groups,
+        plans={p: pl for p, pl in the_plan.plans.items()},
+        capture=the_plan.capture,
+        selection={"targets": list(targets) if targets else None, "ignore": list(ignore), "granularity": granularity,
+                   "blocks": list(blocks), "include_stem": include_stem, "include_head": include_head,
+                   "seq_inputs": list(seq_inputs)},
+        freeze_dense=freeze_dense,
+        source=source,
+        inputs=input_spec(tuple(example_inputs), example_kwargs),
+        excluded=excluded,
+        notes=the_plan.notes,
+    )
+    log.info("transformed %d group(s) with %s (capture: %s)", len(the_plan.groups), config.method, the_plan.capture)
+    return gm
+
+
+def vanish(model: fx.GraphModule, *, force: bool = False) -> fx.GraphModule:
+    """The compressed model alone: dense branches and blends removed (pure: returns a copy).
+
+    Raises:
+        StageError: not a vcon model, already vanished, or β > 0 in some group without `force`.
+
+    Example:
+        >>> small = vcon_fx.vanish(vcon_model)  # after β has reached 0
+    """
+    recipe = recipe_of(model)
+    gm = copy.deepcopy(model)
+    vanish_graph(gm, method_for(recipe.config), force=force)
+    gm.meta["vcon"] = recipe.replace(stage="vanished")
+    return gm
+
+
+def rebuild(model: nn.Module, recipe: Recipe, example_args: tuple, example_kwargs: dict) -> fx.GraphModule:
+    """Re-apply a recorded recipe to its source model without initializing twins (for `load`)."""
+    gm, _notes, _path, sites = _captured(model, example_args, example_kwargs, recipe.capture,
+                                         tuple(recipe.selection.get("seq_inputs") or ()))
+    method = method_for(recipe.config)
+    missing = [p for g in recipe.groups for p in g.layers if p not in sites]
+    if missing:
+        raise ArtifactError(f"the source model has no layer {missing[0]} that the recipe compresses: was the source changed?")
+    duplicate(gm, recipe.groups, method, recipe.plans, sites, freeze_dense=recipe.freeze_dense, init=False)
+    gm.meta["vcon"] = recipe
+    if recipe.stage == "vanished":
+        set_beta(gm, 0.0)  # the saved model is past its transition
+        vanish_graph(gm, method)
+    return gm
+
+
+def _captured(model, example_inputs, example_kwargs, mode, seq_inputs):
+    model = copy.deepcopy(model)
+    captured = capture_graph(model, tuple(example_inputs), dict(example_kwargs or {}), mode=mode, seq_inputs=seq_inputs)
+    gm = normalize(captured.gm)
+    sites: dict[str, LayerSite] = find_sites(gm, tuple(example_inputs), dict(example_kwargs or {}))
+    return gm, captured.notes, captured.path, sites

@@ -1,0 +1,110 @@
+"""Save and load vcon models without pickle: a folder with recipe.json and model.safetensors.
+
+The recipe says how to rebuild the graph from its source (re-applied on load); the
+safetensors file holds every weight and every β. A vanished model holds no dense weights, so
+its folder is smaller on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_model as st_load_model
+from safetensors.torch import save_model as st_save_model
+from torch import fx, nn
+
+from .api import rebuild
+from .errors import ArtifactError
+from .fileio import atomic_dir, check_output
+from .recipe import Recipe, inputs_from_spec, recipe_of
+
+__all__ = ["save", "load", "read_recipe", "is_artifact", "RECIPE_FILE", "WEIGHTS_FILE"]
+
+log = logging.getLogger(__name__)
+
+RECIPE_FILE = "recipe.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save(model: fx.GraphModule, path: str | Path, *, force: bool = False) -> Path:
+    """Write `model` (blended or vanished) to the folder `path`, atomically (pure on `model`).
+
+    Raises:
+        StageError: `model` is not a vcon model.
+        OutputExistsError: `path` exists and `force` is false.
+    """
+    recipe = recipe_of(model)
+    out = check_output(path, force=force)
+    with atomic_dir(out) as tmp:
+        (tmp / RECIPE_FILE).write_text(json.dumps(recipe.to_dict(), indent=1))
+        # save_model de-duplicates tensors shared by several names (tied or latent weights).
+        st_save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "vcon-fx", "stage": recipe.stage})
+    log.info("saved %s model to %s", recipe.stage, out)
+    return out
+
+
+def is_artifact(path: str | Path) -> bool:
+    """True when `path` is a folder holding a vcon recipe."""
+    return (Path(path) / RECIPE_FILE).is_file()
+
+
+def read_recipe(path: str | Path) -> Recipe:
+    """The recipe of a saved vcon model. Raises ArtifactError when missing or corrupt."""
+    folder = Path(path)
+    if not folder.exists():
+        raise ArtifactError(f"{folder} does not exist: give the folder written by `vcon-fx transform -o`")
+    if not is_artifact(folder):
+        raise ArtifactError(
+            f"{folder} is not a vcon artifact (no {RECIPE_FILE}); create one with `vcon-fx transform MODEL -o {folder.name}`"
+        )
+    try:
+        data = json.loads((folder / RECIPE_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{folder / RECIPE_FILE} is not valid JSON ({exc}); the artifact is corrupt: re-create it") from None
+    return Recipe.from_dict(data)
+
+
+def load(path: str | Path, *, model: nn.Module | None = None, example_inputs: tuple | None = None,
+         example_kwargs: dict | None = None) -> fx.GraphModule:
+    """Rebuild a saved vcon model: identical outputs and β values (no unpickling).
+
+    Args:
+        path: the artifact folder.
+        model: the source model, needed when the artifact was made from a Python object
+            rather than a file or name (the recipe then has no source).
+        example_inputs / example_kwargs: default to inputs synthesized from the recipe.
+
+    Raises:
+        ArtifactError: missing, corrupt or inconsistent artifact.
+        LoadError: the recorded source cannot be found or changed since.
+    """
+    folder = Path(path)
+    recipe = read_recipe(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ArtifactError(f"{weights} is missing; the artifact is incomplete: re-create it")
+    args, kwargs = inputs_from_spec(recipe.inputs)
+    if example_inputs is not None:
+        args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
+    if model is None:
+        if not recipe.source:
+            raise ArtifactError(
+                f"{folder} was made from a Python model object: pass it, vcon_fx.load(path, model=MyModel())"
+            )
+        from .load import rebuild_model  # the sources module is only needed for this path
+
+        model = rebuild_model(recipe.source).module
+    gm = rebuild(model, recipe, args, kwargs)
+    try:
+        missing, unexpected = st_load_model(gm, str(weights), strict=False)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise ArtifactError(f"{weights} is corrupt or does not fit the recipe ({str(exc).splitlines()[0][:200]}); re-create it") from None
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{weights} does not match the rebuilt model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); "
+            "the source model changed since the artifact was written"
+        )
+    return gm

@@ -1,0 +1,192 @@
+"""Compression configs and the method registry.
+
+A method is one file under `methods/`: a frozen config dataclass that validates itself, and a
+builder registered for that config type. The builder plans each layer cheaply (what would the
+method make of it?), builds the compressed twin, and materializes it when the dense branch
+vanishes. Configs round-trip through JSON with their method name and a version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import nn
+
+from ..errors import ConfigError
+
+__all__ = [
+    "MethodConfig",
+    "LayerSite",
+    "LayerPlan",
+    "Method",
+    "register_method",
+    "method_for",
+    "registered_methods",
+    "config_from_dict",
+    "layer_params",
+    "COMPRESSIBLE",
+]
+
+# The layer types every method understands; normalize() lifts functional calls into these.
+COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every compression config: JSON round-trip with method name and version."""
+
+    method: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {"method": self.method, "version": self.version, **data}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":
+        return config_from_dict(data)
+
+
+def _jsonable(value):
+    if isinstance(value, MethodConfig):
+        return value.to_dict()
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class LayerSite:
+    """One compressible layer as found in the graph: its path, module and observed shapes."""
+
+    path: str
+    module: nn.Module
+    out_shape: tuple[int, ...] | None = None  # from shape propagation on the example inputs
+    calls: int = 1  # how many graph nodes call it (a layer called twice has 2)
+
+    @property
+    def kind(self) -> str:
+        return type(self.module).__name__
+
+    @property
+    def positions(self) -> int:
+        """Output positions per forward (tokens × batch, or H×W × batch): FLOPs scale with it."""
+        if self.out_shape is None or len(self.out_shape) == 0:
+            return 1
+        per_channel_dim = 1 if isinstance(self.module, (nn.Conv1d, nn.Conv2d)) else -1
+        total = 1
+        for i, d in enumerate(self.out_shape):
+            if i != (per_channel_dim % len(self.out_shape)):
+                total *= int(d)
+        return max(total, 1) * self.calls
+
+
+@dataclass
+class LayerPlan:
+    """What a method would make of one layer: sizes before/after, or why it is skipped."""
+
+    path: str
+    kind: str
+    shape: tuple[int, ...]
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    bytes_before: int
+    bytes_after: int
+    detail: dict[str, Any] = field(default_factory=dict)  # e.g. {"rank": 16}
+    skip_reason: str | None = None
+
+    @property
+    def skipped(self) -> bool:
+        return self.skip_reason is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+class Method:
+    """Builder for one config type. Subclasses implement plan / build / materialize."""
+
+    config_type: ClassVar[type[MethodConfig]]
+
+    def __init__(self, config: MethodConfig):
+        self.config = config
+
+    def plan(self, site: LayerSite) -> LayerPlan:
+        """Decide what to do with one layer, cheaply and without changing it (pure)."""
+        raise NotImplementedError
+
+    def build(self, site: LayerSite, plan: LayerPlan, *, init: bool = True) -> nn.Module:
+        """Build the compressed twin of `site.module`; `init=False` only allocates (for load)."""
+        raise NotImplementedError
+
+    def materialize(self, compressed: nn.Module) -> nn.Module:
+        """The deployable form of a trained twin (masks applied, integers stored). Default: as is."""
+        return compressed
+
+    def share_dense_weights(self) -> bool:
+        """True when the twin computes its weights from the dense layer's own parameters."""
+        return False
+
+
+_REGISTRY: dict[type[MethodConfig], type[Method]] = {}
+_BY_NAME: dict[str, type[MethodConfig]] = {}
+
+
+def register_method(method_cls: type[Method]) -> type[Method]:
+    """Class decorator: register a Method subclass for its `config_type`."""
+    config_type = method_cls.config_type
+    _REGISTRY[config_type] = method_cls
+    _BY_NAME[config_type.method] = config_type
+    return method_cls
+
+
+def method_for(config: MethodConfig) -> Method:
+    """The builder for `config`. Raises ConfigError for an unregistered config type."""
+    try:
+        return _REGISTRY[type(config)](config)
+    except KeyError:
+        raise ConfigError(
+            f"no compression method is registered for {type(config).__name__}; "
+            f"known methods: {sorted(_BY_NAME)}"
+        ) from None
+
+
+def registered_methods() -> dict[str, type[MethodConfig]]:
+    """Method name → config type, for every registered method."""
+    return dict(_BY_NAME)
+
+
+def config_from_dict(data: dict[str, Any]) -> MethodConfig:
+    """Rebuild a config from `to_dict()` output; rejects unknown methods and keys."""
+    if not isinstance(data, dict) or "method" not in data:
+        raise ConfigError(f"a method config needs a 'method' key, got {data!r}")
+    name = data["method"]
+    if name not in _BY_NAME:
+        raise ConfigError(f"unknown method {name!r}; choose one of {sorted(_BY_NAME)}")
+    cls = _BY_NAME[name]
+    version = data.get("version", cls.version)
+    if version > cls.version:
+        raise ConfigError(f"{name} config version {version} is newer than this vcon-fx ({cls.version}): upgrade vcon-fx")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields) - {"method", "version"})
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} for method {name!r}; allowed: {sorted(fields)}")
+    kwargs = {}
+    for key, value in data.items():
+        if key in ("method", "version"):
+            continue
+        if isinstance(value, dict) and "method" in value:
+            value = config_from_dict(value)
+        elif isinstance(value, list):
+            value = tuple(config_from_dict(v) if isinstance(v, dict) else v for v in value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def layer_params(module: nn.Module) -> int:
+    """Parameters of a layer (weight + bias)."""
+    return sum(p.numel() for p in module.parameters(recurse=True))

@@ -1,0 +1,156 @@
+"""Low-rank decomposition: W ≈ U_r·S_r·V_rᵀ, so one layer becomes two thinner ones.
+
+Linear(in→out) becomes Linear(in→r) then Linear(r→out); a k×k conv becomes a k×k conv to r
+channels then a 1×1 conv to the original outputs. Both factors start from the truncated SVD of
+the dense weight, √S split between them so they train at similar scales.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .base import LayerPlan, LayerSite, Method, MethodConfig, layer_params, register_method
+
+__all__ = ["LowRankConfig", "LowRank", "LowRankMethod", "choose_rank", "truncated_svd"]
+
+_FLOAT_BYTES = 4
+
+
+@dataclass(frozen=True)
+class LowRankConfig(MethodConfig):
+    """Low-rank factorization; give exactly one of rank, energy or ratio.
+
+    Args:
+        rank: keep this many singular values in every layer.
+        energy: keep the fewest singular values holding this share of Σσ² (0 < energy ≤ 1).
+        ratio: parameter budget: the factors hold about this share of the layer's weights.
+    """
+
+    method = "lowrank"
+    version = 1
+    rank: int | None = None
+    energy: float | None = None
+    ratio: float | None = None
+
+    def __post_init__(self):
+        given = [k for k in ("rank", "energy", "ratio") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ConfigError(f"low-rank needs exactly one of --rank, --energy, --ratio; got {given or 'none'}")
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0):
+            raise ConfigError(f"--rank must be a positive integer, got {self.rank!r}")
+        if self.energy is not None and not 0.0 < float(self.energy) <= 1.0:
+            raise ConfigError(f"--energy must lie in (0, 1], got {self.energy!r}")
+        if self.ratio is not None and not 0.0 < float(self.ratio) < 1.0:
+            raise ConfigError(f"--ratio must lie in (0, 1), got {self.ratio!r}")
+
+
+class LowRank(nn.Sequential):
+    """Two thin layers in sequence: `down` (to rank r) then `up` (back to the outputs)."""
+
+    def __init__(self, down: nn.Module, up: nn.Module):
+        super().__init__()
+        self.add_module("down", down)
+        self.add_module("up", up)
+
+
+def _as_matrix(layer: nn.Module) -> torch.Tensor:
+    """The weight as a 2-D (out, in·k…) matrix."""
+    return layer.weight.detach().reshape(layer.weight.shape[0], -1)
+
+
+def choose_rank(config: LowRankConfig, layer: nn.Module) -> int:
+    """The rank `config` asks for on `layer` (pure; SVD only for `energy`)."""
+    out_f, in_f = _as_matrix(layer).shape
+    if config.rank is not None:
+        return config.rank
+    if config.ratio is not None:
+        return max(1, math.floor(config.ratio * out_f * in_f / (out_f + in_f)))
+    sv = torch.linalg.svdvals(_as_matrix(layer).float())
+    energy = sv.square()
+    total = float(energy.sum())
+    if total == 0.0:  # an all-zero weight: one component represents it exactly
+        return 1
+    cumulative = torch.cumsum(energy, 0) / total
+    return int(torch.searchsorted(cumulative, torch.tensor(float(config.energy) - 1e-7)).item()) + 1
+
+
+def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (A: out×r, B: r×in) with A·B the best rank-r approximation of `matrix`.
+
+    Uses randomized SVD when r is far below the matrix size (much cheaper on big layers, and
+    accurate there), the full SVD otherwise. Degenerate (zero, rank-deficient) input works.
+    """
+    m = matrix.float()
+    small = min(m.shape)
+    if small > 256 and rank * 4 < small:
+        u, s, v = torch.svd_lowrank(m, q=min(small, rank + 10), niter=4)
+        u, s, vh = u[:, :rank], s[:rank], v[:, :rank].T
+    else:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    root = s.sqrt()
+    return (u * root).to(matrix.dtype), (root[:, None] * vh).to(matrix.dtype)
+
+
+@register_method
+class LowRankMethod(Method):
+    config_type = LowRankConfig
+
+    def plan(self, site: LayerSite) -> LayerPlan:
+        layer = site.module
+        weight = layer.weight
+        out_f, in_f = weight.shape[0], weight[0].numel()
+        bias = 0 if layer.bias is None else layer.bias.numel()
+        before = layer_params(layer)
+        positions = site.positions
+        plan = LayerPlan(
+            path=site.path, kind=site.kind, shape=tuple(weight.shape),
+            params_before=before, params_after=before,
+            flops_before=2 * out_f * in_f * positions, flops_after=2 * out_f * in_f * positions,
+            bytes_before=before * _FLOAT_BYTES, bytes_after=before * _FLOAT_BYTES,
+        )
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.groups != 1:
+            plan.skip_reason = f"grouped convolution (groups={layer.groups}): low-rank does not apply"
+            return plan
+        rank = choose_rank(self.config, layer)
+        after = rank * (in_f + out_f) + bias
+        plan.detail = {"rank": rank}
+        if rank >= min(out_f, in_f) or after >= before:
+            plan.skip_reason = (
+                f"rank {rank} would not reduce parameters ({after} ≥ {before}); "
+                f"a rank below {(out_f * in_f) // (out_f + in_f)} would"
+            )
+            return plan
+        plan.params_after = after
+        plan.bytes_after = after * _FLOAT_BYTES
+        plan.flops_after = 2 * rank * (in_f + out_f) * positions
+        return plan
+
+    def build(self, site: LayerSite, plan: LayerPlan, *, init: bool = True) -> nn.Module:
+        layer = site.module
+        rank = plan.detail["rank"]
+        factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
+        has_bias = layer.bias is not None
+        if isinstance(layer, nn.Linear):
+            down = nn.Linear(layer.in_features, rank, bias=False, **factory)
+            up = nn.Linear(rank, layer.out_features, bias=has_bias, **factory)
+        else:
+            conv = type(layer)
+            down = conv(
+                layer.in_channels, rank, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                dilation=layer.dilation, bias=False, padding_mode=layer.padding_mode, **factory,
+            )
+            up = conv(rank, layer.out_channels, 1, bias=has_bias, **factory)
+        if init:
+            with torch.no_grad():
+                a, b = truncated_svd(_as_matrix(layer), rank)
+                down.weight.copy_(b.reshape(down.weight.shape))
+                up.weight.copy_(a.reshape(up.weight.shape))
+                if has_bias:
+                    up.bias.copy_(layer.bias)
+        return LowRank(down, up)
