@@ -130,6 +130,11 @@ def _default_output(model: str, suffix: str) -> str:
     return f"{Path(name).stem}{suffix}"
 
 
+def _describe(config) -> str:
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("method", "version") and v not in (None, False)}
+    return config.method + "".join(f" {k}={v}" for k, v in fields.items())
+
+
 def _fmt(n: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
@@ -152,7 +157,7 @@ def cmd_inspect(args) -> int:
 
     if is_artifact(args.model):
         recipe = read_recipe(args.model)
-        console.print(f"[bold]{args.model}[/]: vcon artifact, stage [bold]{recipe.stage}[/], method {recipe.config.to_dict()}")
+        console.print(f"[bold]{args.model}[/]: vcon artifact, stage [bold]{recipe.stage}[/], method {_describe(recipe.config)}")
         console.print(f"capture path: {recipe.capture}; {len(recipe.groups)} group(s)")
         _plan_table(recipe.plans, recipe.excluded)
         return 0
@@ -176,7 +181,7 @@ def cmd_inspect(args) -> int:
         console.print(f"  [dim]{note}[/]")
     if args.graph:
         console.print(str(the_plan.extra["gm"].graph))
-    _plan_table(the_plan.plans, the_plan.selection.excluded, title=f"plan: {config.to_dict()}")
+    _plan_table(the_plan.plans, the_plan.selection.excluded, title=f"plan: {_describe(config)}")
     console.print(f"{len(the_plan.groups)} group(s) ({the_plan.selection.granularity}); parameters "
                   f"{_fmt(the_plan.total_params)} → {_fmt(the_plan.params_after)} "
                   f"({the_plan.params_after / max(the_plan.total_params, 1):.1%})")
@@ -191,10 +196,10 @@ def _plan_table(plans, excluded, title="plan") -> None:
         decision = f"[yellow]skipped: {pl.skip_reason}[/]" if pl.skipped else ", ".join(f"{k} {v}" for k, v in pl.detail.items())
         table.add_row(path, pl.kind, "×".join(map(str, pl.shape)), _fmt(pl.params_before), _fmt(pl.flops_before),
                       _fmt(pl.params_after), _fmt(pl.flops_after), _bytes(pl.bytes_after), decision)
+    console.print(table)
     for path, reason in excluded.items():
         if path not in plans:
-            table.add_row(path, "", "", "", "", "", "", "", f"[dim]dense: {reason}[/]")
-    console.print(table)
+            console.print(f"  [dim]dense: {path}: {reason}[/]")
 
 
 def cmd_transform(args) -> int:
@@ -214,7 +219,7 @@ def cmd_transform(args) -> int:
     done = [p for p in recipe.plans.values() if not p.skipped]
     before = sum(p.params_before for p in done)
     after = sum(p.params_after for p in done)
-    console.print(f"{len(recipe.groups)} group(s) blended at β = 1 with {config.to_dict()}; compressed layers hold "
+    console.print(f"{len(recipe.groups)} group(s) blended at β = 1 with {_describe(config)}; compressed layers hold "
                   f"{_fmt(before)} → {_fmt(after)} parameters; {len(recipe.excluded)} layer(s) left dense")
     save(vm, out, force=args.force)
     console.print(f"[green]wrote[/] {out}")
@@ -225,13 +230,8 @@ def cmd_vanish(args) -> int:
     from .api import vanish
     from .artifact import load, save
     from .fileio import check_output
-    from .passes.blend import get_betas
-
     out = check_output(args.output or _default_output(args.model, ".small"), force=args.force, inputs=(args.model,))
     vm = load(args.model)
-    open_groups = {g: b for g, b in get_betas(vm).items() if b > 0}
-    if open_groups and args.force:
-        errors.print(f"[yellow]warning:[/] {len(open_groups)} group(s) still have β > 0; vanishing changes the outputs")
     small = vanish(vm, force=args.force)
     save(small, out, force=args.force)
     size = lambda p: sum(f.stat().st_size for f in Path(p).iterdir())

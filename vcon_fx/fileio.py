@@ -46,6 +46,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.absolute().parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    tmp_path.chmod(0o666 & ~_umask())  # mkstemp makes it private; an output is an ordinary file
     try:
         yield tmp_path
         os.replace(tmp_path, final)
@@ -63,6 +64,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.absolute().parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; an output folder is an ordinary one
     old = None
     try:
         yield tmp
@@ -81,3 +83,9 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,8 +1,7 @@
 """Shared pieces of the model loaders: the LoadedModel record, hashing, safe state-dict reads.
 
-Everything here reads files without running code: safetensors, or `torch.load` with
-`weights_only=True`. Unpickling arbitrary objects happens only in `pickled.py`, behind
-`trust_pickle`.
+Everything here reads files without running code (safetensors, or `torch.load` with
+`weights_only=True`), except `torch_load_safely` when the caller passed `trust_pickle`.
 """
 
 from __future__ import annotations
@@ -10,8 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import pickle
-import re
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import LoadError, UnsafeFileError
+from .pickle_scan import unsafe_globals
 
 __all__ = [
     "LoadedModel",
@@ -33,10 +32,10 @@ __all__ = [
     "is_state_dict",
     "read_state_dict",
     "load_weights_into",
-    "unsafe_globals",
     "unsafe_error",
     "torch_load_safely",
     "first_line",
+    "unwrap_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ class LoadedModel:
     seq_inputs: tuple[str, ...] = ()
     task: str = "generic"
     tokenizer_path: str | None = None
-    exported: Any = None  # torch.export.ExportedProgram | None
+    exported: torch.export.ExportedProgram | None = None
 
 
 def sha256_file(path: str | Path) -> str:
@@ -120,15 +119,6 @@ def is_state_dict(obj: Any) -> bool:
     )
 
 
-def unsafe_globals(err: BaseException) -> list[str] | None:
-    """Names of the non-allowlisted globals a weights_only load refused, or None if it was not that."""
-    text = str(err)
-    if not isinstance(err, pickle.UnpicklingError) or "Weights only load failed" not in text:
-        return None
-    names = re.findall(r"GLOBAL ([\w.]+)", text)
-    return sorted(set(names)) or (["(an object that is not a tensor)"] if "global" in text.lower() else None)
-
-
 def unsafe_error(path: Path, names: list[str]) -> UnsafeFileError:
     """The one UnsafeFileError text: why unpickling is refused and the safe alternatives."""
     return UnsafeFileError(
@@ -161,7 +151,7 @@ def read_state_dict(path: Path, *, trust_pickle: bool = False) -> dict[str, torc
         except Exception as e:  # safetensors raises its own SafetensorError for bad headers
             raise LoadError(f"{path} is not a readable .safetensors file ({first_line(e)}): re-save it") from e
     obj = torch_load_safely(path, trust_pickle=trust_pickle)
-    obj = _unwrap_checkpoint(obj, path)
+    obj = unwrap_checkpoint(obj, path)
     if not is_state_dict(obj):
         raise LoadError(
             f"{path} holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors): "
@@ -178,9 +168,12 @@ def torch_load_safely(path: Path, *, trust_pickle: bool = False) -> Any:
         LoadError: the file is not a readable torch.save file.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # Plain pickle.dump files trip this; the refusal below explains them better.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        names = unsafe_globals(e)
+        names = unsafe_globals(e, path)
         if names is None:
             raise LoadError(
                 f"{path} is not a readable torch.save file ({first_line(e)}): it may be truncated "
@@ -195,7 +188,7 @@ def torch_load_safely(path: Path, *, trust_pickle: bool = False) -> Any:
         raise LoadError(f"could not unpickle {path} ({first_line(e)}): the classes it names must be importable") from e
 
 
-def _unwrap_checkpoint(obj: Any, path: Path) -> Any:
+def unwrap_checkpoint(obj: Any, path: Path) -> Any:
     # Training scripts often save {"epoch": ..., "state_dict": ...}; take the weights inside.
     if isinstance(obj, Mapping) and not is_state_dict(obj):
         for key in ("state_dict", "model_state_dict", "model"):

@@ -6,6 +6,7 @@ otherwise). Attention is forced to "eager": the fused kernels do not trace or ex
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -14,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ..errors import LoadError, UsageError
-from .base import LoadedModel, example_generator, first_line, seeded, unsafe_error, unsafe_globals
+from .base import LoadedModel, example_generator, first_line, seeded, unsafe_error
+from .pickle_scan import unsafe_globals
 
 __all__ = ["is_hf_folder", "weight_files", "config_files", "build_hf", "TOKENIZER_FILES"]
 
@@ -91,7 +93,7 @@ def build_hf(folder: Path, *, load_weights: bool = True, trust_pickle: bool = Fa
     files, pickled = weight_files(folder) if load_weights else ([], False)
     common = {"attn_implementation": "eager", "dtype": torch.float32}
     try:
-        with seeded():
+        with seeded(), _no_progress_bars():
             if files:
                 module, info = auto.from_pretrained(str(folder), config=config, local_files_only=True,
                                                     weights_only=not trust_pickle, output_loading_info=True,
@@ -103,7 +105,7 @@ def build_hf(folder: Path, *, load_weights: bool = True, trust_pickle: bool = Fa
                                 "from config.json", folder)
                 module = auto.from_config(config, **common)
     except Exception as e:
-        names = unsafe_globals(e) or unsafe_globals(e.__cause__ or e)
+        names = unsafe_globals(e, files[-1] if files else None) or unsafe_globals(e.__cause__ or e)
         if names is not None:
             raise unsafe_error(files[-1], names) from None
         raise LoadError(f"transformers could not build {arch or config.model_type} from {folder} ({first_line(e)})") from e
@@ -114,6 +116,20 @@ def build_hf(folder: Path, *, load_weights: bool = True, trust_pickle: bool = Fa
         log.info("%s: read %s with weights_only=%s", folder, files[-1].name, not trust_pickle)
     return LoadedModel(module=module, example_kwargs=kwargs, seq_inputs=seq_inputs, task=task,
                        tokenizer_path=str(folder) if has_tok else None)
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    # The library never prints; transformers draws tqdm bars on stderr while loading weights.
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _is_decoder(config) -> bool:
