@@ -9,6 +9,7 @@
 from .api import Plan, plan, transform, vanish
 from .artifact import load, save
 from .errors import VconError
+from .export import check_onnx, export_onnx
 from .methods import LowRankConfig, MethodConfig, registered_methods
 from .passes.blend import Blend, get_betas, set_beta
 from .schedule import BetaSchedule, default_transition, make_schedule
@@ -30,6 +31,8 @@ __all__ = [
     "MethodConfig",
     "registered_methods",
     "VconError",
+    "export_onnx",
+    "check_onnx",
 ]
 
 __version__ = "0.1.0"

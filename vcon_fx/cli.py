@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("vanish", help="delete the dense branch once β = 0")
     p.add_argument("model", help="a vcon artifact folder")
+    p.add_argument("--trust-pickle", action="store_true", help="the artifact's source is a pickled module you trust")
     p.add_argument("-o", "--output", help="artifact folder (default: NAME.small)")
     p.add_argument("--force", action="store_true", help="vanish even if β > 0 (outputs change) and replace the output")
 
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source(p)
     p.add_argument("--onnx", required=True, help="output .onnx file")
     p.add_argument("--check", action="store_true", help="compare onnxruntime with PyTorch, and with the dense model")
+    p.add_argument("--static-shapes", action="store_true", help="export fixed shapes (no dynamic batch/sequence axes)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
 
     p = sub.add_parser("bench", help="time ONNX models in onnxruntime")
@@ -231,7 +233,7 @@ def cmd_vanish(args) -> int:
     from .artifact import load, save
     from .fileio import check_output
     out = check_output(args.output or _default_output(args.model, ".small"), force=args.force, inputs=(args.model,))
-    vm = load(args.model)
+    vm = load(args.model, trust_pickle=args.trust_pickle)
     small = vanish(vm, force=args.force)
     save(small, out, force=args.force)
     size = lambda p: sum(f.stat().st_size for f in Path(p).iterdir())
@@ -252,7 +254,7 @@ def cmd_export(args) -> int:
         recipe = read_recipe(args.model)
         if recipe.stage != "vanished":
             raise StageError(f"{args.model} still has its dense branch (stage {recipe.stage}); run `vcon-fx vanish {args.model}` first")
-        model = load(args.model)
+        model = load(args.model, trust_pickle=args.trust_pickle)
         inputs, kwargs = inputs_from_spec(recipe.inputs)
         seq_inputs = tuple(recipe.selection.get("seq_inputs") or ())
         dense_source = recipe.source
@@ -261,7 +263,8 @@ def cmd_export(args) -> int:
         model, inputs, kwargs, seq_inputs, dense_source = (loaded.module, loaded.example_args, loaded.example_kwargs,
                                                            loaded.seq_inputs, None)
     with console.status("exporting to ONNX…"):
-        export_onnx(model, out, inputs, example_kwargs=kwargs, seq_inputs=seq_inputs, force=args.force)
+        export_onnx(model, out, inputs, example_kwargs=kwargs, seq_inputs=seq_inputs, force=args.force,
+                    dynamic_batch=not args.static_shapes)
     console.print(f"[green]wrote[/] {out} ({_bytes(Path(out).stat().st_size)})")
     if not args.check:
         return 0
@@ -270,11 +273,11 @@ def cmd_export(args) -> int:
         if dense_source:
             from .load import rebuild_model
 
-            dense = rebuild_model(dense_source)
+            dense = rebuild_model(dense_source, trust_pickle=args.trust_pickle)
             reference = Path(tmp) / "dense.onnx"
             with console.status("exporting the dense model the same way…"):
                 export_onnx(dense.module, reference, dense.example_args, example_kwargs=dense.example_kwargs,
-                            seq_inputs=dense.seq_inputs)
+                            seq_inputs=dense.seq_inputs, dynamic_batch=not args.static_shapes)
         with console.status("checking in onnxruntime…"):
             report = check_onnx(model, out, inputs, example_kwargs=kwargs, reference_onnx=reference)
         _check_table(report)

@@ -1,0 +1,6 @@
+"""Export to ONNX and check it in onnxruntime."""
+
+from .check import CheckReport, check_onnx
+from .onnx import export_onnx
+
+__all__ = ["export_onnx", "check_onnx", "CheckReport"]
