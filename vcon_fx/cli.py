@@ -287,16 +287,24 @@ def cmd_export(args) -> int:
 
 def _check_table(report) -> None:
     data = report.to_dict()
-    table = Table(title="onnxruntime check")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    for key, value in data.items():
-        if isinstance(value, (list, dict)):
-            value = json.dumps(value)[:120]
-        elif isinstance(value, float):
-            value = f"{value:.6g}"
-        table.add_row(key, str(value))
-    console.print(table)
+    parity = Table(title="onnxruntime vs PyTorch")
+    for col in ("output", "shape", "max abs diff", "rel diff", "cosine", "ok"):
+        parity.add_column(col, justify="left" if col == "output" else "right")
+    for out in data["outputs"]:
+        parity.add_row(out["name"], "×".join(map(str, out["shape"])), f"{out['max_abs_diff']:.3g}",
+                       f"{out['rel_max_diff']:.3g}", f"{out['cosine']:.6f}",
+                       "[green]yes[/]" if out["ok"] else f"[red]{out['problem'] or 'no'}[/]")
+    console.print(parity)
+    sizes = Table(title="deployment (onnxruntime CPU)")
+    for col in ("model", "size", "median latency", "size ratio", "latency ratio"):
+        sizes.add_column(col, justify="left" if col == "model" else "right")
+    sizes.add_row(str(data["onnx_path"]), _bytes(data["size_bytes"]), f"{data['latency_ms']:.2f} ms",
+                  f"{data['size_ratio']:.3f}" if data.get("size_ratio") else "",
+                  f"{data['latency_ratio']:.3f}" if data.get("latency_ratio") else "")
+    if data.get("reference_path"):
+        sizes.add_row("dense, exported the same way", _bytes(data["reference_size_bytes"]),
+                      f"{data['reference_latency_ms']:.2f} ms", "1", "1")
+    console.print(sizes)
 
 
 def cmd_bench(args) -> int:
