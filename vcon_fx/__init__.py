@@ -6,8 +6,15 @@
     vcon_fx.export_onnx(small, "model.onnx", (x,))
 """
 
+# The submodule `vcon_fx.load` (model sources) is imported first, on purpose: the function
+# `load` (artifacts) bound below then keeps the name, and later `from .load import …` finds
+# the module in sys.modules without rebinding the package attribute.
+from . import load as _sources  # noqa: F401  (must precede `from .artifact import load`)
 from .api import Plan, plan, transform, vanish
 from .artifact import load, save
+from .finetune import FinetuneResult, finetune
+from .data import load_data
+from .load import load_model, rebuild_model
 from .errors import VconError
 from .export import check_onnx, export_onnx
 from .methods import LowRankConfig, MethodConfig, registered_methods
@@ -21,6 +28,11 @@ __all__ = [
     "vanish",
     "save",
     "load",
+    "load_model",
+    "rebuild_model",
+    "finetune",
+    "FinetuneResult",
+    "load_data",
     "set_beta",
     "get_betas",
     "Blend",

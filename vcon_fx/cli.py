@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .cli_finetune import add_finetune_parser, cmd_finetune
 from .errors import UsageError, VconError
 
 __all__ = ["main", "build_parser"]
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-dense", action="store_true", help="do not train the dense branch")
     p.add_argument("-o", "--output", help="artifact folder (default: NAME.vcon)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
+
+    add_finetune_parser(sub)
 
     p = sub.add_parser("vanish", help="delete the dense branch once β = 0")
     p.add_argument("model", help="a vcon artifact folder")
@@ -333,6 +336,7 @@ def cmd_bench(args) -> int:
 COMMANDS = {
     "inspect": cmd_inspect,
     "transform": cmd_transform,
+    "finetune": cmd_finetune,
     "vanish": cmd_vanish,
     "export": cmd_export,
     "bench": cmd_bench,

@@ -1,0 +1,897 @@
+"""Fine-tuning through the transition: β falls 1 → 0 while the model trains.
+
+    loss = cross-entropy(model(x), y)                    with labels ("task")
+         = MSE / KL(model(x) ‖ model(x) at β = 1)        without ("distill": the same graph is its own teacher)
+
+One optimizer step is one schedule step. Everything a step does is a pure function of
+(seed, step, rank): its batch (a permutation per epoch) and its RNG (dropout), so a run that is
+killed and resumed from a checkpoint ends with the same weights as one that was not.
+
+Checkpoints (`checkpoint_dir/step-N/`) hold no pickle: the model as a vcon artifact
+(`model/`), optimizer tensors in `optimizer.safetensors`, everything else (schedule, optimizer
+hyper-parameters, a compact history) in `state.json`. Each is written to a temporary folder and
+renamed; the newest two are kept.
+
+Under `torchrun` the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on GPU);
+each rank takes its slice of every global batch, β is the same on every rank (the schedule is
+a pure function of the step; checked), and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.utils.data import Dataset, Subset, default_collate
+
+from .errors import ArtifactError, ConfigError, DataError, StageError, TrainingError
+from .passes.blend import Blend, blend_modules, get_betas, set_beta
+from .recipe import recipe_of
+from .schedule import SCHEDULES, default_transition, make_schedule
+
+__all__ = ["finetune", "FinetuneResult", "LOSSES", "latest_checkpoint", "CHECKPOINT_FORMAT"]
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("auto", "task", "distill", "mse", "kl")
+CHECKPOINT_FORMAT = "vcon-fx-checkpoint"
+_CHECKPOINT_VERSION = 1
+_KEEP_CHECKPOINTS = 2          # older step-N folders are removed once a newer one is complete
+_EVAL_SUBSET = 1024            # without eval data, the metric is measured on this many training examples
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_COMPACT = ("step", "beta", "loss", "eval")  # the per-step fields a checkpoint keeps
+
+
+@dataclass
+class FinetuneResult:
+    """What a fine-tuning run did.
+
+    Attributes:
+        metric: "accuracy" (labelled eval data) or "cosine" (to the original, β = 1, outputs).
+        metrics: before (at β = 1, the original model), before_compressed (at β = 0, untrained:
+            abrupt compression without fine-tuning), after (at the final β).
+        history: one dict per step (the JSON log's objects), step 0 being the start.
+        betas: β per group after the last step.
+        steps: the step reached.
+        loss: "task", "mse" or "kl".
+        final_loss: the last step's loss (mean over ranks).
+        resumed_from: the checkpoint step this run continued from, or None.
+        checkpoint: the newest checkpoint folder written or read, or None.
+        eval_on: "eval" or "train" (a training subset, when no eval data was given).
+    """
+
+    metric: str
+    metrics: dict[str, float]
+    history: list[dict[str, Any]]
+    betas: dict[str, float]
+    steps: int
+    loss: str
+    final_loss: float | None = None
+    resumed_from: int | None = None
+    checkpoint: str | None = None
+    eval_on: str = "eval"
+    rank: int = 0
+    world_size: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def finetune(
+    vm: fx.GraphModule,
+    train_data: Dataset | str | os.PathLike,
+    *,
+    steps: int,
+    transition: int | None = None,
+    schedule: str = "linear",
+    lr: float = 1e-3,
+    batch_size: int = 32,
+    loss: str = "auto",
+    eval_data: Dataset | str | os.PathLike | None = None,
+    eval_every: int | None = None,
+    seed: int = 0,
+    save_every: int | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    log_path: str | os.PathLike | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    device: str | torch.device = "cpu",
+    schedule_options: Mapping[str, Any] | None = None,
+    gap_every: int = 10,
+    num_workers: int = 0,
+) -> FinetuneResult:
+    """Train a blended model while its β follows a schedule from 1 to 0 (in place on `vm`).
+
+    Args:
+        vm: a blended vcon model (from `vcon_fx.transform` or `vcon_fx.load`).
+        train_data: a Dataset (items `(x, y)`, `x`, or dicts of keyword inputs) or a data path
+            for `vcon_fx.data.load_data`.
+        steps: optimizer steps in all (including those of a resumed run).
+        transition: Q, the steps over which β falls (default 20% of `steps`; 0 = abrupt).
+        schedule: one of SCHEDULES; `schedule_options` are its options (e.g. beta_end).
+        lr: Adam learning rate (constant).
+        batch_size: examples per step on each process.
+        loss: "auto" (task with labels, else distill), "task" (cross-entropy), "distill"
+            (KL on logits when the model returns `logits`, else MSE), "mse" or "kl".
+        eval_data: measured before, every `eval_every` steps and after (default: up to 1024
+            training examples).
+        seed: fixes data order and dropout, as functions of (seed, step).
+        save_every: write a checkpoint every this many steps and at the end (needs
+            `checkpoint_dir`). On SIGINT one is written whenever `checkpoint_dir` is given.
+        checkpoint_dir: where checkpoints go (`step-N` folders; the newest two are kept).
+        resume: continue from the newest checkpoint in `checkpoint_dir` (fresh start if none).
+        log_path: a JSON-lines file, one object per step.
+        on_step: called after every step with the step's dict (step, beta, betas, loss, lr,
+            elapsed, gap every `gap_every` steps, eval when measured).
+        device: "cpu", "cuda" (under torchrun: this rank's GPU), or a torch.device.
+        gap_every: measure ‖dense − compressed‖ / ‖dense‖ per group every this many steps.
+        num_workers: DataLoader worker processes.
+
+    Returns:
+        A FinetuneResult; `vm` holds the trained weights and the final β, in eval mode.
+
+    Raises:
+        ConfigError: an invalid argument, or a checkpoint made with other settings.
+        DataError: unusable data (task loss without labels, labels out of range, …).
+        StageError: `vm` is not a blended vcon model.
+        TrainingError: the loss became NaN/Inf (the last good checkpoint is kept).
+        KeyboardInterrupt: on SIGINT, after a checkpoint of the step in progress is saved.
+
+    Example:
+        >>> result = finetune(vm, "train.npz", steps=1000, transition=200)
+        >>> result.betas, result.metrics["after"]
+    """
+    _check_args(steps, transition, lr, batch_size, loss, eval_every, save_every, checkpoint_dir, resume, gap_every,
+                schedule)
+    recipe = recipe_of(vm)
+    if recipe.stage != "blended" or not blend_modules(vm):
+        raise StageError(f"the model is {recipe.stage}: there is no β left to schedule; fine-tune the compressed model "
+                         "with plain PyTorch, or fine-tune before `vanish`")
+    transition = default_transition(steps) if transition is None else int(transition)
+    if transition > steps:
+        log.warning("transition %d is longer than the run (%d steps): β will end above 0", transition, steps)
+
+    train_data = _as_dataset(vm, train_data, "train")
+    eval_on = "eval"
+    if eval_data is None:
+        eval_on = "train"
+        eval_data = train_data if len(train_data) <= _EVAL_SUBSET else Subset(train_data, range(_EVAL_SUBSET))
+    else:
+        eval_data = _as_dataset(vm, eval_data, "eval")
+
+    with _Distributed(device) as dist:
+        run = _Run(vm, train_data, eval_data, dist, steps=steps, transition=transition, schedule=schedule, lr=lr,
+                   batch_size=batch_size, loss=loss, eval_every=eval_every, seed=seed, save_every=save_every,
+                   checkpoint_dir=checkpoint_dir, resume=resume, log_path=log_path, on_step=on_step,
+                   schedule_options=dict(schedule_options or {}), gap_every=gap_every, num_workers=num_workers,
+                   eval_on=eval_on)
+        return run.train()
+
+
+# ── argument checks ────────────────────────────────────────────────────────────────────────
+
+
+def _check_args(steps, transition, lr, batch_size, loss, eval_every, save_every, checkpoint_dir, resume, gap_every,
+                schedule):
+    def whole(name, value, low, hint=""):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{name} must be an integer ≥ {low}{hint}, got {value!r}")
+
+    whole("steps", steps, 1)
+    if transition is not None:
+        whole("transition", transition, 0, " (0 = abrupt compression)")
+    whole("batch_size", batch_size, 1)
+    whole("gap_every", gap_every, 1)
+    for name, value in (("eval_every", eval_every), ("save_every", save_every)):
+        if value is not None:
+            whole(name, value, 1)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"lr must be a positive number, got {lr!r}")
+    if loss not in LOSSES:
+        raise ConfigError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if (save_every is not None or resume) and checkpoint_dir is None:
+        raise ConfigError(f"{'resume' if resume else 'save_every'} needs checkpoint_dir: say where checkpoints live")
+
+
+def _as_dataset(vm, data, what: str) -> Dataset:
+    if isinstance(data, (str, os.PathLike)):
+        from .data import load_data_for
+
+        return load_data_for(vm, data)
+    if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+        raise DataError(f"{what} data must be a Dataset (with __len__ and __getitem__) or a path, "
+                        f"got {type(data).__name__}")
+    if len(data) == 0:
+        raise DataError(f"{what} data holds no examples: give at least one")
+    return data
+
+
+# ── distributed set-up ─────────────────────────────────────────────────────────────────────
+
+
+class _Distributed:
+    """Joins the process group torchrun describes (and leaves it if it joined it)."""
+
+    def __init__(self, device):
+        self.requested = torch.device(device)
+        self.created = False
+        self.rank, self.world = 0, 1
+
+    def __enter__(self) -> "_Distributed":
+        import torch.distributed as tdist
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.enabled = (tdist.is_available() and tdist.is_initialized()) or world > 1
+        device = self.requested
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {device} was asked for, but this PyTorch sees no CUDA GPU: use device 'cpu'")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        self.device = device
+        if self.enabled and not tdist.is_initialized():
+            tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            self.created = True
+        if self.enabled:
+            self.rank, self.world = tdist.get_rank(), tdist.get_world_size()
+            self.comm = device if tdist.get_backend() == "nccl" else torch.device("cpu")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.created:
+            import torch.distributed as tdist
+
+            tdist.destroy_process_group()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Sum of `values` over ranks (identity in one process)."""
+        if self.world == 1:
+            return values
+        import torch.distributed as tdist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.comm)
+        tdist.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, values: list[float]) -> list[list[float]]:
+        if self.world == 1:
+            return [values]
+        import torch.distributed as tdist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.comm)
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        tdist.all_gather(out, t)
+        return [o.tolist() for o in out]
+
+
+# ── batches: a pure function of (seed, step, rank) ─────────────────────────────────────────
+
+
+class _StepBatches:
+    """Index lists for steps first..last: global batch t covers positions [(t−1)·G, t·G) of an endless
+    sequence of per-epoch permutations; rank r takes its slice [r·B, (r+1)·B) of it."""
+
+    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int, first: int, last: int):
+        self.n, self.batch, self.rank, self.world, self.seed = n, batch, rank, world, seed
+        self.first, self.last = first, last
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return max(0, self.last - self.first + 1)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for t in range(self.first, self.last + 1):
+            yield self.indices(t)
+
+    def indices(self, t: int) -> list[int]:
+        start = (t - 1) * self.batch * self.world + self.rank * self.batch
+        return [self._index(p) for p in range(start, start + self.batch)]
+
+    def _index(self, position: int) -> int:
+        epoch, i = divmod(position, self.n)
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            gen = torch.Generator().manual_seed(_mix_seed(self.seed, epoch, 0x5EED))
+            self._perms[epoch] = torch.randperm(self.n, generator=gen)
+        return int(self._perms[epoch][i])
+
+
+def _mix_seed(*parts: int) -> int:
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+# ── batches → model inputs ─────────────────────────────────────────────────────────────────
+
+
+def _split(batch) -> tuple[tuple, dict, torch.Tensor | None]:
+    """(args, kwargs, labels) from a collated batch of any item form `finetune` reads."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}, None
+    if isinstance(batch, Mapping):
+        kwargs = dict(batch)
+        labels = kwargs.pop("labels", None)
+        if labels is None:
+            labels = kwargs.pop("label", None)
+        return (), kwargs, labels
+    if isinstance(batch, (list, tuple)) and batch:
+        first = batch[0]
+        labels = batch[1] if len(batch) > 1 else None
+        if isinstance(first, Mapping):
+            return (), dict(first), labels
+        return (first,), {}, labels
+    raise DataError(f"a data item must be a tensor, (input, label) or a dict of inputs, got {type(batch).__name__}")
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj
+
+
+def _leaves(out) -> list[torch.Tensor]:
+    """The floating-point tensors of a model output, in order."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _leaves(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _leaves(v)]
+    return []
+
+
+def _logits(out) -> torch.Tensor | None:
+    if isinstance(out, Mapping) and isinstance(out.get("logits"), torch.Tensor):
+        return out["logits"]
+    return None
+
+
+def _primary(out) -> torch.Tensor:
+    """The prediction: `logits` when the output names them, else the first tensor."""
+    found = _logits(out)
+    if found is not None:
+        return found
+    leaves = _leaves(out)
+    if not leaves:
+        raise DataError(f"the model returns {type(out).__name__} with no floating-point tensor: it cannot be trained")
+    return leaves[0]
+
+
+def _flat(out, n: int) -> torch.Tensor:
+    """Every floating-point output, flattened per example and concatenated: (n, D)."""
+    return torch.cat([t.reshape(n, -1) for t in _leaves(out)], dim=1)
+
+
+# ── the run ────────────────────────────────────────────────────────────────────────────────
+
+
+class _Run:
+    def __init__(self, vm, train_data, eval_data, dist: _Distributed, *, steps, transition, schedule, lr, batch_size,
+                 loss, eval_every, seed, save_every, checkpoint_dir, resume, log_path, on_step, schedule_options,
+                 gap_every, num_workers, eval_on):
+        self.vm, self.train_data, self.eval_data, self.dist = vm, train_data, eval_data, dist
+        self.steps, self.transition, self.schedule_kind, self.lr = steps, transition, schedule, float(lr)
+        self.batch_size, self.eval_every, self.seed = batch_size, eval_every, seed
+        self.save_every, self.resume, self.on_step = save_every, resume, on_step
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.log_path = Path(log_path) if log_path is not None else None
+        self.schedule_options, self.gap_every, self.num_workers = schedule_options, gap_every, num_workers
+        self.eval_on, self.loss_requested = eval_on, loss
+        self.device = dist.device
+        self.history: list[dict[str, Any]] = []
+        self.metrics: dict[str, float] = {}
+        self.signalled = False  # set by the SIGINT handler, on this rank
+        self.stop = False       # agreed by every rank (one signalled), so all stop after the same step
+        self.last_checkpoint: Path | None = None
+        self._log = None
+
+    # ── set-up ───────────────────────────────────────────────────────────────────────────
+
+    def train(self) -> FinetuneResult:
+        vm = self.vm
+        was_training = vm.training
+        vm.to(self.device)
+        first_args, first_kwargs, first_labels = _split(default_collate([self.train_data[0]]))
+        self.loss_kind = self._loss_kind(first_args, first_kwargs, first_labels)
+        self.metric = "accuracy" if _split(default_collate([self.eval_data[0]]))[2] is not None else "cosine"
+        self.num_classes = self._check_labels(first_args, first_kwargs)
+
+        self.schedule = make_schedule(self.schedule_kind, vm, transition=self.transition, **self.schedule_options)
+        self.params = [p for p in vm.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError("the model has no trainable parameters (all frozen): unfreeze some before fine-tuning")
+        self.optimizer = torch.optim.Adam(self.params, lr=self.lr)
+        start = self._restore() if self.resume else 0
+        self.t0 = time.monotonic()
+        try:
+            self._open_log(start)
+            self._check_betas_agree()
+            model = vm
+            if self.dist.world > 1:
+                from torch.nn.parallel import DistributedDataParallel
+
+                # Blend skips a branch at β = 0 or 1, so the set of used parameters changes with β.
+                model = DistributedDataParallel(vm, device_ids=[self.device] if self.device.type == "cuda" else None,
+                                                find_unused_parameters=True)
+            if start == 0:
+                self._evaluate_start()
+            with self._sigint():
+                self._loop(model, start)
+            if "after" not in self.metrics:  # resumed at the end: no step ran
+                self.metrics["after"] = self._evaluate()
+            if self.save_every and self.schedule.t > start:
+                self._save(self.schedule.t)
+        finally:
+            if self._log is not None:
+                self._log.close()
+            vm.train(was_training)
+        final_loss = next((h["loss"] for h in reversed(self.history) if "loss" in h), None)
+        return FinetuneResult(metric=self.metric, metrics=dict(self.metrics), history=self.history,
+                              betas=get_betas(vm), steps=self.schedule.t, loss=self.loss_kind, final_loss=final_loss,
+                              resumed_from=start or None,
+                              checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
+                              eval_on=self.eval_on, rank=self.dist.rank, world_size=self.dist.world)
+
+    def _loss_kind(self, args, kwargs, labels) -> str:
+        loss = self.loss_requested
+        if loss == "task":
+            if labels is None:
+                raise DataError("loss 'task' needs labels, but the training data has none: add labels (key 'labels'), "
+                                "or use loss 'distill' / 'auto'")
+            return "task"
+        if loss == "auto" and labels is not None:
+            return "task"
+        if loss in ("mse", "kl"):
+            return loss
+        with torch.no_grad(), _eval_mode(self.vm):
+            out = self.vm(*_to(args, self.device), **_to(kwargs, self.device))
+        return "kl" if _logits(out) is not None else "mse"
+
+    def _check_labels(self, args, kwargs) -> int | None:
+        """The model's class count, after checking every label the data keeps apart lies below it."""
+        if self.loss_kind != "task" and self.metric != "accuracy":
+            return None
+        with torch.no_grad(), _eval_mode(self.vm):
+            pred = _primary(self.vm(*_to(args, self.device), **_to(kwargs, self.device)))
+        if pred.dim() < 2:
+            raise DataError(f"the model's output has shape {tuple(pred.shape)}, not (N, classes): labels cannot be "
+                            "used; drop them to distill from the original model")
+        classes = int(pred.shape[-1])
+        from .data import check_labels, dataset_labels
+
+        for name, ds in (("training", self.train_data), ("eval", self.eval_data)):
+            base = ds.dataset if isinstance(ds, Subset) else ds
+            check_labels(f"{name} data", dataset_labels(base), classes)
+        return classes
+
+    # ── the loop ─────────────────────────────────────────────────────────────────────────
+
+    def _loop(self, model: nn.Module, start: int) -> None:
+        batches = _StepBatches(len(self.train_data), self.batch_size, self.dist.rank, self.dist.world, self.seed,
+                               start + 1, self.steps)
+        loader = torch.utils.data.DataLoader(self.train_data, batch_sampler=batches, num_workers=self.num_workers,
+                                             collate_fn=default_collate)
+        model.train()
+        for t, batch in zip(range(start + 1, self.steps + 1), loader):
+            self._step(model, t, batch)
+            if self.stop or (self.dist.world == 1 and self.signalled):
+                raise self._interrupt(t)
+
+    def _step(self, model: nn.Module, t: int, batch) -> None:
+        vm = self.vm
+        args, kwargs, labels = _split(batch)
+        if self.loss_kind == "task":
+            bad = (labels != -100) & ((labels < 0) | (labels >= self.num_classes))
+            if bool(bad.any()):
+                raise DataError(f"step {t}: label {int(labels[bad][0])} is out of range for a model with "
+                                f"{self.num_classes} outputs (classes 0…{self.num_classes - 1}): renumber the labels")
+        args, kwargs = _to(args, self.device), _to(kwargs, self.device)
+        labels = _to(labels, self.device)
+        betas = get_betas(vm)
+        measure_gap = t == 1 or t % self.gap_every == 0 or t == self.steps
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(_mix_seed(self.seed, t, self.dist.rank))
+            with _GapProbe(vm) if measure_gap else contextlib.nullcontext() as probe:
+                out = model(*args, **kwargs)
+            loss = self._loss(out, args, kwargs, labels)
+            total, signalled = self.dist.sum([float(loss.detach()), float(self.signalled)])
+            mean_loss = total / self.dist.world
+            if not math.isfinite(mean_loss):
+                raise self._diverged(t, mean_loss, betas)
+            self.stop = signalled > 0
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        self.schedule.step()
+        info: dict[str, Any] = {
+            "step": t,
+            "beta": sum(betas.values()) / len(betas),
+            "betas": betas,
+            "loss": mean_loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "elapsed": round(time.monotonic() - self.t0, 4),
+        }
+        if measure_gap:
+            info["gap"] = probe.gaps()
+            self._check_betas_agree()
+        if (self.eval_every and t % self.eval_every == 0) or t == self.steps:
+            value = self._evaluate()
+            info["eval"] = {self.metric: value}
+            if t == self.steps:
+                self.metrics["after"] = value
+        self._record(info)
+        if self.save_every and t % self.save_every == 0 and t != self.steps:
+            self._save(t)
+
+    def _loss(self, out, args, kwargs, labels) -> torch.Tensor:
+        if self.loss_kind == "task":
+            logits = _primary(out)
+            if tuple(logits.shape[:-1]) != tuple(labels.shape):
+                raise DataError(f"labels of shape {tuple(labels.shape)} do not match the model's predictions "
+                                f"{tuple(logits.shape)}: give one class per example (or per token)")
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), ignore_index=-100)
+        teacher = self._teacher(args, kwargs)
+        if self.loss_kind == "kl":
+            s, te = _primary(out), _primary(teacher)
+            s, te = s.reshape(-1, s.shape[-1]), te.reshape(-1, te.shape[-1])
+            return F.kl_div(F.log_softmax(s, -1), F.log_softmax(te, -1), log_target=True, reduction="batchmean")
+        n = _primary(out).shape[0]
+        return F.mse_loss(_flat(out, n), _flat(teacher, n))
+
+    @torch.no_grad()
+    def _teacher(self, args, kwargs):
+        """The original model's outputs: the same graph at β = 1 (no second copy)."""
+        with _eval_mode(self.vm), _at_beta(self.vm, 1.0):
+            return self.vm(*args, **kwargs)
+
+    # ── evaluation ───────────────────────────────────────────────────────────────────────
+
+    def _evaluate_start(self) -> None:
+        with _at_beta(self.vm, 1.0):
+            before = 1.0 if self.metric == "cosine" else self._evaluate()
+        with _at_beta(self.vm, 0.0):
+            compressed = self._evaluate()
+        self.metrics.update(before=before, before_compressed=compressed)
+        betas = get_betas(self.vm)
+        self._record({"step": 0, "beta": sum(betas.values()) / len(betas), "betas": betas,
+                      "eval": {self.metric: before, f"{self.metric}_compressed": compressed}})
+
+    @torch.no_grad()
+    def _evaluate(self) -> float:
+        """Accuracy (labels) or mean cosine to the β = 1 outputs, over every rank's share of the eval data."""
+        vm, ds = self.vm, self.eval_data
+        total, count = 0.0, 0.0
+        with _eval_mode(vm):
+            idx = list(range(self.dist.rank, len(ds), self.dist.world))
+            for lo in range(0, len(idx), self.batch_size):
+                args, kwargs, labels = _split(default_collate([ds[i] for i in idx[lo:lo + self.batch_size]]))
+                args, kwargs = _to(args, self.device), _to(kwargs, self.device)
+                out = vm(*args, **kwargs)
+                if self.metric == "accuracy":
+                    labels = _to(labels, self.device)
+                    pred = _primary(out).argmax(-1)
+                    keep = labels != -100
+                    total += float((pred[keep] == labels[keep]).sum())
+                    count += float(keep.sum())
+                else:
+                    with _at_beta(vm, 1.0):
+                        ref = vm(*args, **kwargs)
+                    n = _primary(out).shape[0]
+                    total += float(F.cosine_similarity(_flat(out, n), _flat(ref, n), dim=1, eps=1e-12).sum())
+                    count += n
+        total, count = self.dist.sum([total, count])
+        return total / max(count, 1.0)
+
+    # ── records ──────────────────────────────────────────────────────────────────────────
+
+    def _open_log(self, start: int) -> None:
+        if self.log_path is None or not self.dist.main:
+            return
+        from .fileio import write_text_atomic
+
+        if start and self.log_path.is_file():
+            # A resumed run keeps the steps up to its checkpoint and drops those after it.
+            kept = []
+            for line in self.log_path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= start:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    break
+            write_text_atomic(self.log_path, "".join(f"{ln}\n" for ln in kept))
+        else:
+            write_text_atomic(self.log_path, "")
+        self._log = self.log_path.open("a")
+
+    def _record(self, info: dict[str, Any]) -> None:
+        info = {k: v for k, v in info.items()}
+        self.history.append(info)
+        if self._log is not None:
+            self._log.write(json.dumps(info) + "\n")
+            self._log.flush()
+        if self.on_step is not None and info["step"] > 0:
+            self.on_step(dict(info, rank=self.dist.rank))
+
+    def _logged_history(self, upto: int) -> list[dict[str, Any]]:
+        """The full records of steps 0..upto from an earlier run's JSON log, if it has them all."""
+        if self.log_path is None or not self.log_path.is_file():
+            return []
+        rows = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if row.get("step", -1) <= upto:
+                rows.append(row)
+        return rows if [r.get("step") for r in rows] == list(range(upto + 1)) else []
+
+    def _check_betas_agree(self) -> None:
+        if self.dist.world == 1:
+            return
+        mine = list(get_betas(self.vm).values())
+        every = self.dist.gather(mine)
+        if any(other != every[0] for other in every):
+            raise TrainingError(f"β differs between ranks at step {self.schedule.t} ({every[0][:4]} on rank 0, "
+                                "others differ): every rank must load the same model and checkpoint")
+
+    def _diverged(self, t: int, value: float, betas: dict[str, float]) -> TrainingError:
+        beta = sum(betas.values()) / len(betas)
+        kept = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
+        return TrainingError(f"the loss is {value} at step {t} (β {beta:.3f}): lower the learning rate (now {self.lr:g}) "
+                             f"or check the data{kept}")
+
+    # ── checkpoints ──────────────────────────────────────────────────────────────────────
+
+    def _run_settings(self) -> dict[str, Any]:
+        return {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "loss": self.loss_kind,
+                "seed": self.seed, "world_size": self.dist.world, "schedule": self.schedule_kind}
+
+    def _save(self, t: int) -> None:
+        if self.checkpoint_dir is None:
+            return
+        if self.dist.main:
+            from .artifact import save
+            from .fileio import atomic_dir
+            from safetensors.torch import save_file
+
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            folder = self.checkpoint_dir / f"step-{t}"
+            tensors, plain = _optimizer_state(self.optimizer)
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "version": _CHECKPOINT_VERSION,
+                "step": t,
+                "schedule": self.schedule.state_dict(),
+                "optimizer": plain,
+                "run": self._run_settings(),
+                "rng": {"kind": "per-step", "seed": self.seed, "note": "data order and dropout derive from (seed, step, rank)"},
+                "metrics": self.metrics,
+                # compact (the JSON log holds everything): a checkpoint stays small on long runs
+                "history": [{k: h[k] for k in _COMPACT if k in h} for h in self.history],
+            }
+            with atomic_dir(folder) as tmp:
+                save(self.vm, tmp / "model")
+                save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={"format": CHECKPOINT_FORMAT})
+                (tmp / "state.json").write_text(json.dumps(state))
+            self._prune()
+            log.info("checkpoint: %s", folder)
+        self.last_checkpoint = self.checkpoint_dir / f"step-{t}"
+
+    def _prune(self) -> None:
+        done = _checkpoints(self.checkpoint_dir)
+        for _step, old in done[:-_KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _restore(self) -> int:
+        found = latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir.is_dir() else None
+        if found is None:
+            log.info("no checkpoint in %s: starting from step 0", self.checkpoint_dir)
+            return 0
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, load_model
+
+        from .artifact import WEIGHTS_FILE
+
+        try:
+            state = json.loads((found / "state.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"{found / 'state.json'} is unreadable ({e}): delete {found} to resume from the one "
+                                "before") from None
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("version", 0) > _CHECKPOINT_VERSION:
+            raise ArtifactError(f"{found} is not a vcon-fx checkpoint this version reads: use a fresh checkpoint_dir")
+        saved, now = state.get("run", {}), self._run_settings()
+        for key in ("seed", "batch_size", "loss", "schedule"):
+            if saved.get(key) != now[key]:
+                raise ConfigError(f"checkpoint {found} was made with {key}={saved.get(key)!r}, this run asks for "
+                                  f"{now[key]!r}: resume with the same settings, or use a new checkpoint_dir")
+        for key in ("steps", "lr", "world_size"):
+            if saved.get(key) != now[key]:
+                log.warning("resuming %s made with %s=%r; this run uses %r", found, key, saved.get(key), now[key])
+        try:
+            load_model(self.vm, str(found / "model" / WEIGHTS_FILE), strict=True, device=str(self.device))
+            tensors = load_file(str(found / "optimizer.safetensors"), device=str(self.device))
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ArtifactError(f"checkpoint {found} does not fit this model ({str(e).splitlines()[0][:160]}): "
+                                "resume the model it was made from, or use a new checkpoint_dir") from None
+        self.optimizer.load_state_dict(_optimizer_state_dict(tensors, state["optimizer"]))
+        self.schedule.load_state_dict(state["schedule"])
+        self.metrics = dict(state.get("metrics", {}))
+        step = int(state["step"])
+        self.history = self._logged_history(step) or list(state.get("history", []))
+        self.last_checkpoint = found
+        log.info("resumed from %s (step %d)", found, step)
+        return step
+
+    # ── SIGINT ───────────────────────────────────────────────────────────────────────────
+
+    @contextlib.contextmanager
+    def _sigint(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            # Finish the step in progress, save, then raise; a second ^C stops at once.
+            self.signalled = True
+            signal.signal(signal.SIGINT, previous)
+
+        previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _interrupt(self, t: int) -> KeyboardInterrupt:
+        if self.checkpoint_dir is not None:
+            self._save(t)
+            log.warning("interrupted at step %d: checkpoint %s", t, self.last_checkpoint)
+            return KeyboardInterrupt(f"interrupted at step {t}; resume from {self.last_checkpoint}")
+        log.warning("interrupted at step %d: no checkpoint_dir, nothing saved", t)
+        return KeyboardInterrupt(f"interrupted at step {t} (no checkpoint_dir: nothing saved)")
+
+
+# ── helpers ────────────────────────────────────────────────────────────────────────────────
+
+
+@contextlib.contextmanager
+def _at_beta(model: nn.Module, beta: float):
+    """Temporarily set every β (through set_beta), then restore each group's value."""
+    saved = get_betas(model)
+    set_beta(model, beta)
+    try:
+        yield
+    finally:
+        set_beta(model, saved)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """eval() for the duration (no dropout, no batch-norm updates), then each module's own mode back."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+class _GapProbe:
+    """‖dense − compressed‖ / ‖dense‖ per group over one forward pass, from forward hooks.
+
+    Both branches run when 0 < β < 1; at β = 0 or 1 the missing one is run here, under no_grad and in
+    eval mode, so it changes neither the gradients, nor batch-norm statistics, nor the RNG.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.blends = blend_modules(model)
+        self.sums: dict[str, list[float]] = {g: [0.0, 0.0] for g in self.blends}
+        self.handles: list = []
+
+    def __enter__(self) -> "_GapProbe":
+        for group, blend in self.blends.items():
+            seen: dict[str, torch.Tensor] = {}
+
+            def record(role, seen=seen):
+                def hook(_module, _args, output):
+                    seen[role] = _primary_detached(output)
+                return hook
+
+            def finish(module: Blend, args, kwargs, _output, seen=seen, group=group):
+                with torch.no_grad():
+                    for role in ("dense", "compressed"):
+                        if role not in seen:
+                            with _eval_mode(getattr(module, role)):
+                                seen[role] = _primary_detached(getattr(module, role)(*args, **kwargs))
+                    d, c = seen.pop("dense").float(), seen.pop("compressed").float()
+                    self.sums[group][0] += float((d - c).square().sum())
+                    self.sums[group][1] += float(d.square().sum())
+
+            self.handles.append(blend.dense.register_forward_hook(record("dense")))
+            self.handles.append(blend.compressed.register_forward_hook(record("compressed")))
+            self.handles.append(blend.register_forward_hook(finish, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def gaps(self) -> dict[str, float]:
+        return {g: math.sqrt(num / den) if den > 0 else 0.0 for g, (num, den) in self.sums.items()}
+
+
+def _primary_detached(out) -> torch.Tensor:
+    leaves = _leaves(out)
+    return leaves[0].detach() if leaves else torch.zeros(())
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state split into tensors (for safetensors) and JSON-able values (no pickle)."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for pid, entry in sd["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain.setdefault(str(pid), {})[key] = value
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "state": plain, "tensor_keys": sorted(tensors)}
+
+
+def _optimizer_state_dict(tensors: Mapping[str, torch.Tensor], plain: Mapping[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, entry in plain.get("state", {}).items():
+        state.setdefault(int(pid), {}).update(entry)
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in plain["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    found = []
+    for child in folder.iterdir() if folder.is_dir() else ():
+        m = _STEP_DIR.match(child.name)
+        if m and (child / "state.json").is_file():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
+    """The newest complete `step-N` folder in `checkpoint_dir`, or None (pure)."""
+    found = _checkpoints(Path(checkpoint_dir))
+    return found[-1][1] if found else None
