@@ -17,7 +17,7 @@ from .data import load_data
 from .load import load_model, rebuild_model
 from .errors import VconError
 from .export import check_onnx, export_onnx
-from .methods import LowRankConfig, MethodConfig, registered_methods
+from .methods import ComposeConfig, LowRankConfig, MethodConfig, PruneConfig, QuantConfig, registered_methods
 from .passes.blend import Blend, get_betas, set_beta
 from .schedule import BetaSchedule, default_transition, make_schedule
 
@@ -40,6 +40,9 @@ __all__ = [
     "make_schedule",
     "default_transition",
     "LowRankConfig",
+    "PruneConfig",
+    "QuantConfig",
+    "ComposeConfig",
     "MethodConfig",
     "registered_methods",
     "VconError",

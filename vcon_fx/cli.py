@@ -42,10 +42,18 @@ def _add_source(p: argparse.ArgumentParser) -> None:
 
 def _add_method(p: argparse.ArgumentParser, required: bool) -> None:
     g = p.add_argument_group("compression")
-    g.add_argument("--method", required=required, help="compression method: lowrank")
+    g.add_argument("--method", required=required,
+                   help="compression method: lowrank, prune, quant, or two joined by '+' (lowrank+quant)")
     g.add_argument("--rank", type=int, help="low-rank: singular values kept per layer")
     g.add_argument("--energy", type=float, help="low-rank: share of singular-value energy kept (0-1]")
     g.add_argument("--ratio", type=float, help="low-rank: parameter budget per layer (0-1)")
+    g.add_argument("--sparsity", type=float, help="prune: share of weights zeroed per layer (0-1)")
+    g.add_argument("--pattern", help="prune: N:M semi-structured sparsity, e.g. 2:4")
+    g.add_argument("--structured", action="store_true", default=None, help="prune: remove whole neurons/channels")
+    g.add_argument("--fixed-mask", action="store_true", default=None, help="prune: keep the first mask (default: re-chosen every step)")
+    g.add_argument("--bits", help="quant: weight bits 8, 4, 2, 1 or ternary")
+    g.add_argument("--act-bits", type=int, help="quant: fake-quantize layer inputs to 8 bits")
+    g.add_argument("--separate-weights", action="store_true", default=None, help="prune/quant: the twin gets its own weight copy")
     s = p.add_argument_group("selection")
     s.add_argument("--targets", action="append", help="layer type, name glob or re:regex (repeatable)")
     s.add_argument("--ignore", action="append", default=[], help="layers to leave dense (same syntax)")
@@ -105,15 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- helpers
 
-def _config(args):
-    from .methods import registered_methods
+_METHOD_OPTIONS = ("rank", "energy", "ratio", "sparsity", "pattern", "structured", "fixed_mask", "bits", "act_bits",
+                   "separate_weights")
 
-    methods = registered_methods()
-    if args.method not in methods:
-        raise UsageError(f"unknown method {args.method!r}; choose one of {sorted(methods)}")
-    cls = methods[args.method]
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
-    return cls(**given)
+
+def _config(args):
+    from .methods.compose import compose_config
+
+    return compose_config(args.method, {k: getattr(args, k, None) for k in _METHOD_OPTIONS})
 
 
 def _load_source(args, source: str):

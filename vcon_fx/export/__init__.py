@@ -2,5 +2,6 @@
 
 from .check import CheckReport, check_onnx
 from .onnx import export_onnx
+from .quantize import compress_onnx_weights
 
-__all__ = ["export_onnx", "check_onnx", "CheckReport"]
+__all__ = ["export_onnx", "check_onnx", "CheckReport", "compress_onnx_weights"]

@@ -12,6 +12,9 @@ from .base import (
     registered_methods,
 )
 from .lowrank import LowRankConfig
+from .prune import PruneConfig
+from .quant import QuantConfig
+from .compose import ComposeConfig
 
 __all__ = [
     "COMPRESSIBLE",
@@ -24,4 +27,7 @@ __all__ = [
     "register_method",
     "registered_methods",
     "LowRankConfig",
+    "PruneConfig",
+    "QuantConfig",
+    "ComposeConfig",
 ]

@@ -10,6 +10,7 @@ batch-norm statistics is never shared between branches. Provenance goes into
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 from torch import fx, nn
@@ -21,6 +22,8 @@ from .blend import Blend
 from .select import Group
 
 __all__ = ["duplicate", "extract_region", "region_nodes"]
+
+log = logging.getLogger(__name__)
 
 
 def duplicate(
@@ -53,10 +56,14 @@ def duplicate(
             _duplicate_block(gm, group, method, plans, sites, init, order)
         blend: Blend = gm.get_submodule(group.path)
         if freeze_dense:
-            dense_ids = {id(p) for p in blend.dense.parameters()}
-            shared = any(id(p) in dense_ids for p in blend.compressed.parameters())
+            # Latent weights shared with the twin must keep training: freezing covers the rest.
+            shared_ids = {id(p) for p in blend.dense.parameters()} & {id(p) for p in blend.compressed.parameters()}
             for p in blend.dense.parameters():
-                p.requires_grad_(shared and p.requires_grad)  # shared latent weights must keep training
+                if id(p) not in shared_ids:
+                    p.requires_grad_(False)
+            if shared_ids:
+                log.warning("group %s: --freeze-dense cannot freeze weights the compressed branch shares; "
+                            "use separate_weights to freeze a dense copy", group.name)
         for node in gm.graph.nodes:
             if node.op == "call_module" and node.target == group.path:
                 node.meta["vcon"] = {"role": "blend", "group": group.name, "method": method_name}
@@ -68,7 +75,7 @@ def duplicate(
 
 def _duplicate_layer(gm, group: Group, method: Method, plans, sites, init: bool, order: int) -> None:
     layer = gm.get_submodule(group.path)
-    twin = method.build(sites[group.path], plans[group.path], init=init)
+    twin = method.build(sites[group.path], plans[group.path], init=init).train(layer.training)
     gm.set_submodule(group.path, Blend(layer, twin, group.name, order=order))
 
 
@@ -83,7 +90,7 @@ def _duplicate_block(gm, group: Group, method: Method, plans, sites, init: bool,
             continue
         rel = _relative(path, parent)
         site = LayerSite(path, dense.get_submodule(rel), sites[path].out_shape, sites[path].calls)
-        compressed.set_submodule(rel, method.build(site, plan, init=init))
+        compressed.set_submodule(rel, method.build(site, plan, init=init).train(dense.training))
     for gm_part, role in ((dense, "dense"), (compressed, "compressed")):
         for node in gm_part.graph.nodes:
             if node.op not in ("placeholder", "output"):

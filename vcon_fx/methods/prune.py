@@ -1,0 +1,297 @@
+"""Magnitude pruning: the twin keeps the largest weights and zeroes the rest.
+
+Unstructured: exactly round(s·numel) zeros per layer. N:M ("2:4"): in every group of M
+consecutive input weights (along the input channels, as sparse tensor cores read them) the N
+largest stay. By default the mask is re-chosen from the current latent weight on every forward
+and trained through a straight-through estimator (gradient reaches every latent weight);
+`fixed_mask` keeps the mask chosen at the start.
+
+The twin computes its weight from the dense layer's own Parameter (the authors' choice): one
+copy of the weights during the transition, and the pruned branch trains the same tensor.
+`separate_weights=True` gives the twin its own copy. `materialize` returns a plain
+Linear / Conv with the mask applied for good, so the exported ONNX is ordinary.
+
+Unstructured and N:M sparsity leave a dense float store and dense FLOPs: the gain is in
+parameters (and in sparse kernels elsewhere), not in file size or onnxruntime CPU speed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from .base import COMPRESSIBLE, LayerPlan, LayerSite, Method, MethodConfig, layer_params, register_method
+
+__all__ = [
+    "PruneConfig",
+    "PruneMethod",
+    "PrunedLayer",
+    "WeightTwin",
+    "magnitude_mask",
+    "nm_mask",
+    "parse_pattern",
+]
+
+_FLOAT_BYTES = 4
+
+
+@dataclass(frozen=True)
+class PruneConfig(MethodConfig):
+    """Magnitude pruning; give exactly one of sparsity or pattern.
+
+    Args:
+        sparsity: share of each layer's weights set to zero, in (0, 1).
+        pattern: "N:M" semi-structured sparsity, e.g. "2:4" (0 < N < M).
+        structured: remove whole neurons / channels (not implemented yet: needs a block hook).
+        fixed_mask: keep the mask chosen from the dense weights (default: re-chosen every forward).
+        separate_weights: the twin gets its own weight copy (default: it shares the dense layer's).
+    """
+
+    method = "prune"
+    version = 1
+    sparsity: float | None = None
+    pattern: str | None = None
+    structured: bool = False
+    fixed_mask: bool = False
+    separate_weights: bool = False
+
+    def __post_init__(self):
+        given = [k for k in ("sparsity", "pattern") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ConfigError(f"prune needs exactly one of --sparsity, --pattern; got {given or 'none'}")
+        if self.sparsity is not None:
+            if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) \
+                    or not 0.0 < float(self.sparsity) < 1.0:
+                raise ConfigError(f"--sparsity must lie in (0, 1), got {self.sparsity!r}")
+        if self.pattern is not None:
+            parse_pattern(self.pattern)
+        for flag in ("structured", "fixed_mask", "separate_weights"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"prune option {flag} must be true or false, got {getattr(self, flag)!r}")
+        if self.structured:
+            # Removing a neuron means slicing fc1's rows and fc2's columns together: the method
+            # needs the whole block at build time, which duplicate() does not hand to methods yet.
+            raise ConfigError(
+                "structured pruning is not implemented yet (it needs block granularity and a block-level "
+                "build hook); use unstructured --sparsity or --pattern N:M"
+            )
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern) if self.pattern is not None else None
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """"N:M" → (N, M), with 0 < N < M. Raises ConfigError otherwise."""
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
+    if not match:
+        raise ConfigError(f"--pattern must look like N:M (e.g. 2:4), got {pattern!r}")
+    n, m = int(match[1]), int(match[2])
+    if not 0 < n < m:
+        raise ConfigError(f"--pattern N:M needs 0 < N < M, got {pattern!r}")
+    return n, m
+
+
+# ── masks (pure) ────────────────────────────────────────────────────────────────────────────
+
+
+@torch.no_grad()
+def magnitude_mask(weight: torch.Tensor, zeros: int) -> torch.Tensor:
+    """Boolean keep-mask with exactly `zeros` False entries, at the smallest |weight|.
+
+    Ties are broken by topk's order, so the count is exact whatever the values. topk on the
+    smaller side: on CUDA it is ~300× faster than kthvalue (0.4 vs 116 ms for 4096², H200).
+    """
+    flat = weight.detach().abs().flatten()
+    numel = flat.numel()
+    keep = numel - zeros
+    if zeros <= 0 or keep <= 0:
+        return torch.full_like(weight, zeros <= 0, dtype=torch.bool)
+    if keep <= zeros:
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask[torch.topk(flat, keep, largest=True, sorted=False).indices] = True
+    else:
+        mask = torch.ones_like(flat, dtype=torch.bool)
+        mask[torch.topk(flat, zeros, largest=False, sorted=False).indices] = False
+    return mask.view_as(weight)
+
+
+@torch.no_grad()
+def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Boolean keep-mask: the N largest |w| of every M consecutive input weights.
+
+    Groups run along the input channels (dim 1); for a conv, at each kernel position.
+    """
+    w = weight.detach().abs()
+    moved = w.movedim(1, -1) if w.dim() > 2 else w  # (out, *kernel, in)
+    groups = moved.reshape(-1, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(1, groups.topk(n, dim=1).indices, True)
+    keep = keep.reshape(moved.shape)
+    return keep.movedim(-1, 1) if w.dim() > 2 else keep
+
+
+# ── twins ───────────────────────────────────────────────────────────────────────────────────
+
+
+class WeightTwin(nn.Module):
+    """A Linear / Conv whose weight is a function of a latent tensor.
+
+    With `share` the latent weight and bias ARE the dense layer's Parameters (no copy); else
+    they are copies (or, without `init`, uninitialized tensors that loading fills).
+    """
+
+    def __init__(self, layer: nn.Module, *, share: bool, init: bool = True):
+        super().__init__()
+        if not isinstance(layer, COMPRESSIBLE):
+            raise ConfigError(f"{type(layer).__name__} is not one of {[c.__name__ for c in COMPRESSIBLE]}")
+        self.layer_type = type(layer)
+        self.train(layer.training)  # a twin built into an eval-mode model must not observe or update state
+        if isinstance(layer, nn.Linear):
+            self.in_features, self.out_features = layer.in_features, layer.out_features
+        else:
+            for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                         "padding_mode", "_reversed_padding_repeated_twice", "transposed", "output_padding"):
+                setattr(self, attr, getattr(layer, attr))
+        if share:
+            self.weight = layer.weight
+            self.bias = layer.bias
+        else:
+            self.weight = nn.Parameter(_fresh(layer.weight, init), requires_grad=layer.weight.requires_grad)
+            self.bias = None if layer.bias is None else nn.Parameter(_fresh(layer.bias, init), requires_grad=layer.bias.requires_grad)
+
+    def compressed_weight(self) -> torch.Tensor:
+        """The weight the twin computes with (differentiable in the latent weight)."""
+        raise NotImplementedError
+
+    def forward(self, x):
+        return self.call(x, self.compressed_weight())
+
+    def call(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        bias = self.bias if bias is None else bias
+        if self.layer_type is nn.Linear:
+            return F.linear(x, weight, bias)
+        return self.layer_type._conv_forward(self, x, weight, bias)
+
+    def plain(self, weight: torch.Tensor) -> nn.Module:
+        """A fresh Linear / Conv (own Parameters, nothing shared) computing with `weight`."""
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        has_bias = self.bias is not None
+        if self.layer_type is nn.Linear:
+            layer = nn.utils.skip_init(nn.Linear, self.in_features, self.out_features, bias=has_bias, **factory)
+        else:
+            layer = nn.utils.skip_init(
+                self.layer_type, self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                padding=self.padding, dilation=self.dilation, groups=self.groups, bias=has_bias,
+                padding_mode=self.padding_mode, **factory,
+            )
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if has_bias:
+                layer.bias.copy_(self.bias)
+        layer.weight.requires_grad_(self.weight.requires_grad)
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"{self.layer_type.__name__}, weight={tuple(self.weight.shape)}, bias={self.bias is not None}"
+
+
+def _fresh(t: torch.Tensor, init: bool) -> torch.Tensor:
+    return t.detach().clone() if init else torch.empty_like(t)
+
+
+class PrunedLayer(WeightTwin):
+    """The pruned twin: weight = latent ⊙ mask, the mask fixed (a buffer) or re-chosen per forward.
+
+    Re-chosen masks train through a straight-through estimator: the forward value is
+    latent ⊙ mask exactly, the gradient reaches every latent weight.
+    """
+
+    def __init__(self, layer: nn.Module, *, zeros: int = 0, nm: tuple[int, int] | None = None,
+                 fixed_mask: bool = False, share: bool = True, init: bool = True):
+        super().__init__(layer, share=share, init=init)
+        self.zeros = int(zeros)
+        self.nm = tuple(nm) if nm is not None else None
+        self.fixed_mask = fixed_mask
+        if fixed_mask:
+            mask = self.choose_mask() if init else torch.ones_like(self.weight, dtype=torch.bool)
+            self.register_buffer("mask", mask)
+
+    def choose_mask(self) -> torch.Tensor:
+        """The keep-mask for the current latent weight."""
+        if self.nm is not None:
+            return nm_mask(self.weight, *self.nm)
+        return magnitude_mask(self.weight, self.zeros)
+
+    def compressed_weight(self) -> torch.Tensor:
+        if self.fixed_mask:
+            return self.weight * self.mask
+        masked = self.weight.detach() * self.choose_mask()
+        return masked + (self.weight - self.weight.detach())  # value: latent ⊙ mask; gradient: identity (STE)
+
+    def extra_repr(self) -> str:
+        what = f"{self.nm[0]}:{self.nm[1]}" if self.nm else f"zeros={self.zeros}"
+        return f"{super().extra_repr()}, {what}, mask={'fixed' if self.fixed_mask else 'dynamic'}"
+
+
+@register_method
+class PruneMethod(Method):
+    config_type = PruneConfig
+
+    def share_dense_weights(self) -> bool:
+        return not self.config.separate_weights
+
+    def plan(self, site: LayerSite) -> LayerPlan:
+        layer = site.module
+        weight = layer.weight
+        out_f, in_f = weight.shape[0], weight[0].numel()
+        bias = 0 if layer.bias is None else layer.bias.numel()
+        before = layer_params(layer)
+        flops = 2 * out_f * in_f * site.positions
+        plan = LayerPlan(
+            path=site.path, kind=site.kind, shape=tuple(weight.shape),
+            params_before=before, params_after=before, flops_before=flops, flops_after=flops,
+            bytes_before=before * _FLOAT_BYTES, bytes_after=before * _FLOAT_BYTES,
+        )
+        config: PruneConfig = self.config
+        numel = weight.numel()
+        if config.nm is not None:
+            n, m = config.nm
+            if weight.shape[1] % m:
+                plan.skip_reason = (f"{weight.shape[1]} input channels are not a multiple of M={m}: "
+                                    f"the {config.pattern} pattern does not apply")
+                return plan
+            zeros = numel // m * (m - n)
+            plan.detail = {"pattern": config.pattern, "sparsity": (m - n) / m}
+        else:
+            zeros = round(float(config.sparsity) * numel)
+            plan.detail = {"sparsity": float(config.sparsity)}
+        if zeros == 0:
+            plan.skip_reason = f"{numel} weights at sparsity {config.sparsity}: pruning would remove none"
+            return plan
+        plan.params_after = before - zeros
+        plan.detail.update({
+            "zeros": zeros,
+            "mask": "fixed" if config.fixed_mask else "dynamic",
+            "weights": "separate" if config.separate_weights else "shared",
+            "note": ("sparse weights kept in a dense float store: bytes and FLOPs unchanged, "
+                     "no speed-up on onnxruntime CPU"
+                     + ("; N:M runs faster only on sparse tensor cores (NVIDIA Ampere+)" if config.nm else "")),
+        })
+        return plan
+
+    def build(self, site: LayerSite, plan: LayerPlan, *, init: bool = True) -> nn.Module:
+        config: PruneConfig = self.config
+        return PrunedLayer(site.module, zeros=plan.detail["zeros"], nm=config.nm, fixed_mask=config.fixed_mask,
+                           share=not config.separate_weights, init=init)
+
+    def materialize(self, compressed: nn.Module) -> nn.Module:
+        if not isinstance(compressed, PrunedLayer):
+            return compressed
+        with torch.no_grad():
+            return compressed.plain(compressed.compressed_weight())
