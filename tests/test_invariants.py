@@ -188,10 +188,6 @@ def test_block_branches_share_no_state():
     assert not dense_bufs & {id(b) for b in blend.compressed.buffers()}
 
 
-@pytest.mark.xfail(
-    reason="duplicate._duplicate_block roots a single-module block at its parent: layer1.0 holds '0.conv1', "
-    "not 'conv1' as extract_region's docstring promises", strict=True,
-)
 def test_block_submodules_are_relative_to_the_block():
     case = make("residual")
     vm = transform_case(case, LowRankConfig(ratio=0.25), "block")

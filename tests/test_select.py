@@ -349,11 +349,6 @@ def test_plan_changes_nothing_and_promises_the_vanished_size():
 # ── error messages ───────────────────────────────────────────────────────────────────────
 
 
-@pytest.mark.xfail(
-    reason="select's SelectionError says 'no layer matched targets' when layers did match but were all "
-    "left out (stem / head / tied): it should give their reasons and the fix (--include-stem/--include-head)",
-    strict=True,
-)
 def test_everything_excluded_says_why():
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).eval()  # only a stem and a head
     with pytest.raises(SelectionError) as err:
@@ -361,10 +356,6 @@ def test_everything_excluded_says_why():
     assert "--include-stem" in str(err.value) or "--include-head" in str(err.value), str(err.value)
 
 
-@pytest.mark.xfail(
-    reason="select does tuple(targets): a bare string 'fc2' becomes the patterns 'f', 'c', '2'",
-    strict=True,
-)
 def test_a_bare_string_target_is_one_pattern():
     case = make("mlp")
     try:

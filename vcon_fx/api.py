@@ -9,13 +9,14 @@ import copy
 import logging
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx, nn
 
 from .capture import capture as capture_graph
-from .errors import ArtifactError, ConfigError
+from .errors import ArtifactError, ConfigError, LoadError
 from .methods.base import LayerPlan, LayerSite, MethodConfig, method_for
 from .passes.blend import set_beta
-from .passes.duplicate import duplicate
+from .passes.duplicate import duplicate, plan_blocks
 from .passes.normalize import normalize
 from .passes.select import Group, Selection, find_sites, select
 from .passes.vanish import vanish_graph
@@ -68,7 +69,12 @@ def plan(
     selection = select(gm, sites, targets=targets, ignore=ignore, granularity=granularity, blocks=blocks,
                        include_stem=include_stem, include_head=include_head)
     method = method_for(config)
+    method.check_groups(selection.groups)
+    for g in selection.groups:
+        for p in g.layers:
+            _refuse_non_finite(sites[p], config.method)
     plans = {p: method.plan(sites[p]) for g in selection.groups for p in g.layers}
+    plan_blocks(gm, selection.groups, method, plans, sites)  # methods that couple layers refine block plans
     groups = [g for g in selection.groups if any(not plans[p].skipped for p in g.layers)]
     total = sum(p.numel() for p in gm.parameters())
     result = Plan(path, notes, selection, plans, groups, total, {"gm": gm, "sites": sites})
@@ -183,6 +189,15 @@ def rebuild(model: nn.Module, recipe: Recipe, example_args: tuple, example_kwarg
         set_beta(gm, 0.0)  # the saved model is past its transition
         vanish_graph(gm, method)
     return gm
+
+
+def _refuse_non_finite(site: LayerSite, method: str) -> None:
+    # Every twin starts from the dense weights (SVD, magnitudes, scales): NaN/Inf there gives garbage or a LinAlgError.
+    for name, tensor in site.module.named_parameters(recurse=False):
+        bad = ~torch.isfinite(tensor.detach())
+        if bad.any():
+            raise LoadError(f"layer {site.path}: its {name} holds {int(bad.sum())} NaN/Inf value(s), so {method} cannot "
+                            f"compress it: fix or retrain the model, or leave the layer dense with --ignore {site.path}")
 
 
 def _captured(model, example_inputs, example_kwargs, mode, seq_inputs):

@@ -116,7 +116,13 @@ def load(path: str | Path, *, model: nn.Module | None = None, example_inputs: tu
             )
         from .load import rebuild_model  # the sources module is only needed for this path
 
-        model = rebuild_model(recipe.source, trust_pickle=trust_pickle).module
+        try:
+            model = rebuild_model(recipe.source, trust_pickle=trust_pickle).module
+        except VconError:
+            raise
+        except Exception as exc:  # an edited "source" entry: wrong types, missing keys
+            raise ArtifactError(f"{folder / RECIPE_FILE} records an unusable model source ({_first_line(exc)}); "
+                                "re-create the artifact") from None
     try:
         gm = rebuild(model, recipe, args, kwargs)
     except VconError:

@@ -1,27 +1,40 @@
 """Capture a model as a torch.fx GraphModule: symbolic tracing first, torch.export second.
 
-`torch.fx.symbolic_trace` keeps torch.nn layers as leaves and keeps train/eval behaviour.
-When it fails (Hugging Face transformers ≥ 5 have no FX tracer, data-dependent Python control
-flow), or when its graph does not reproduce the model on the example inputs, we fall back to
-`torch.export.export(strict=False)` with dynamic batch (and sequence) axes.
+`torch.fx` keeps torch.nn layers as leaves and keeps train/eval behaviour (dropout, batch-norm
+updates). When it fails (Hugging Face transformers ≥ 5 have no FX tracer, data-dependent Python
+control flow), or when its graph does not reproduce the model on the example inputs, we fall
+back to `torch.export.export(strict=False)` with dynamic batch (and sequence) axes; exported
+graphs are eval-mode graphs (no dropout, batch-norm statistics frozen).
+
+When both fail and torch.fx failed inside a submodule, that submodule is kept whole (a leaf
+of the graph) and tracing is tried again: the rest of the model is captured and can be
+compressed, and the notes say what was kept whole. Keyword inputs are traced by fixing every
+other argument of `forward` at its default (`concrete_args`). A KV cache is switched off
+(`config.use_cache = False`) while capturing, and the notes say so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import logging
+import os
+import traceback
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
 from .errors import CaptureError, UsageError
+from .passes.select import matches
 
-__all__ = ["Captured", "capture", "CAPTURE_MODES"]
+__all__ = ["Captured", "capture", "CAPTURE_MODES", "describe_failure"]
 
 log = logging.getLogger(__name__)
 
 CAPTURE_MODES = ("auto", "fx", "export")
+_MAX_LEAVES = 8  # submodules kept whole before a partial capture gives up
 
 
 @dataclass
@@ -31,6 +44,18 @@ class Captured:
     gm: fx.GraphModule
     path: str  # "fx" or "export"
     notes: list[str] = field(default_factory=list)  # why a fallback happened, what was assumed
+    leaves: list[str] = field(default_factory=list)  # submodules kept whole because they did not trace
+
+
+class _TraceFailure(Exception):
+    """One tracer's failure: its own message, and where it happened (module path, source line)."""
+
+    def __init__(self, tracer: str, exc: BaseException, module: str | None = None, module_type: str | None = None):
+        super().__init__(tracer)
+        self.tracer, self.exc, self.module, self.module_type = tracer, exc, module, module_type
+
+    def __str__(self) -> str:
+        return describe_failure(self.exc, self.module, self.module_type).rstrip(".")
 
 
 def capture(
@@ -40,69 +65,180 @@ def capture(
     *,
     mode: str = "auto",
     seq_inputs: tuple[str, ...] = (),
+    leaf_modules: tuple[str, ...] = (),
 ) -> Captured:
     """Trace `model` into a GraphModule (pure: `model` is not changed).
 
     Args:
         model: the module to capture (an existing GraphModule is taken as is).
         example_args / example_kwargs: inputs the graph is checked against (and export traces).
-        mode: "auto" (fx, then export), "fx" or "export".
+        mode: "auto" (fx, then export, then fx with failing submodules kept whole), "fx"
+            (fx, then fx with failing submodules kept whole) or "export".
         seq_inputs: input names whose dim 1 is a sequence axis (kept dynamic by export).
+        leaf_modules: type names, globs or `re:` regexes of submodules torch.fx keeps whole
+            (their layers are not compressed); `--ignore` patterns fit here.
 
     Raises:
-        CaptureError: neither path worked; the message carries each tracer's own reason.
+        CaptureError: no path worked; the message names the module and source line that failed
+            in each tracer, with each tracer's own reason, and the fixes.
+        UsageError: unknown mode.
+
+    Example:
+        >>> captured = capture(torch.nn.Sequential(torch.nn.Linear(4, 4)), (torch.randn(2, 4),))
+        >>> captured.path
+        'fx'
     """
     if mode not in CAPTURE_MODES:
         raise UsageError(f"--capture must be one of {CAPTURE_MODES}, got {mode!r}")
-    example_kwargs = dict(example_kwargs or {})
+    example_args, example_kwargs = tuple(example_args), dict(example_kwargs or {})
     if isinstance(model, fx.GraphModule):
         path = "export" if _looks_exported(model) else "fx"
         return Captured(model, path, [f"model is already a GraphModule ({path} graph); used as is"])
     notes: list[str] = []
+    with _kv_cache_off(model, notes):
+        return _capture(model, example_args, example_kwargs, mode, tuple(seq_inputs), tuple(leaf_modules), notes)
+
+
+def _capture(model, args, kwargs, mode, seq_inputs, leaf_modules, notes) -> Captured:
+    name = type(model).__name__
+    fx_failure = export_failure = None
     if mode in ("auto", "fx"):
         try:
-            gm = _fx_trace(model, example_args, example_kwargs)
-            return Captured(gm, "fx", notes)
-        except Exception as exc:  # any tracer failure means: try the other path
-            reason = _first_line(exc)
-            if mode == "fx":
-                raise CaptureError(
-                    f"torch.fx could not trace {type(model).__name__}: {reason}. "
-                    "Try --capture export, or --ignore the module named in the message"
-                ) from exc
-            notes.append(f"torch.fx failed ({reason}); used torch.export")
-            log.info("symbolic_trace failed on %s: %s; falling back to torch.export", type(model).__name__, reason)
+            return Captured(_fx_trace(model, args, kwargs, leaf_modules, ()), "fx", notes)
+        except _TraceFailure as failure:
+            fx_failure = failure
+        log.info("torch.fx could not trace %s: %s", name, fx_failure)
+        if mode == "auto":
+            notes.append(f"torch.fx failed ({fx_failure}); used torch.export")
+    if mode in ("auto", "export"):
+        try:
+            return Captured(_export(model, args, kwargs, seq_inputs, notes), "export", notes)
+        except _TraceFailure as failure:  # any exporter failure: report it with the other tracer's
+            export_failure = failure
+            log.info("torch.export could not capture %s: %s", name, export_failure)
+    if fx_failure is not None and fx_failure.module:
+        with contextlib.suppress(_TraceFailure):
+            gm, leaves = _fx_with_leaves(model, args, kwargs, leaf_modules, fx_failure)
+            if mode == "auto":
+                notes[:] = [n for n in notes if not n.startswith("torch.fx failed")]
+                notes.append(f"torch.export failed too ({export_failure})")
+            notes.append(
+                f"torch.fx failed ({fx_failure}); captured with {', '.join(leaves)} kept whole "
+                "(leaf modules: their layers stay dense)"
+            )
+            return Captured(gm, "fx", notes, leaves)
+    last = export_failure or fx_failure
+    raise CaptureError(_failure_message(name, mode, fx_failure, export_failure)) from last.exc
+
+
+def _failure_message(name: str, mode: str, fx_failure, export_failure) -> str:
+    parts = []
+    if fx_failure is not None:
+        parts.append(f"torch.fx failed {fx_failure}")
+    if export_failure is not None:
+        parts.append(f"torch.export failed {export_failure}")
+    where = fx_failure.module if fx_failure is not None and fx_failure.module else None
+    fixes = []
+    if mode == "fx":
+        fixes.append("try --capture export")
+    elif mode == "export":
+        fixes.append("try --capture fx")
+    if where:
+        fixes.append(f"keep {where} whole as a leaf module (leaf_modules=[{where!r}], or --ignore {where})")
+    else:
+        fixes.append("move the failing line into a submodule and keep that whole as a leaf module "
+                     "(leaf_modules=[...], or --ignore it)")
+    fixes.append("rewrite the data-dependent Python control flow it names, or give example inputs "
+                 "(--input-shape/--seq-len) it accepts")
+    return f"could not capture {name}: " + "; ".join(parts) + ". Fix: " + "; ".join(fixes)
+
+
+# ── torch.fx ────────────────────────────────────────────────────────────────────────────────
+
+
+class _Tracer(fx.Tracer):
+    """The default tracer, plus: extra leaf modules, and the module being traced when it fails."""
+
+    def __init__(self, patterns: tuple[str, ...], paths: tuple[str, ...]):
+        super().__init__()
+        self.patterns, self.paths = patterns, set(paths)
+        self.stack: list[tuple[str, str]] = []  # (path, type) of the modules being traced, innermost last
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.paths or any(matches(p, module_qualified_name, m) for p in self.patterns):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.stack.append((self.path_of_module(m), type(m).__name__))
+        out = super().call_module(m, forward, args, kwargs)
+        self.stack.pop()  # left in place on an exception: the innermost module is the culprit
+        return out
+
+
+def _fx_trace(model: nn.Module, args: tuple, kwargs: dict, patterns: tuple[str, ...], leaves) -> fx.GraphModule:
+    tracer = _Tracer(patterns, tuple(leaves))
     try:
-        gm = _export(model, example_args, example_kwargs, seq_inputs, notes)
-    except Exception as exc:
-        raise CaptureError(
-            f"could not capture {type(model).__name__}: torch.export failed ({_first_line(exc)})"
-            + (f"; {notes[0]}" if notes else "")
-            + ". Give --ignore for the module that fails, fix the input shape (--input-shape/--seq-len), "
-            "or make the failing construct a leaf module"
-        ) from exc
-    return Captured(gm, "export", notes)
-
-
-def _fx_trace(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
-    if kwargs:
-        raise TypeError("symbolic tracing takes positional tensors only (model has keyword inputs)")
-    was_training = model.training
-    gm = fx.symbolic_trace(model)
+        graph = tracer.trace(model, concrete_args=_concrete_args(model, args, kwargs))
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    except Exception as exc:  # any tracer failure means: try the other path
+        path, kind = tracer.stack[-1] if tracer.stack else (None, None)
+        raise _TraceFailure("torch.fx", exc, path, kind) from exc
     # A trace can succeed yet bake in one branch of Python control flow: check it reproduces
     # the model on the example inputs before trusting it.
+    was_training = model.training
     model.eval()
     gm.eval()
     try:
         with torch.no_grad():
-            ref = model(*args)
-            got = gm(*args)
+            ref = model(*args, **kwargs)
+            got = gm(*args, **kwargs)
+    except Exception as exc:
+        raise _TraceFailure("torch.fx", exc) from exc
     finally:
         model.train(was_training)
         gm.train(was_training)
     if not _same_outputs(ref, got):
-        raise RuntimeError("the traced graph does not reproduce the model's outputs on the example inputs")
+        raise _TraceFailure("torch.fx", RuntimeError(
+            "the traced graph does not reproduce the model's outputs on the example inputs "
+            "(Python control flow was fixed at trace time)"))
     return gm
+
+
+def _fx_with_leaves(model, args, kwargs, patterns, failure: _TraceFailure) -> tuple[fx.GraphModule, list[str]]:
+    """Trace again, keeping each submodule torch.fx fails in whole, until it succeeds."""
+    leaves: list[str] = []
+    while failure.module and failure.module not in leaves and len(leaves) < _MAX_LEAVES:
+        leaves.append(failure.module)
+        try:
+            return _fx_trace(model, args, kwargs, patterns, leaves), leaves
+        except _TraceFailure as again:
+            failure = again
+    raise failure
+
+
+def _concrete_args(model: nn.Module, args: tuple, kwargs: dict) -> dict | None:
+    """Every `forward` argument the example inputs leave out, fixed at its default.
+
+    Keyword inputs (`input_ids=...`) then trace as placeholders, and optional arguments
+    (`mask=None`) do not reach `if mask is not None` as proxies.
+    """
+    try:
+        sig = inspect.signature(model.forward)
+        bound = sig.bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    concrete = {}
+    for name, p in sig.parameters.items():
+        if name in bound.arguments or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is inspect.Parameter.empty:
+            return None  # a required input is missing: let the tracer say so
+        concrete[name] = p.default
+    return concrete or None
+
+
+# ── torch.export ────────────────────────────────────────────────────────────────────────────
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, seq_inputs: tuple[str, ...], notes: list[str]) -> fx.GraphModule:
@@ -110,13 +246,18 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, seq_inputs: tuple[str, 
     # Exported graphs are captured in eval mode: dropout is left out and batch-norm statistics
     # stay frozen while fine-tuning them (said in the README).
     model.eval()
+    stack: list[tuple[str, str]] = []
     try:
-        try:
-            ep = torch.export.export(model, args, kwargs, strict=False,
-                                     dynamic_shapes=_dynamic_shapes(model, args, kwargs, seq_inputs))
-        except Exception as exc:
-            notes.append(f"dynamic batch/sequence export failed ({_first_line(exc)}); exported with static shapes")
-            ep = torch.export.export(model, args, kwargs, strict=False)
+        with _quiet(), _module_stack(model, stack):
+            try:
+                ep = torch.export.export(model, args, kwargs, strict=False,
+                                         dynamic_shapes=_dynamic_shapes(model, args, kwargs, seq_inputs))
+            except Exception as exc:
+                ep = torch.export.export(model, args, kwargs, strict=False)
+                notes.append(f"dynamic batch/sequence export failed ({_first_line(exc)}); exported with static shapes")
+    except Exception as exc:
+        path, kind = stack[-1] if stack else (None, None)
+        raise _TraceFailure("torch.export", exc, path, kind) from exc
     finally:
         model.train(was_training)
     gm = ep.module(check_guards=False)
@@ -152,6 +293,79 @@ def _dims_for(name: str, value, seq_inputs):
     return None
 
 
+@contextlib.contextmanager
+def _module_stack(model: nn.Module, stack: list[tuple[str, str]]):
+    """Keep `stack` = the submodules whose forward is running (innermost last); left as is on an exception."""
+    def leave(*_):  # returns None: a forward hook's return value would replace the output
+        if stack:
+            stack.pop()
+
+    handles = []
+    for path, module in model.named_modules():
+        if not path:
+            continue
+        handles.append(module.register_forward_pre_hook(
+            lambda _m, _a, path=path, kind=type(module).__name__: stack.append((path, kind)) and None))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# torch.export prints graph dumps when it fails and warns through these loggers; the library
+# does not print, so both go to the debug log.
+_CHATTY_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export", "torch._dynamo")
+
+
+@contextlib.contextmanager
+def _quiet():
+    out, err = io.StringIO(), io.StringIO()
+    loggers = [logging.getLogger(n) for n in _CHATTY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    if not log.isEnabledFor(logging.DEBUG):
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        for stream, text in (("stdout", out.getvalue()), ("stderr", err.getvalue())):
+            if text.strip():
+                log.debug("torch.export %s:\n%s", stream, text)
+
+
+# ── shared ──────────────────────────────────────────────────────────────────────────────────
+
+
+@contextlib.contextmanager
+def _kv_cache_off(model: nn.Module, notes: list[str]):
+    """Hugging Face models: `config.use_cache = False` while capturing (restored after).
+
+    A KV cache adds `past_key_values` outputs (cache objects) that neither tracer handles, and
+    a compressed model is exported for whole-sequence inference.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "use_cache"):
+        yield
+        return
+    was = config.use_cache
+    generates = bool(getattr(config, "is_decoder", False) or getattr(config, "is_encoder_decoder", False))
+    with contextlib.suppress(Exception):
+        generates = generates or bool(model.can_generate())
+    if generates:  # an encoder ignores the flag: nothing to say
+        notes.append("captured with use_cache=False: no KV cache, past_key_values are neither inputs nor "
+                     "outputs (each call runs the whole sequence)")
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = was
+
+
 def _same_outputs(ref, got) -> bool:
     ref_leaves = [t for t in torch.utils._pytree.tree_leaves(ref) if isinstance(t, torch.Tensor)]
     got_leaves = [t for t in torch.utils._pytree.tree_leaves(got) if isinstance(t, torch.Tensor)]
@@ -167,6 +381,51 @@ def _looks_exported(gm: fx.GraphModule) -> bool:
     )
 
 
+_LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, contextlib, fx) if m.__file__)
+
+
+def describe_failure(exc: BaseException, module: str | None = None, module_type: str | None = None) -> str:
+    """`in encoder.0 (Gate) at model.py:12 (`if x.sum() > 0:`): TraceError: <the tracer's message>`.
+
+    The source line is the innermost frame outside torch and vcon-fx, over the exception and
+    its causes: the line of the model (or of its library) that the tracer could not follow.
+    """
+    parts = []
+    if module:
+        parts.append(f"in {module} ({module_type})")
+    frame = _user_frame(exc)
+    if frame is not None:
+        line = f" (`{frame.line.strip()[:120]}`)" if frame.line else ""
+        parts.append(f"at {_short(frame.filename)}:{frame.lineno}{line}")
+    return " ".join(parts + [_first_line(exc)]) if parts else _first_line(exc)
+
+
+def _user_frame(exc: BaseException):
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    seen, best = set(), None
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        for frame in traceback.extract_tb(exc.__traceback__):
+            path = os.path.abspath(frame.filename)
+            if path.startswith(_LIBRARY_DIRS) or path.startswith(here) or frame.filename.startswith("<"):
+                continue
+            best = frame
+        exc = exc.__cause__ or exc.__context__
+    return best
+
+
+def _short(filename: str) -> str:
+    parts = os.path.abspath(filename).split(os.sep)
+    if "site-packages" in parts:
+        return "/".join(parts[parts.index("site-packages") + 1:])
+    return "/".join(parts[-2:])
+
+
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+    """`TypeName: first sentence of the message` (tracer messages go on with generic advice)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    cut = text.find(". ", 20)
+    text = text[: cut + 1] if cut > 0 else text
+    text = text if len(text) <= 240 else text[:239] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -63,8 +64,16 @@ def _add_method(p: argparse.ArgumentParser, required: bool) -> None:
     s.add_argument("--include-head", action="store_true", help="compress the last layer too")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `error:` line, like every other vcon-fx error (exit 2)."""
+
+    def error(self, message: str):
+        errors.print(f"[red]error:[/] {escape(message)} (see `{escape(self.prog)} --help`)", soft_wrap=True)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vcon-fx", description="Vanishing Contributions compression for any PyTorch model.")
+    parser = _Parser(prog="vcon-fx", description="Vanishing Contributions compression for any PyTorch model.")
     parser.add_argument("--version", action="version", version=f"vcon-fx {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -360,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     except VconError as exc:
         if os.environ.get("VCON_DEBUG"):
             raise
-        errors.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        # escape: messages quote paths and torch errors, and "[/x]" or "[word]" in them is not markup.
+        errors.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         errors.print("[red]interrupted[/]")

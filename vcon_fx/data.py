@@ -394,7 +394,7 @@ def _text_file(path: Path, tokenizer_path, seq_len, spec: Mapping[str, Any]) -> 
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True, trust_remote_code=False)
     except Exception as e:
         raise DataError(f"cannot load the tokenizer from {tokenizer_path} ({str(e).splitlines()[0][:160]}): copy the "
                         "model's tokenizer files (tokenizer.json, vocab.txt, …) into that folder") from None

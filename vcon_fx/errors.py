@@ -17,6 +17,7 @@ __all__ = [
     "StageError",
     "ArtifactError",
     "OutputExistsError",
+    "OutputError",
     "DataError",
     "ExportError",
     "ParityError",
@@ -82,6 +83,15 @@ class OutputExistsError(VconError, FileExistsError):
     """The output path exists and `--force` was not given."""
 
     exit_code = 8
+
+
+class OutputError(VconError, OSError):
+    """An output cannot be written (folder read-only or missing, disk full); nothing was replaced.
+
+    Exit code 2, as for an unusable `-o` path caught before the work starts.
+    """
+
+    exit_code = 2
 
 
 class DataError(VconError, ValueError):

@@ -420,6 +420,7 @@ class _Run:
         vm = self.vm
         was_training = vm.training
         vm.to(self.device)
+        self._probe_batches()
         first_args, first_kwargs, first_labels = _split(default_collate([self.train_data[0]]))
         self.loss_kind = self._loss_kind(first_args, first_kwargs, first_labels)
         self.metric = "accuracy" if _split(default_collate([self.eval_data[0]]))[2] is not None else "cosine"
@@ -460,6 +461,21 @@ class _Run:
                               resumed_from=start or None,
                               checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
                               eval_on=self.eval_on, rank=self.dist.rank, world_size=self.dist.world)
+
+    def _probe_batches(self) -> None:
+        """One forward at 1 and at batch_size examples: a model that cannot take them fails here, in one line."""
+        for n in sorted({1, min(self.batch_size, len(self.train_data))}):
+            args, kwargs, _ = _split(default_collate([self.train_data[i] for i in range(n)]))
+            try:
+                with torch.no_grad(), _eval_mode(self.vm):
+                    self.vm(*_to(args, self.device), **_to(kwargs, self.device))
+            except Exception as exc:
+                lines = str(exc).strip().splitlines()
+                raise DataError(
+                    f"the model does not run on a batch of {n} example(s) ({type(exc).__name__}: "
+                    f"{lines[0][:200] if lines else ''}); a .pt2 exported with a fixed batch size runs only at that "
+                    "size: re-export it with dynamic_shapes={'x': {0: torch.export.Dim.DYNAMIC}}"
+                ) from None
 
     def _loss_kind(self, args, kwargs, labels) -> str:
         loss = self.loss_requested

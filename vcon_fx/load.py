@@ -187,6 +187,12 @@ def rebuild_model(spec: Mapping, *, trust_pickle: bool = False) -> LoadedModel:
     unknown = set(spec) - _KIND_KEYS[kind] - _SHAPE_KEYS
     if unknown:
         raise LoadError(f"model source spec of kind {kind!r} has unknown keys {sorted(unknown)}: it was not written by this vcon-fx")
+    required = ("name",) if kind == "torchvision" else ("path", "arch") if kind == "state_dict" else ("path",)
+    for key in sorted(_KIND_KEYS[kind]):
+        value = spec.get(key)
+        if (key in required and value is None) or (value is not None and not isinstance(value, str)):
+            raise LoadError(f"model source spec of kind {kind!r} has {key}={value!r}: expected a string; "
+                            "it was not written by this vcon-fx")
     hashes: dict[str, str] = {}
     for key, sha_key in (("path", "sha256"), ("weights", "weights_sha256"), ("arch", None)):
         value = spec.get(key)

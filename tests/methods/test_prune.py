@@ -41,9 +41,9 @@ def test_invalid_config_is_refused(kwargs):
         PruneConfig(**kwargs)
 
 
-def test_structured_is_refused_until_implemented():
-    with pytest.raises(ConfigError, match="structured pruning is not implemented"):
-        PruneConfig(sparsity=0.5, structured=True)
+def test_structured_needs_a_sparsity_not_a_pattern():
+    with pytest.raises(ConfigError):
+        PruneConfig(pattern="2:4", structured=True)
 
 
 def test_config_round_trips_through_json():

@@ -131,6 +131,31 @@ class Method:
         """True when the twin computes its weights from the dense layer's own parameters."""
         return False
 
+    # ── block-level hooks (a method that couples several layers of a block uses them) ──────
+
+    def check_groups(self, groups: list) -> None:
+        """Raise ConfigError when the method cannot work on these groups (default: any will do)."""
+
+    def plan_block(self, block: nn.Module, plans: dict[str, LayerPlan], sites: dict[str, LayerSite]) -> None:
+        """Refine the plans of one block's layers from its graph (in place on `plans`). Default: no-op.
+
+        Args:
+            block: the block's dense GraphModule (targets relative to the block).
+            plans / sites: the block's layers, keyed by their path inside `block`.
+        """
+
+    def build_block(self, dense: nn.Module, compressed: nn.Module, plans: dict[str, LayerPlan],
+                    sites: dict[str, LayerSite], *, init: bool = True) -> None:
+        """Called once per block after its per-layer twins are built (in place on `compressed`
+        and `plans`). Default: no-op.
+
+        With `init=False` (loading) the plans come from a recipe: re-apply them, recompute nothing.
+        """
+
+    def materialize_block(self, compressed: nn.Module) -> None:
+        """Deployable form of a block's compressed branch, before each module's `materialize`
+        (in place). Default: no-op."""
+
 
 _REGISTRY: dict[type[MethodConfig], type[Method]] = {}
 _BY_NAME: dict[str, type[MethodConfig]] = {}

@@ -21,7 +21,7 @@ from ..methods.base import LayerPlan, LayerSite, Method
 from .blend import Blend
 from .select import Group
 
-__all__ = ["duplicate", "extract_region", "region_nodes"]
+__all__ = ["duplicate", "extract_region", "region_nodes", "plan_blocks"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ def duplicate(
     Ensures: each group is one call_module node with meta role "blend"; output unchanged at β = 1.
     """
     method_name = method.config.method
+    method.check_groups(groups)
     for order, group in enumerate(groups):
         if group.kind == "layer":
             _duplicate_layer(gm, group, method, plans, sites, init, order)
@@ -81,7 +82,7 @@ def _duplicate_layer(gm, group: Group, method: Method, plans, sites, init: bool,
 
 def _duplicate_block(gm, group: Group, method: Method, plans, sites, init: bool, order: int) -> None:
     nodes = region_nodes(gm, group.members)
-    parent = group.members[0].rpartition(".")[0]
+    parent = _block_root(group)
     dense, inputs, output = extract_region(gm, nodes, parent)
     compressed = copy.deepcopy(dense)
     for path in group.layers:
@@ -91,6 +92,9 @@ def _duplicate_block(gm, group: Group, method: Method, plans, sites, init: bool,
         rel = _relative(path, parent)
         site = LayerSite(path, dense.get_submodule(rel), sites[path].out_shape, sites[path].calls)
         compressed.set_submodule(rel, method.build(site, plan, init=init).train(dense.training))
+    # a method that couples layers (structured pruning: fc1's rows with fc2's columns) sees the whole block
+    block_plans, block_sites = _block_layers(group, parent, plans, sites)
+    method.build_block(dense, compressed, block_plans, block_sites, init=init)
     for gm_part, role in ((dense, "dense"), (compressed, "compressed")):
         for node in gm_part.graph.nodes:
             if node.op not in ("placeholder", "output"):
@@ -103,6 +107,29 @@ def _duplicate_block(gm, group: Group, method: Method, plans, sites, init: bool,
     output.replace_all_uses_with(call)
     for node in reversed(nodes):
         gm.graph.erase_node(node)
+
+
+def plan_blocks(gm: fx.GraphModule, groups: list[Group], method: Method, plans: dict[str, LayerPlan],
+                sites: dict[str, LayerSite]) -> None:
+    """Let the method refine its plans block by block, as duplicate would (pure on `gm`; `plans` in place)."""
+    for group in groups:
+        if group.kind != "block":
+            continue
+        parent = _block_root(group)
+        dense, _inputs, _output = extract_region(gm, region_nodes(gm, group.members), parent)
+        method.plan_block(dense, *_block_layers(group, parent, plans, sites))
+
+
+def _block_root(group: Group) -> str:
+    """The path block targets are relative to: the block itself, or the parent of joined siblings."""
+    first = group.members[0]
+    return first if len(group.members) == 1 else first.rpartition(".")[0]
+
+
+def _block_layers(group: Group, parent: str, plans, sites) -> tuple[dict[str, LayerPlan], dict[str, LayerSite]]:
+    """The group's plans and sites keyed by their path inside the block (its GraphModule's targets)."""
+    rel = {path: _relative(path, parent) for path in group.layers}
+    return {rel[p]: plans[p] for p in group.layers}, {rel[p]: sites[p] for p in group.layers if p in sites}
 
 
 def region_nodes(gm: fx.GraphModule, members: list[str]) -> list[fx.Node]:

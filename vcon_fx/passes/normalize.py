@@ -3,6 +3,13 @@
 An exported graph calls `aten.linear` / `aten.conv2d` on `get_attr` weights, and a traced
 graph may call `F.linear` on a parameter. Both are lifted into modules that hold the very same
 Parameter objects, so nothing is copied and later passes see one dialect.
+
+    addmm(b, x, W)  =  x·W + b  =  Linear(weight=Wᵀ, bias=b)(x)
+
+is lifted too (Hugging Face `Conv1D`, as in GPT-2): its weight is stored transposed, so the
+Linear gets a transposed copy, and only when nothing else reads W (a copy would untie it).
+A lifted weight that is no longer read under its old name is unregistered there, so it has
+one name, and one owner, afterwards.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ __all__ = ["normalize"]
 
 _aten = torch.ops.aten
 _LINEAR = {_aten.linear.default, F.linear, torch._C._nn.linear}
+_ADDMM = {_aten.addmm.default, torch.addmm}
 _CONV = {
     _aten.conv1d.default: nn.Conv1d, _aten.conv2d.default: nn.Conv2d,
     _aten.conv1d.padding: nn.Conv1d, _aten.conv2d.padding: nn.Conv2d,
@@ -24,33 +32,40 @@ _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "group
 
 
 def normalize(gm: fx.GraphModule) -> fx.GraphModule:
-    """Lift functional linear/conv calls on parameters into call_module nodes (in place).
+    """Lift functional linear/conv/addmm calls on parameters into call_module nodes (in place).
 
     Weights used by anything else as well (a tied embedding) are lifted too but recorded in
-    `gm.meta["vcon_tied"]`, so selection can refuse them with the reason.
+    `gm.meta["vcon_tied"]` (layer path → reason), so selection can refuse them with the reason.
 
     Returns:
         gm, linted and recompiled.
     """
     lifted: dict[int, str] = {}  # id(weight) -> module path, so a weight used twice is one layer
+    moved: set[int] = set()  # ids of every Parameter a lifted layer took over (or copied, transposed)
     tied: dict[str, str] = dict(gm.meta.get("vcon_tied", {}))
+    names = _param_names(gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
         spec = _layer_spec(gm, node)
         if spec is None:
             continue
-        layer_type, x, weight_node, bias_node, options = spec
+        layer_type, x, weight_node, bias_node, options, transposed = spec
         weight = _fetch(gm, weight_node.target)
+        if transposed and (len(names.get(id(weight), ())) > 1 or _other_users(gm, weight_node, node)):
+            continue  # a transposed copy would untie the weight from its other use: leave it functional
         key = id(weight)
         if key not in lifted:
             path = _place(gm, node, weight_node, bias_node, layer_type)
             bias = _fetch(gm, bias_node.target) if bias_node is not None else None
+            moved.update(id(p) for p in (weight, bias) if p is not None)
+            if transposed:
+                weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=weight.requires_grad)
             gm.set_submodule(path, _make_layer(layer_type, weight, bias, options), strict=False)
             lifted[key] = path
-            others = [u for u in weight_node.users if u is not node and _layer_spec(gm, u) is None]
+            others = _other_users(gm, weight_node, node)
             if others:
-                tied[path] = f"its weight {weight_node.target} is also used by {others[0].name} (tied weights)"
+                tied[path] = f"its weight {weight_node.target} is also used by {_describe(others[0])} (tied weights)"
         with gm.graph.inserting_before(node):
             call = gm.graph.call_module(lifted[key], (x,))
         call.meta = dict(node.meta)
@@ -59,6 +74,7 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
         for attr_node in (weight_node, bias_node):
             if attr_node is not None and not attr_node.users:
                 gm.graph.erase_node(attr_node)
+    _drop_stale_names(gm, lifted, moved)
     gm.meta["vcon_tied"] = tied
     gm.graph.lint()
     gm.recompile()
@@ -66,14 +82,23 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def _layer_spec(gm: fx.GraphModule, node: fx.Node):
-    """(layer type, input, weight node, bias node, conv options) when `node` is liftable."""
+    """(layer type, input, weight node, bias node, conv options, transposed) when liftable."""
     target = node.target
+    transposed = False
     if target in _LINEAR:
         args = list(node.args) + [None] * 3
         x = args[0] if args[0] is not None else node.kwargs.get("input")
         weight = args[1] if args[1] is not None else node.kwargs.get("weight")
         bias = args[2] if args[2] is not None else node.kwargs.get("bias")
         layer_type, options = nn.Linear, {}
+    elif target in _ADDMM:
+        # addmm(bias, x, W): only the plain form, β = α = 1, x 2-D (Conv1D flattens it first)
+        if len(node.args) != 3 or any(node.kwargs.get(k, 1) != 1 for k in ("beta", "alpha")):
+            return None
+        bias, x, weight = node.args
+        if bias is None or not isinstance(x, fx.Node):
+            return None
+        layer_type, options, transposed = nn.Linear, {}, True
     elif target in _CONV:
         values = dict(zip(_CONV_ARGS, node.args))
         values.update(node.kwargs)
@@ -88,7 +113,50 @@ def _layer_spec(gm: fx.GraphModule, node: fx.Node):
     expected_dim = {nn.Linear: 2, nn.Conv1d: 3, nn.Conv2d: 4}[layer_type]
     if w.dim() != expected_dim:
         return None
-    return layer_type, x, weight, bias, options
+    if transposed and _fetch(gm, bias.target).shape != (w.shape[1],):
+        return None
+    return layer_type, x, weight, bias, options, transposed
+
+
+def _other_users(gm: fx.GraphModule, weight_node: fx.Node, node: fx.Node) -> list[fx.Node]:
+    """Nodes other than liftable layer calls that read this weight (an embedding, a matmul)."""
+    return [u for u in weight_node.users if u is not node and _layer_spec(gm, u) is None]
+
+
+def _describe(node: fx.Node) -> str:
+    """`transformer.wte (Embedding)` when the graph knows the module, else the node's name."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path, cls = list(stack.values())[-1]
+        cls_name = cls if isinstance(cls, str) else cls.__qualname__
+        return f"{path or '<root>'} ({cls_name.rsplit('.', 1)[-1]})"
+    return f"node {node.name} ({node.target})" if node.op != "call_module" else str(node.target)
+
+
+def _param_names(gm: nn.Module) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, param in gm.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return names
+
+
+def _drop_stale_names(gm: fx.GraphModule, lifted: dict[int, str], moved: set[int]) -> None:
+    """Unregister a lifted weight (and bias) under names the graph no longer reads.
+
+    `F.linear(x, self.weight)` traced on the root leaves `weight` registered on the GraphModule
+    beside the new `weight_linear.weight`: one tensor, two names, which select would read as
+    tied weights. Names still read by a get_attr node, or held by a real layer, stay.
+    """
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    layers = set(lifted.values())
+    for name, param in list(gm.named_parameters(remove_duplicate=False)):
+        owner, _, attr = name.rpartition(".")
+        if id(param) not in moved or name in read or owner in layers:
+            continue
+        holder = gm.get_submodule(owner) if owner else gm
+        if isinstance(holder, (nn.Linear, nn.Conv1d, nn.Conv2d)) or type(holder) is not nn.Module and holder is not gm:
+            continue  # a real module still owns it: a genuine second name (tied), not a leftover
+        delattr(holder, attr)
 
 
 def _is_param_attr(gm: fx.GraphModule, node) -> bool:

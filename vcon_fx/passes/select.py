@@ -116,7 +116,7 @@ def select(
     """
     if granularity not in GRANULARITIES:
         raise UsageError(f"--granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    targets = tuple(targets) if targets else DEFAULT_TARGETS
+    targets, ignore, blocks = _patterns(targets, "targets") or DEFAULT_TARGETS, _patterns(ignore, "ignore"), _patterns(blocks, "blocks")
     excluded: dict[str, str] = {}
     chosen: list[str] = []
     tied = gm.meta.get("vcon_tied", {}) if hasattr(gm, "meta") else {}
@@ -139,6 +139,9 @@ def select(
         groups = [Group(p, "layer", p, [p], [p]) for p in chosen]
     else:
         groups = _block_groups(gm, blocks, chosen)
+    if not groups and not chosen and any(r.startswith(("first layer", "last layer", "refused")) for r in excluded.values()):
+        left_out = "; ".join(f"{p}: {r}" for p, r in excluded.items() if not r.startswith(("not matched", "ignored")))
+        raise SelectionError(f"every layer matched by targets {list(targets)} is left dense ({left_out[:300]})")
     if not groups:
         raise SelectionError(
             f"no layer matched targets {list(targets)}"
@@ -148,6 +151,17 @@ def select(
             + "; check --targets / --ignore / --blocks with `vcon-fx inspect`"
         )
     return Selection(groups, sites, excluded, granularity)
+
+
+def _patterns(value, what: str) -> tuple[str, ...]:
+    """Patterns as a tuple; a bare string is one pattern (never split into characters)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if not all(isinstance(v, str) for v in value):
+        raise UsageError(f"{what} must be strings (type names, globs or re: patterns), got {list(value)!r}")
+    return tuple(value)
 
 
 def _stem(gm: fx.GraphModule, sites: dict[str, LayerSite]) -> str | None:

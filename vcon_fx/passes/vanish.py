@@ -62,6 +62,8 @@ def _materialize(branch: nn.Module, method: Method) -> nn.Module:
     top = method.materialize(branch)
     if top is not branch:
         return top
+    if isinstance(branch, fx.GraphModule):
+        method.materialize_block(branch)  # couplings across layers (structured pruning slices pairs)
     for path, module in list(branch.named_modules()):
         if path and (done := method.materialize(module)) is not module:
             branch.set_submodule(path, done)

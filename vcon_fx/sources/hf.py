@@ -80,7 +80,7 @@ def build_hf(folder: Path, *, load_weights: bool = True, trust_pickle: bool = Fa
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as e:
         raise LoadError(f"{folder / 'config.json'} is not a config transformers can read ({first_line(e)})") from e
     if getattr(config, "use_cache", False):
@@ -91,7 +91,8 @@ def build_hf(folder: Path, *, load_weights: bool = True, trust_pickle: bool = Fa
     arch = (getattr(config, "architectures", None) or [None])[0]
     auto = _auto_class(transformers, config.model_type, arch)
     files, pickled = weight_files(folder) if load_weights else ([], False)
-    common = {"attn_implementation": "eager", "dtype": torch.float32}
+    # trust_remote_code=False, not unset: unset, transformers asks on stdin and "y" runs the folder's code.
+    common = {"attn_implementation": "eager", "dtype": torch.float32, "trust_remote_code": False}
     try:
         with seeded(), _no_progress_bars():
             if files:

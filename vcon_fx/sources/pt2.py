@@ -7,6 +7,7 @@ with symbolic dims set to their recorded hint, or the smallest size the range al
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import zipfile
 from pathlib import Path
@@ -47,13 +48,16 @@ def load_pt2(path: Path, *, input_shape: tuple[int, ...] | None = None) -> Loade
             f"{path} is not a torch.export archive (no zip directory found: the file is truncated or "
             "of another format): re-create it with torch.export.save(ep, path)"
         )
-    try:
-        ep = torch.export.load(str(path))
-    except Exception as e:
-        raise LoadError(
-            f"{path} could not be read as a torch.export archive ({first_line(e)}): re-create it with "
-            "torch.export.save from this torch version"
-        ) from e
+    with _quiet_export_log() as records:
+        try:
+            ep = torch.export.load(str(path))
+        except Exception as e:
+            # torch logs the real failure (with a traceback) and raises a generic "see the warnings above".
+            cause = next((r.exc_info[1] for r in reversed(records) if r.exc_info and r.exc_info[1]), e)
+            raise LoadError(
+                f"{path} could not be read as a torch.export archive ({first_line(cause)}): re-create it with "
+                "torch.export.save from this torch version"
+            ) from e
 
     if ep.example_inputs is not None:
         args, kwargs = ep.example_inputs
@@ -82,6 +86,27 @@ def load_pt2(path: Path, *, input_shape: tuple[int, ...] | None = None) -> Loade
         pass
     return LoadedModel(module=module, example_args=args, example_kwargs=kwargs, seq_inputs=seq_inputs,
                        task=task, exported=ep)
+
+
+class _Keep(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _quiet_export_log():
+    """Collect the records of the `torch.export` logger instead of printing them (the library never prints)."""
+    logger = logging.getLogger("torch.export")
+    keep, saved = _Keep(), (logger.handlers[:], logger.propagate)
+    logger.handlers, logger.propagate = [keep], False
+    try:
+        yield keep.records
+    finally:
+        logger.handlers, logger.propagate = saved
 
 
 def _inputs_from_specs(ep) -> tuple[tuple, dict]:
