@@ -14,12 +14,20 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "accuracy.py"
 
 
+def _load_script():
+    """benchmarks/accuracy.py as a module (registered, as dataclasses need)."""
+    name = "vcon_fx_accuracy_bench"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("accuracy_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_script()
 
 
 def test_cubic_sparsity_follows_zhu_and_gupta(bench):
@@ -62,9 +70,7 @@ def test_tiny_run_writes_the_markdown(tmp_path):
         assert section in md
     assert "GMP" in md and "verdict" in md
     data = json.loads((tmp_path / "accuracy_results.json").read_text())
-    spec = importlib.util.spec_from_file_location("accuracy_bench_tiny", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_script()
     assert set(data["runs"]) == {r.id for r in module.build_grid(module.TINY)}
     for run in data["runs"].values():
         assert 0.0 <= run["accuracy"] <= 1.0

@@ -12,13 +12,11 @@ import pytest
 import torch
 
 import vcon_fx
-from vcon_fx.demo import (DEMO_FORMAT, FAST, DemoRow, add_demo_parser, cmd_demo, demo_configs, plot_histories,
-                          run_demo)
+from vcon_fx.demo import (DEMO_FORMAT, FAST, FAST_METHODS, DemoRow, add_demo_parser, cmd_demo, demo_configs,
+                          plot_histories, run_demo)
 from vcon_fx.errors import OutputExistsError, UsageError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# Two methods with different export routes: float factors (lowrank) and integer weights (quant).
-FAST_METHODS = ("lowrank", "quant")
 ROW_FIELDS = {"method", "setting", "config", "params", "onnx", "onnx_bytes", "latency_ms", "onnx_ok",
               "onnx_max_abs_diff", "transition", "acc_compressed", "acc_abrupt", "acc_vcon", "acc_vcon_onnx",
               "gain", "history_abrupt", "history_vcon", "beta_vcon"}
@@ -34,13 +32,18 @@ def fast_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo_out"
     parser = argparse.ArgumentParser(prog="vcon-fx")
     add_demo_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["demo", "--fast", "--out", str(out), "--methods", ",".join(FAST_METHODS), "--seed", "0"])
+    args = parser.parse_args(["demo", "--fast", "--out", str(out), "--seed", "0"])  # fast: FAST_METHODS
     buffer = io.StringIO()
     threads = torch.get_num_threads()
     with contextlib.redirect_stdout(buffer):
         code = cmd_demo(args)
     assert torch.get_num_threads() == threads  # the demo restores torch's thread count
     return code, buffer.getvalue(), out
+
+
+def test_fast_methods_cover_both_onnx_routes():
+    bits = [getattr(demo_configs()[m][0], "bits", None) for m in FAST_METHODS]
+    assert None in bits and any(isinstance(b, int) for b in bits)  # float factors and integer weights
 
 
 def test_every_registered_method_has_a_demo_setting():

@@ -41,6 +41,7 @@ __all__ = [
     "DemoResult",
     "FULL",
     "FAST",
+    "FAST_METHODS",
     "DEMO_FORMAT",
     "demo_configs",
     "run_demo",
@@ -83,6 +84,9 @@ class DemoSettings:
 
 FULL = DemoSettings()
 FAST = DemoSettings(pretrain_steps=200, steps=30, eval_every=10, latency_runs=5)
+# --fast runs one method of each ONNX route (float factors, integer weights) unless --methods says otherwise:
+# each export costs seconds, and the fast mode has to stay under half a minute
+FAST_METHODS = ("lowrank", "quant")
 
 
 def demo_configs() -> dict[str, tuple[Any, str]]:
@@ -182,7 +186,8 @@ def run_demo(
 
     Args:
         out: the output folder.
-        methods: method names (default: every registered method with a demo setting).
+        methods: method names (default: every registered method with a demo setting; in fast mode
+            only FAST_METHODS, one per ONNX route).
         seed: model initialization, data order and dropout of every run.
         fast: the reduced sizes of `FAST` (for tests), else `FULL`.
         settings: explicit sizes (overrides `fast`).
@@ -204,7 +209,7 @@ def run_demo(
     from .fileio import atomic_dir
 
     settings = settings or (FAST if fast else FULL)
-    chosen, skipped = _choose_methods(methods)
+    chosen, skipped = _choose_methods(methods, fast=fast and settings is FAST)
     out = _check_out(Path(out), force)
     emit = on_event or (lambda _event: None)
     started = time.monotonic()
@@ -368,14 +373,17 @@ def onnx_accuracy(path: str | os.PathLike, data) -> float:
     return float((logits.argmax(-1) == labels.numpy()).mean())
 
 
-def _choose_methods(methods) -> tuple[list[str], dict[str, str]]:
+def _choose_methods(methods, fast: bool = False) -> tuple[list[str], dict[str, str]]:
     from .methods import registered_methods
 
     registered = list(registered_methods())
     configs = demo_configs()
     skipped = {m: "no demo setting for this method yet" for m in registered if m not in configs}
     if methods is None:
-        return [m for m in registered if m in configs], skipped
+        chosen = [m for m in registered if m in configs and (not fast or m in FAST_METHODS)]
+        skipped.update({m: "not run in --fast mode (give --methods to add it)" for m in registered
+                        if m in configs and m not in chosen})
+        return chosen, skipped
     chosen = []
     for m in methods:
         if m not in registered:
@@ -483,7 +491,7 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `demo` sub-command to an argparse sub-parsers object; returns its parser."""
     p = subparsers.add_parser("demo", help="the whole pipeline on real handwritten digits: abrupt vs VCON, table + plot")
     p.add_argument("--out", default="demo_out", help="output folder: plot, ONNX files, results.json (default demo_out)")
-    p.add_argument("--fast", action="store_true", help="reduced sizes (a smoke test, well under a minute)")
+    p.add_argument("--fast", action="store_true", help="reduced sizes and only lowrank + quant unless --methods is given (a smoke test, < 30 s)")
     p.add_argument("--methods", help="comma-separated methods (default: every registered method the demo can run)")
     p.add_argument("--seed", type=int, default=0, help="model init, data order and dropout seed (default 0)")
     p.add_argument("--force", action="store_true", help="replace an --out folder that is not an earlier demo's")

@@ -139,7 +139,9 @@ def select(
         groups = [Group(p, "layer", p, [p], [p]) for p in chosen]
     else:
         groups = _block_groups(gm, blocks, chosen)
-    if not groups and not chosen and any(r.startswith(("first layer", "last layer", "refused")) for r in excluded.values()):
+    reasons = list(excluded.values())
+    if not groups and not chosen and not any(r.startswith("ignored") for r in reasons) and any(
+            r.startswith(("first layer", "last layer", "refused")) for r in reasons):
         left_out = "; ".join(f"{p}: {r}" for p, r in excluded.items() if not r.startswith(("not matched", "ignored")))
         raise SelectionError(f"every layer matched by targets {list(targets)} is left dense ({left_out[:300]})")
     if not groups:
