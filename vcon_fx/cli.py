@@ -21,6 +21,7 @@ from rich.table import Table
 
 from . import __version__
 from .cli_finetune import add_finetune_parser, cmd_finetune
+from .demo import add_demo_parser, cmd_demo
 from .errors import UsageError, VconError
 
 __all__ = ["main", "build_parser"]
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output")
 
     add_finetune_parser(sub)
+    add_demo_parser(sub)
 
     p = sub.add_parser("vanish", help="delete the dense branch once β = 0")
     p.add_argument("model", help="a vcon artifact folder")
@@ -356,6 +358,7 @@ COMMANDS = {
     "vanish": cmd_vanish,
     "export": cmd_export,
     "bench": cmd_bench,
+    "demo": cmd_demo,
 }
 
 
