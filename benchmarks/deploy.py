@@ -1,0 +1,715 @@
+"""Deployed speed, size and fidelity of vcon-fx compressed models in onnxruntime (CPU) → DEPLOY.md.
+
+For each model: the dense ONNX export; low-rank at several ranks; int8 (method `quant`,
+bits=8, vanished → exported → `compress_onnx_weights`); low-rank + int8 (`compose`);
+structured pruning when the method offers it; and the baseline a user would otherwise pick,
+onnxruntime's own `quantize_dynamic` of the dense ONNX. Every model goes through the public
+pipeline (transform → set_beta(0) → vanish → export_onnx), at β = 0 without fine-tuning.
+
+Latency is a ratio against the dense model, measured in one process with every session
+interleaved round by round (the machine is shared; see common.py). The FLOP ratio is
+Σ FLOPs after / Σ FLOPs before over every Linear/Conv of the model (the compressed layers from
+the vcon plan, the rest counted dense by torch's FlopCounterMode); attention matmuls (QKᵀ, AV),
+norms, activations and embeddings are not counted in it (a second column includes attention).
+onnxruntime's profiler splits each model's time into matmul/conv ops ("GEMM") and the rest,
+which says why a latency ratio lands where it does.
+
+    .venv/bin/python benchmarks/deploy.py                       # MiniLM, resnet50, vit_b_16 → benchmarks/DEPLOY.md
+    .venv/bin/python benchmarks/deploy.py --models resnet50 --out /tmp/d.md
+    .venv/bin/python benchmarks/deploy.py --tiny --out /tmp/d.md   # smoke test (tiny MLP, 2 rounds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (GEMM_OPS, command_line, cosine, fmt_ratio, interleave, machine, machine_line,  # noqa: E402
+                    markdown_table, ort_op_profile, ort_session, ratio_of, write_text_atomic)
+
+HERE = Path(__file__).resolve().parent
+log = logging.getLogger("deploy")
+
+
+# ── models ──────────────────────────────────────────────────────────────────────────────────
+
+
+@dataclass
+class Loaded:
+    module: object
+    args: tuple
+    kwargs: dict
+    seq_inputs: tuple
+    feeds: Callable[[int], dict]  # batch → onnxruntime feeds (same for every variant)
+    what: str
+
+
+@dataclass
+class Spec:
+    name: str
+    load: Callable[[], Loaded]
+    batches: tuple[int, ...]
+    lowrank: list  # [(label, LowRankConfig)]
+    compose_rank: object  # the LowRankConfig used with int8
+    round_rank: list = field(default_factory=list)  # [(label, LowRankConfig, multiple)] prototypes
+    prune_blocks: tuple = ()  # --blocks for structured pruning (block granularity); () = not tried
+    compose: bool = True
+    capture: str = "auto"  # how the vcon variants are captured (see the ViT note)
+
+
+def _text_feeds(vocab: int, seq: int) -> Callable[[int], dict]:
+    def feeds(batch: int) -> dict:
+        rng = np.random.default_rng(0)
+        lo, hi = (1000, vocab - 1000) if vocab > 4000 else (1, vocab)  # real word pieces, not [unused]
+        return {"input_ids": rng.integers(lo, hi, (batch, seq)).astype(np.int64),
+                "attention_mask": np.ones((batch, seq), np.int64),
+                "token_type_ids": np.zeros((batch, seq), np.int64)}
+    return feeds
+
+
+def _image_feeds(size: int) -> Callable[[int], dict]:
+    def feeds(batch: int) -> dict:
+        return {"x": np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)}
+    return feeds
+
+
+def load_minilm(seq: int = 128) -> Loaded:
+    from vcon_fx.load import load_model, minilm_path
+
+    # batch 2 in the example inputs: torch.export specializes a size-1 dim, and the ONNX
+    # model must take batch 1 and 8
+    lm = load_model(str(minilm_path()), seq_len=seq, batch_size=2)
+    vocab = lm.module.config.vocab_size
+    return Loaded(lm.module, tuple(lm.example_args), dict(lm.example_kwargs or {}), tuple(lm.seq_inputs),
+                  _text_feeds(vocab, seq), f"all-MiniLM-L6-v2 (pretrained, {_params(lm.module)}), seq {seq}")
+
+
+def load_tiny_mlp() -> Loaded:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128),
+                           nn.ReLU(), nn.Linear(128, 10)).eval()
+
+    def feeds(batch: int) -> dict:
+        return {"input": np.random.default_rng(0).standard_normal((batch, 32)).astype(np.float32)}
+
+    return Loaded(module, (torch.randn(2, 32),), {}, (), feeds, f"tiny MLP (random, {_params(module)})")
+
+
+def load_torchvision(name: str, size: int = 224, batch: int = 1) -> Callable[[], Loaded]:
+    def load() -> Loaded:
+        import torch
+        from vcon_fx.load import load_model
+
+        torch.manual_seed(0)
+        lm = load_model(f"torchvision:{name}", input_shape=(batch, 3, size, size))
+        head = getattr(getattr(lm.module, "heads", None), "head", None)
+        if head is not None:  # torchvision's ViT starts its head at zero: every output would be 0
+            torch.nn.init.normal_(head.weight, std=0.02)
+        return Loaded(lm.module, tuple(lm.example_args), dict(lm.example_kwargs or {}), tuple(lm.seq_inputs),
+                      _image_feeds(size), f"torchvision {name} (random weights, {_params(lm.module)}), {size}×{size}")
+    return load
+
+
+def _params(module) -> str:
+    n = sum(p.numel() for p in module.parameters())
+    return f"{n / 1e6:.1f}M params"
+
+
+def specs(tiny: bool) -> dict[str, Spec]:
+    from vcon_fx import LowRankConfig
+
+    if tiny:
+        return {"tiny_mlp": Spec("tiny_mlp", load_tiny_mlp, (1, 2), [("rank 16", LowRankConfig(rank=16))],
+                                 LowRankConfig(rank=16), compose=False)}
+    return {
+        "minilm": Spec("minilm", load_minilm, (1, 8),
+                       [("rank 128", LowRankConfig(rank=128)), ("rank 64", LowRankConfig(rank=64)),
+                        ("rank 32", LowRankConfig(rank=32))], LowRankConfig(rank=64),
+                       prune_blocks=("encoder.layer.*.intermediate+output",)),
+        "resnet50": Spec("resnet50", load_torchvision("resnet50"), (1,),
+                         [("ratio 0.5", LowRankConfig(ratio=0.5)), ("ratio 0.25", LowRankConfig(ratio=0.25))],
+                         LowRankConfig(ratio=0.25),
+                         [("ratio 0.5, ranks ×16", LowRankConfig(ratio=0.5), 16),
+                          ("ratio 0.25, ranks ×16", LowRankConfig(ratio=0.25), 16)],
+                         prune_blocks=("layer*.*",)),
+        # capture="export": torch.fx keeps nn.MultiheadAttention whole (a torch.nn leaf), so its
+        # projections (a third of the FLOPs) would stay dense; torch.export lifts them into
+        # Linears. Batch 2 in the example: export specializes a size-1 batch.
+        "vit_b_16": Spec("vit_b_16", load_torchvision("vit_b_16", batch=2), (1,),
+                         [("rank 256", LowRankConfig(rank=256)), ("rank 128", LowRankConfig(rank=128))],
+                         LowRankConfig(rank=128), prune_blocks=("encoder.layers.*.mlp",), capture="export"),
+    }
+
+
+# ── FLOPs ───────────────────────────────────────────────────────────────────────────────────
+
+_LAYER_OPS = ("mm", "addmm", "convolution", "_convolution", "linear")
+
+
+def dense_flops(loaded: Loaded) -> tuple[float, float]:
+    """(Linear/Conv FLOPs, attention-matmul FLOPs) of one dense forward on the example inputs.
+
+    Counted with gradients enabled: torch's no-grad fast paths (nn.MultiheadAttention's
+    native kernel) are invisible to FlopCounterMode.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.enable_grad():
+        loaded.module(*loaded.args, **loaded.kwargs)
+    layers = attention = 0.0
+    for op, n in counter.get_flop_counts()["Global"].items():
+        name = str(op).split(".")[1] if "." in str(op) else str(op)
+        if name in _LAYER_OPS:
+            layers += n
+        else:  # bmm, baddbmm, scaled-dot-product attention
+            attention += n
+    return layers, attention
+
+
+def flop_ratios(plans: dict, layers: float, attention: float) -> tuple[float, float]:
+    """(linear/conv FLOP ratio, ratio with attention matmuls counted too), whole model."""
+    saved = sum(p.flops_before - p.flops_after for p in plans.values() if not p.skipped)
+    return (layers - saved) / layers, (layers + attention - saved) / (layers + attention)
+
+
+# ── building the variants ──────────────────────────────────────────────────────────────────
+
+
+@dataclass
+class Variant:
+    label: str
+    kind: str  # dense | lowrank | int8 | lowrank+int8 | ort | prune
+    path: Path | None
+    flops: tuple[float, float] | None = None
+    note: str = ""
+    export_s: float = 0.0
+    error: str | None = None
+    ranks: str = ""
+    options: dict | None = None  # onnxruntime session config entries
+
+
+@contextlib.contextmanager
+def rank_multiple(multiple: int | None):
+    """Prototype of a proposed LowRankConfig option: round every planned rank up to a multiple."""
+    if not multiple:
+        yield
+        return
+    from vcon_fx.methods import lowrank
+
+    original = lowrank.choose_rank
+
+    def rounded(config, layer):
+        r = original(config, layer)
+        return -(-r // multiple) * multiple
+
+    lowrank.choose_rank = rounded
+    try:
+        yield
+    finally:
+        lowrank.choose_rank = original
+
+
+def build_vcon(gm, loaded: Loaded, config, path: Path, *, quantized: bool, multiple: int | None = None,
+               options: dict | None = None) -> dict:
+    """transform → β = 0 → vanish → export (→ integer weights); returns the plans and timings."""
+    import vcon_fx
+    from vcon_fx.export.quantize import compress_onnx_weights
+
+    t0 = time.perf_counter()
+    with rank_multiple(multiple):
+        vm = vcon_fx.transform(gm, config, example_inputs=loaded.args, example_kwargs=loaded.kwargs,
+                               seq_inputs=loaded.seq_inputs, **(options or {}))
+    plans = dict(vm.meta["vcon"].plans)
+    vcon_fx.set_beta(vm, 0.0)
+    small = vcon_fx.vanish(vm)
+    del vm
+    t1 = time.perf_counter()
+    raw = path.with_suffix(".raw.onnx") if quantized else path
+    vcon_fx.export_onnx(small, raw, loaded.args, example_kwargs=loaded.kwargs, seq_inputs=loaded.seq_inputs,
+                        force=True)
+    if quantized:
+        compress_onnx_weights(raw, path, bits=8, force=True)
+        raw.unlink()
+    del small
+    gc.collect()
+    return {"plans": plans, "transform_s": t1 - t0, "export_s": time.perf_counter() - t1}
+
+
+def ranks_summary(plans: dict) -> str:
+    ranks = sorted({p.detail.get("rank") for p in plans.values() if not p.skipped and p.detail.get("rank")})
+    skipped = sum(p.skipped for p in plans.values())
+    text = (f"r={ranks[0]}" if len(ranks) == 1 else f"r={ranks[0]}…{ranks[-1]}") if ranks else ""
+    return text + (f", {skipped} layer(s) kept dense" if skipped else "")
+
+
+def build_all(spec: Spec, loaded: Loaded, work: Path) -> list[Variant]:
+    import vcon_fx
+    from vcon_fx.capture import capture
+    from vcon_fx.methods import ComposeConfig, PruneConfig, QuantConfig
+
+    from onnxruntime.quantization import quantize_dynamic
+
+    variants: list[Variant] = []
+    t = time.perf_counter()
+    dense_path = work / f"{spec.name}_dense.onnx"
+    vcon_fx.export_onnx(loaded.module, dense_path, loaded.args, example_kwargs=loaded.kwargs,
+                        seq_inputs=loaded.seq_inputs, force=True)
+    variants.append(Variant("dense", "dense", dense_path, (1.0, 1.0), export_s=time.perf_counter() - t))
+    log.info("%s: dense exported in %.0f s", spec.name, time.perf_counter() - t)
+    layers, attention = dense_flops(loaded)
+
+    # Capture once and hand the GraphModule to every transform: capture is transform's first
+    # step and the same for every config, so this only saves time.
+    captured = capture(loaded.module, loaded.args, loaded.kwargs, seq_inputs=loaded.seq_inputs, mode=spec.capture)
+    gm = captured.gm
+    log.info("%s: captured with %s", spec.name, captured.path)
+
+    jobs = [(f"low-rank {label}", "lowrank", cfg, False, None, None) for label, cfg in spec.lowrank]
+    jobs += [(f"low-rank {label} (proposed rank rounding, prototype)", "lowrank", cfg, False, m, None)
+             for label, cfg, m in spec.round_rank]
+    jobs.append(("int8 (quant bits=8)", "int8", QuantConfig(bits=8), True, None, None))
+    if spec.compose:
+        rank_label = next(lbl for lbl, c in spec.lowrank if c == spec.compose_rank)
+        jobs.append((f"low-rank {rank_label} + int8 (compose)", "lowrank+int8",
+                     ComposeConfig((spec.compose_rank, QuantConfig(bits=8))), True, None, None))
+    if spec.prune_blocks:
+        try:
+            prune = PruneConfig(sparsity=0.5, structured=True)
+            jobs.append((f"structured pruning 50% of channels, blocks {' '.join(spec.prune_blocks)}", "prune", prune,
+                         False, None, {"granularity": "block", "blocks": spec.prune_blocks}))
+        except Exception as exc:  # the method may not offer it (yet)
+            variants.append(Variant("structured pruning", "prune", None, error=f"not available: {_one_line(exc)}"))
+    for label, kind, cfg, quantized, multiple, options in jobs:
+        slug = "".join(c if c.isalnum() else "_" for c in label).strip("_")[:60]
+        path = work / f"{spec.name}_{slug}.onnx"
+        try:
+            made = build_vcon(gm, loaded, cfg, path, quantized=quantized, multiple=multiple, options=options)
+        except Exception as exc:  # one variant failing must not lose the others' numbers
+            log.warning("%s %s failed: %s", spec.name, label, exc)
+            variants.append(Variant(label, kind, None, error=_one_line(exc)))
+            continue
+        v = Variant(label, kind, path, flop_ratios(made["plans"], layers, attention), export_s=made["export_s"],
+                    ranks=ranks_summary(made["plans"]) if "low-rank" in label else "")
+        if kind == "prune":
+            kept = [p for p in made["plans"].values() if not p.skipped]
+            v.note = f"{len(kept)} of {len(made['plans'])} layers pruned; the rest keep their channels (see the plan)"
+        variants.append(v)
+        log.info("%s %s: transform %.0f s, export %.0f s", spec.name, label, made["transform_s"], made["export_s"])
+        if kind in ("int8", "lowrank+int8"):
+            dyn = path.with_name(path.stem + "_dqmm.onnx")
+            n = rewrite_dynamic_matmul(path, dyn)
+            if n == 0:  # nothing to rewrite (a CNN's int8 weights all feed Conv)
+                dyn.unlink()
+                v.note = ("no DequantizeLinear→MatMul pair: the DynamicQuantizeMatMul rewrite does not apply; "
+                          "DequantizeLinear→Conv is not fused by onnxruntime, so the weights are dequantized "
+                          "on every run and Conv+BatchNormalization are not folded")
+                variants.append(Variant(f"{label}, session option session.disable_quant_qdq=1", kind, path, v.flops,
+                                        ranks=v.ranks, options={"session.disable_quant_qdq": "1"},
+                                        note="onnxruntime then constant-folds the DequantizeLinear at load time: "
+                                             "float kernels, the file stays int8"))
+                continue
+            variants.append(Variant(f"{label} → DynamicQuantizeMatMul (proposed export fix, prototype)", kind, dyn,
+                                    v.flops, note=f"{n} DequantizeLinear→MatMul/Gemm pair(s) rewritten", ranks=v.ranks))
+
+    ort_path = work / f"{spec.name}_ort_dynamic.onnx"
+    t = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            quantize_dynamic(str(dense_path), str(ort_path))
+        variants.append(Variant("onnxruntime quantize_dynamic (dense ONNX, defaults)", "ort", ort_path, (1.0, 1.0),
+                                export_s=time.perf_counter() - t))
+    except Exception as exc:
+        variants.append(Variant("onnxruntime quantize_dynamic (dense ONNX, defaults)", "ort", None,
+                                error=_one_line(exc)))
+    del gm, captured
+    gc.collect()
+    return variants
+
+
+def rewrite_dynamic_matmul(src: Path, dst: Path) -> int:
+    """Prototype of a proposed `compress_onnx_weights(kernel="dynamic")`.
+
+    Every DequantizeLinear(int8 W, one scale per output channel, zero point 0) read by one
+    MatMul(x, W[K,N]) or Gemm(x, W[N,K], bias, transB=1) becomes an integer matmul with the
+    activations quantized at run time, which is what onnxruntime's quantize_dynamic produces:
+    a lone consumer of x → com.microsoft DynamicQuantizeMatMul(x, W, scale, 0[, bias]); several
+    consumers of one x (Q, K, V projections) → one DynamicQuantizeLinear(x) shared by
+    com.microsoft MatMulIntegerToFloat(x_q, W, x_scale, scale, x_zp, 0[, bias]) each. A following
+    Add of a bias[N] initializer is folded in. The integer weights are the same; convolutions are
+    left as they are. Returns the number of matmuls rewritten.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            users.setdefault(name, []).append((node, k))
+
+    def attr(node, name, default):
+        return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+    found = []  # (x, q name, scale name, bias or None, nodes to drop, output, anchor node)
+    for dq in list(graph.node):
+        if dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or dq.input[1] not in inits:
+            continue
+        q = inits[dq.input[0]]
+        readers = users.get(dq.output[0], [])
+        if q.data_type != TensorProto.INT8 or len(q.dims) != 2 or len(readers) != 1:
+            continue
+        if len(dq.input) > 2 and dq.input[2] and numpy_helper.to_array(inits[dq.input[2]]).any():
+            continue
+        op, slot = readers[0]
+        scale = numpy_helper.to_array(inits[dq.input[1]])
+        axis = attr(dq, "axis", 1) % 2
+        q_name, bias, drop, out = dq.input[0], None, [dq, op], op.output[0]
+        if op.op_type == "MatMul" and slot == 1 and (scale.ndim == 0 or axis == 1):
+            n_out = q.dims[1]
+        elif (op.op_type == "Gemm" and slot == 1 and attr(op, "transB", 0) == 1 and attr(op, "transA", 0) == 0
+              and attr(op, "alpha", 1.0) == 1.0 and attr(op, "beta", 1.0) == 1.0 and (scale.ndim == 0 or axis == 0)):
+            n_out = q.dims[0]  # W is [N, K]: store its transpose, the scale axis follows
+            w = numpy_helper.to_array(q)
+            q_name = q.name + "_t"
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), q_name))
+            if len(op.input) > 2 and op.input[2]:
+                bias = op.input[2]
+        else:
+            continue
+        if bias is None:
+            after = users.get(out, [])
+            if len(after) == 1 and after[0][0].op_type == "Add":
+                add = after[0][0]
+                other = add.input[1 - after[0][1]]
+                if other in inits and list(inits[other].dims) == [n_out]:
+                    bias, out = other, add.output[0]
+                    drop.append(add)
+        found.append((op.input[0], q_name, dq.input[1], scale.shape, bias, drop, out, op))
+    by_input: dict[str, list] = {}
+    for item in found:
+        by_input.setdefault(item[0], []).append(item)
+    new_nodes: list = []  # (anchor, node) inserted before the anchor
+    for x, items in by_input.items():
+        shared = len(items) > 1
+        if shared:
+            xq, xs, xz = x + "_dq_u8", x + "_dq_scale", x + "_dq_zero_point"
+            first = min(items, key=lambda it: list(graph.node).index(it[7]))[7]
+            new_nodes.append((first, helper.make_node("DynamicQuantizeLinear", [x], [xq, xs, xz],
+                                                      name=x + "_dynamic_quantize")))
+        for _x, q_name, s_name, s_shape, bias, drop, out, anchor in items:
+            zp = q_name + "_zero_point"
+            graph.initializer.append(numpy_helper.from_array(np.zeros(s_shape, np.int8), zp))
+            if shared:
+                ins = [xq, q_name, xs, s_name, xz, zp] + ([bias] if bias else [])
+                node = helper.make_node("MatMulIntegerToFloat", ins, [out], domain="com.microsoft",
+                                        name=anchor.name + "_int8")
+            else:
+                ins = [x, q_name, s_name, zp] + ([bias] if bias else [])
+                node = helper.make_node("DynamicQuantizeMatMul", ins, [out], domain="com.microsoft",
+                                        name=anchor.name + "_int8")
+            new_nodes.append((anchor, node))
+    for anchor, node in new_nodes:
+        graph.node.insert(list(graph.node).index(anchor), node)
+    for item in found:
+        for node in item[5]:
+            graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(dst))
+    return len(found)
+
+
+# ── measuring ───────────────────────────────────────────────────────────────────────────────
+
+
+def measure(spec: Spec, loaded: Loaded, variants: list[Variant], args, work: Path) -> dict:
+    """Sessions for every built variant; fidelity, interleaved latency and an op profile per batch."""
+    live = [v for v in variants if v.path is not None]
+    sessions = {v.label: ort_session(v.path, args.threads, options=v.options) for v in live}
+    out = {"batches": {}, "profile": {}, "profile_runs": args.profile_runs}
+    for bi, batch in enumerate(spec.batches):
+        feeds = loaded.feeds(batch)
+        names = {i.name for i in sessions["dense"].get_inputs()}
+        feeds = {k: v for k, v in feeds.items() if k in names}
+        ref = sessions["dense"].run(None, feeds)[0]
+        cos = {label: cosine(ref, s.run(None, feeds)[0]) for label, s in sessions.items()}
+        fns = {label: (lambda s=s: s.run(None, feeds)) for label, s in sessions.items()}
+        t = time.perf_counter()
+        times = interleave(fns, rounds=args.rounds, iters=args.iters, warmup=1, budget_s=args.bench_budget)
+        ratios = {label: ratio_of(times, label, "dense") for label in sessions}
+        log.info("%s batch %d: %d rounds in %.0f s", spec.name, batch, len(times["dense"]), time.perf_counter() - t)
+        out["batches"][batch] = {"cos": cos, "ratios": ratios, "shape": {k: list(v.shape) for k, v in feeds.items()}}
+        if bi == 0 and args.profile_runs:
+            for v in live:
+                try:
+                    out["profile"][v.label] = ort_op_profile(v.path, feeds, threads=args.threads,
+                                                             runs=args.profile_runs, workdir=str(work),
+                                                             options=v.options)
+                except Exception as exc:  # profiling is an explanation, not a result
+                    log.warning("profiling %s failed: %s", v.label, exc)
+    del sessions
+    gc.collect()
+    return out
+
+
+# ── report ──────────────────────────────────────────────────────────────────────────────────
+
+
+def verdicts(spec: Spec, variants: list[Variant], res: dict) -> list[str]:
+    """Target checks: low-rank latency ≤ 1.25 × FLOP ratio; int8 ≤ quantize_dynamic; nothing slower than dense."""
+    lines = []
+    ort_label = next((v.label for v in variants if v.kind == "ort" and v.path), None)
+    for batch, b in res["batches"].items():
+        r = b["ratios"]
+        for v in variants:
+            if v.path is None or v.kind == "dense":
+                continue
+            lat = r[v.label]["ratio"]
+            if v.kind == "lowrank" and v.flops:
+                limit = 1.25 * v.flops[0]
+                ok = lat <= limit
+                lines.append(f"- batch {batch}, {v.label}: latency {lat:.2f} vs FLOP ratio {v.flops[0]:.2f} "
+                             f"→ {lat / v.flops[0]:.2f}× the FLOP ratio: {'MET' if ok else 'MISSED'} (≤ 1.25×)")
+            if v.kind in ("int8", "lowrank+int8") and ort_label and v.kind == "int8":
+                ort = r[ort_label]["ratio"]
+                ok = lat <= ort * 1.0
+                lines.append(f"- batch {batch}, {v.label}: {lat:.2f} vs quantize_dynamic {ort:.2f} "
+                             f"({lat / ort:.2f}×): {'MET' if ok else 'MISSED'} (≤ 1.0× quantize_dynamic)")
+            if lat > 1.0:
+                lines.append(f"- batch {batch}, {v.label}: SLOWER than dense ({lat:.2f}×)")
+    return lines
+
+
+def profile_table(variants: list[Variant], prof: dict) -> str:
+    rows = []
+    dense = prof.get("dense")
+    for v in variants:
+        p = prof.get(v.label)
+        if not p:
+            continue
+        top = ", ".join(f"{k} {ms:.1f}" for k, ms in list(p["by_op"].items())[:4])
+        gemm_ratio = f"{p['gemm_ms'] / dense['gemm_ms']:.2f}" if dense and dense["gemm_ms"] else "—"
+        amdahl = ""
+        if dense and v.flops and dense["total_ms"]:
+            share = dense["gemm_ms"] / dense["total_ms"]
+            amdahl = f"{share * v.flops[0] + (1 - share):.2f}"
+        rows.append([v.label, f"{p['total_ms']:.1f}", f"{p['gemm_ms']:.1f}",
+                     f"{100 * (1 - p['gemm_ms'] / max(p['total_ms'], 1e-9)):.0f}%", gemm_ratio, amdahl, top])
+    return markdown_table(["variant", "op time ms", "GEMM ms", "non-GEMM share", "GEMM time / dense GEMM",
+                           "Amdahl bound (dense non-GEMM fixed, GEMM × FLOP ratio)", "top ops (ms)"], rows)
+
+
+def args_profile_runs(res: dict) -> int:
+    return res.get("profile_runs", 0)
+
+
+def model_section(spec: Spec, loaded: Loaded, variants: list[Variant], res: dict, threads: int) -> str:
+    size_dense = variants[0].path.stat().st_size
+    parts = [f"### {spec.name}: {loaded.what}\n"]
+    batches = list(res["batches"])
+    headers = ["variant", "ranks", "size MB", "size ratio", "FLOP ratio (Linear/Conv)", "FLOP ratio (+attention)"]
+    for b in batches:
+        headers += [f"latency ratio b{b} (spread)", f"cosine b{b}"]
+    rows = []
+    for v in variants:
+        if v.path is None:
+            rows.append([v.label, "", "", "", "", ""] + ["—", v.error or ""] * len(batches))
+            continue
+        size = v.path.stat().st_size
+        row = [v.label, v.ranks, f"{size / 1e6:.1f}", f"{size / size_dense:.2f}",
+               f"{v.flops[0]:.2f}" if v.flops else "", f"{v.flops[1]:.2f}" if v.flops else ""]
+        for b in batches:
+            row += [fmt_ratio(res["batches"][b]["ratios"][v.label]), f"{res['batches'][b]['cos']['dense' if v.kind == 'dense' else v.label]:.4f}"]
+        rows.append(row)
+    parts.append(markdown_table(headers, rows))
+    dense_ms = ", ".join(f"batch {b}: {res['batches'][b]['ratios']['dense']['base_ms']:.1f} ms" for b in batches)
+    shapes = "; ".join(f"batch {b}: {res['batches'][b]['shape']}" for b in batches)
+    parts.append(f"\nDense median latency ({threads} thread(s)): {dense_ms}. Inputs: {shapes}.\n")
+    notes = [f"- {v.label}: {v.note}" for v in variants if v.note]
+    if notes:
+        parts.append("\n".join(notes) + "\n")
+    if res.get("profile"):
+        parts.append(f"onnxruntime profile (batch {batches[0]}, kernel time by op type, ms per run, median of "
+                     f"{args_profile_runs(res)} profiled runs; GEMM = "
+                     f"{', '.join(sorted(o for o in GEMM_OPS if any(o in p['by_op'] for p in res['profile'].values())))}):\n")
+        parts.append(profile_table(variants, res["profile"]))
+        ops = {v.label: res["profile"][v.label]["ops"] for v in variants if v.label in res["profile"]}
+        fused = {label: {k: n for k, n in o.items() if k in GEMM_OPS} for label, o in ops.items()}
+        parts.append("\nMatmul/conv kernels after onnxruntime's graph optimizations:\n")
+        parts.append("\n".join(f"- {label}: {json.dumps(f)}" for label, f in fused.items()) + "\n")
+    parts.append("Targets:\n")
+    parts.append("\n".join(verdicts(spec, variants, res)) + "\n")
+    return "\n".join(parts)
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__).replace("|", "/")
+
+
+# ── main ────────────────────────────────────────────────────────────────────────────────────
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=None, help="comma-separated: minilm,resnet50,vit_b_16 (default: all)")
+    parser.add_argument("--out", default=str(HERE / "DEPLOY.md"), help="the Markdown file to write")
+    parser.add_argument("--workdir", default=None, help="where ONNX files go (default: a temporary folder, removed)")
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
+    parser.add_argument("--iters", type=int, default=3, help="runs per variant per round")
+    parser.add_argument("--bench-budget", type=float, default=60.0, help="seconds of timing per model and batch")
+    parser.add_argument("--profile-runs", type=int, default=5,
+                        help="runs under onnxruntime's profiler, median per op (0: none)")
+    parser.add_argument("--tiny", action="store_true", help="tiny model, 2 rounds: a smoke test")
+    parser.add_argument("--json", default=None, help="also save the rendered sections here (for --render-from)")
+    parser.add_argument("--render-from", default=None,
+                        help="rewrite --out from a --json file (the measured tables as they were, the current notes)")
+    args = parser.parse_args(argv)
+    if args.render_from:
+        saved = json.loads(Path(args.render_from).read_text())
+        write_text_atomic(args.out, render(saved["sections"], saved["info"], argparse.Namespace(**saved["args"]),
+                                           saved["total"], saved["command"]))
+        return 0
+    if args.tiny:
+        args.rounds, args.iters, args.profile_runs, args.bench_budget = 2, 1, 1, 5.0
+    # WARNING for everything else: onnxruntime's quantizer logs every tensor at INFO on the root logger
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    log.setLevel(logging.INFO)
+
+    import torch
+
+    # Set-up (SVD, export) runs on one torch thread: on this shared 2-core machine MKL's
+    # threaded LAPACK is several times slower than one thread (see TOOLSPEED.md).
+    torch.set_num_threads(1)
+    info = machine()
+    all_specs = specs(args.tiny)
+    names = args.models.split(",") if args.models else list(all_specs)
+    unknown = [n for n in names if n not in all_specs]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {list(all_specs)}")
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="vcon_deploy_"))
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    sections = []
+    try:
+        for name in names:
+            spec = all_specs[name]
+            t = time.perf_counter()
+            try:
+                loaded = spec.load()
+                variants = build_all(spec, loaded, work)
+                res = measure(spec, loaded, variants, args, work)
+                sections.append(model_section(spec, loaded, variants, res, args.threads))
+            except Exception as exc:  # report the failure in the table, keep the other models
+                log.error("%s failed:\n%s", name, traceback.format_exc())
+                sections.append(f"### {name}\n\nFAILED: {_one_line(exc)}\n")
+            log.info("%s done in %.0f s", name, time.perf_counter() - t)
+            for p in work.glob(f"{name}_*.onnx*"):
+                p.unlink()
+            gc.collect()
+            if name != names[-1]:  # a run cut short keeps the models it measured
+                write_text_atomic(args.out, render(sections, info | {"cpu_s": _cpu_s()}, args,
+                                                   time.perf_counter() - started, command_line()))
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    total = time.perf_counter() - started
+    info["cpu_s"] = _cpu_s()
+    text = render(sections, info, args, total, command_line())
+    if args.json:
+        write_text_atomic(args.json, json.dumps({"sections": sections, "info": info, "args": vars(args),
+                                                 "total": total, "command": command_line()}))
+    write_text_atomic(args.out, text)
+    log.info("wrote %s (%.0f s)", args.out, total)
+    return 0
+
+
+def _cpu_s() -> float:
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
+def render(sections: list[str], info: dict, args, total: float, command: str) -> str:
+    head = f"""# Deployment benchmark: compressed models in onnxruntime (CPU)
+
+Made by `{command}` in {total / 60:.1f} min wall, {info['cpu_s'] / 60:.1f} min of CPU time
+(the script runs on one core at a time: on an idle machine the wall time is about the CPU time).
+Machine: {machine_line(info)}.
+
+How to read it:
+- Every compressed model comes from the public pipeline at β = 0 **without fine-tuning**
+  (transform → set_beta(0) → vanish → export_onnx [→ compress_onnx_weights]): cosine to
+  dense says how much the compression changes the outputs before any training recovers it. With
+  random weights (resnet50, vit_b_16) this is a property of the random matrices (flat spectra:
+  low rank hurts more than on trained weights).
+- Latency ratio = compressed / dense median latency, onnxruntime CPU, {args.threads} intra-op
+  thread(s), the same inputs; all variants of a model share one process and are timed
+  interleaved, round by round ({args.rounds} rounds max × {args.iters} runs); the ratio is the
+  median over rounds, in brackets the min–max over rounds. < 1 is faster.
+- FLOP ratio (Linear/Conv) = Σ FLOPs after / Σ FLOPs before over every Linear and Conv of the
+  model: compressed layers from the vcon plan, all other layers counted dense (FlopCounterMode).
+  Attention matmuls (QKᵀ, AV), softmax, norms, activations, embeddings are NOT counted; the
+  column "+attention" adds the attention matmuls (dense in every variant).
+- Low-rank target: latency ratio ≤ 1.25 × FLOP ratio. int8 target: vcon int8 at least as fast
+  as onnxruntime's `quantize_dynamic` of the dense model.
+- Rows marked "prototype" are proposed library changes, prototyped inside this script (the
+  library is unchanged): see "Findings".
+
+"""
+    return head + "\n".join(sections) + "\n" + FINDINGS
+
+
+FINDINGS = """## Findings
+
+See the report of the benchmark task for the exact diffs; in short:
+
+1. **int8 export** — the vanished quant model exports int8 weights + DequantizeLinear
+   (weight-only). onnxruntime fuses DequantizeLinear→MatMul into `MatMulNBits` (8-bit), which on
+   this CPU runs at about dense float speed, far slower than `quantize_dynamic`'s
+   `DynamicQuantizeMatMul` / `MatMulIntegerToFloat`. Rewriting each DequantizeLinear(int8
+   W)→MatMul(→Add bias) pair into one `com.microsoft.DynamicQuantizeMatMul` (same integer
+   weights, activations quantized at run time, as quantize_dynamic does) closes the gap: the
+   "→ DynamicQuantizeMatMul" rows. Proposed as `compress_onnx_weights(..., kernel="dynamic")`
+   in `vcon_fx/export/quantize.py`. Weight-only stays the most faithful (higher cosine);
+   dynamic trades ~1 point of cosine for ~2× speed, like quantize_dynamic.
+2. **low-rank vs FLOPs** — the FLOP ratio counts only Linear/Conv; the time the other ops take
+   (attention matmuls, LayerNorm, softmax, GELU, adds) does not shrink, so the latency ratio
+   cannot fall below the Amdahl bound shown in the profile table. Thin matmuls (rank 32–64)
+   also run at lower FLOP/s than the dense ones (GEMM time ratio > FLOP ratio).
+3. **low-rank convolutions** — ranks chosen by `ratio` are arbitrary (16, 25, 28, …): the
+   factor convs then miss onnxruntime's NCHWc blocked kernels (channel counts multiple of 8/16)
+   and fall back to slower paths; rounding every rank up to a multiple of 16 (prototype row)
+   is proposed as `LowRankConfig(multiple_of=16)` (default 16 for convs).
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
