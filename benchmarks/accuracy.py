@@ -32,10 +32,8 @@ import concurrent.futures as cf
 import copy
 import datetime
 import json
-import math
 import multiprocessing as mp
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -389,6 +387,8 @@ def write_markdown(data: dict, settings: Settings, path: Path, *, command: str, 
     n = len(seeds)
     steps = settings.steps
     dense = [data["dense"][str(s)]["accuracy"] for s in seeds if str(s) in data["dense"]]
+    cpu_min = (sum(r.get("cpu_s", 0) for r in data["runs"].values())
+               + sum(d["cpu_s"] for d in data["dense"].values())) / 60
     lines = [
         "# Accuracy: VCON vs abrupt compression (and gradual magnitude pruning)",
         "",
@@ -400,9 +400,9 @@ def write_markdown(data: dict, settings: Settings, path: Path, *, command: str, 
         f"{machine['threads']} torch thread; torch {machine['torch']}, Python {machine['python']}; "
         f"load average at start {machine.get('load_start', '?')}, at end {machine.get('load_end', '?')} "
         "(the machine was shared with other jobs).",
-        f"- Time: {data.get('wall_s', 0) / 60:.1f} min wall, "
-        f"{sum(r.get('cpu_s', 0) for r in data['runs'].values()) / 60 + sum(d['cpu_s'] for d in data['dense'].values()) / 60:.1f} "
-        f"min CPU in all; finished {machine.get('date', '')}.",
+        f"- Time: {data.get('wall_s', 0) / 60:.1f} min wall on the shared machine; {cpu_min:.1f} min CPU in all, "
+        f"so about {cpu_min / max(machine['workers'], 1):.0f} min of wall time on {machine['workers']} idle core(s) "
+        f"(each worker is single-threaded); finished {machine.get('date', '')}.",
         f"- Task: scikit-learn digits (1437 train / 360 test images, fixed stratified split; one test image = "
         f"0.28 points). Model: the demo's tiny ViT (2×2 patches, dim 64, {settings.depth} blocks, MLP 128); "
         "every Linear inside the blocks (qkv, proj, fc1, fc2) is compressed, the patch embedding and the "
@@ -489,7 +489,7 @@ def write_markdown(data: dict, settings: Settings, path: Path, *, command: str, 
     lines += ["", "## Reading it", "",
               "- The paper's gains (> 3 points) came from ViT-Ti on CIFAR-10 over 60 epochs; this is a 4-block "
               "model on 8×8 digits with a few hundred steps, where the paper itself expects little or no gain.",
-              f"- Seed noise: the median seed-to-seed std of one configuration here is {noise:.1f} points"
+              f"- Seed noise: the median seed-to-seed std of one configuration here is {noise:.1f} points."
               if noise is not None else "- Seed noise: one seed only, so it is not measured.",
               "- Every number is from the run above; nothing was selected after the fact except where a column "
               "says 'best'.", ""]

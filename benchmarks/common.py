@@ -30,7 +30,7 @@ __all__ = [
     "markdown_table",
     "write_text_atomic",
     "ort_session",
-    "ort_op_profile",
+    "ort_op_profiles",
     "GEMM_OPS",
     "peak_rss_mb",
     "cosine",
@@ -179,46 +179,56 @@ def ort_session(path: str | os.PathLike, threads: int = 1, *, profile_prefix: st
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
-def ort_op_profile(path: str | os.PathLike, feeds: dict, *, threads: int = 1, runs: int = 3, workdir: str,
-                   options: dict | None = None) -> dict:
-    """Time per op type (ms per run, median over runs) from onnxruntime's profiler, and the optimized graph's ops.
+def ort_op_profiles(models: dict[str, tuple], feeds: dict, *, threads: int = 1, runs: int = 3,
+                    workdir: str) -> dict[str, dict]:
+    """Time per op type from onnxruntime's own profiler for several models, runs interleaved.
 
-    Returns {"by_op": {op: ms}, "total_ms", "gemm_ms", "ops": {op: count after optimization}}.
+    Args:
+        models: label → (path, session config entries or None).
+        runs: profiled runs per model, taken round by round (A B C, A B C, …) so a slow spell
+            on a shared machine hits every model alike; each op type's time is its median over
+            the runs (a first, allocating run is left out).
+
+    Returns:
+        label → {"by_op": {op: ms per run}, "total_ms", "gemm_ms", "ops": {op: count after
+        onnxruntime's graph optimizations}}.
     """
     import onnx
 
-    prefix = os.path.join(workdir, Path(path).stem + "_prof")
-    opt = os.path.join(workdir, Path(path).stem + ".opt.onnx")
-    sess = ort_session(path, threads, profile_prefix=prefix, optimized_path=opt, options=options)
-    sess.run(None, feeds)  # first run allocates; profiled like the rest, so discarded below
+    sessions, opts = {}, {}
+    for i, (label, (path, options)) in enumerate(models.items()):
+        prefix = os.path.join(workdir, f"prof{i}_")
+        opts[label] = os.path.join(workdir, f"prof{i}.opt.onnx")
+        sessions[label] = ort_session(path, threads, profile_prefix=prefix, optimized_path=opts[label],
+                                      options=options)
+        sessions[label].run(None, feeds)  # the allocating run
     for _ in range(runs):
-        sess.run(None, feeds)
-    prof_file = sess.end_profiling()
-    events = json.loads(Path(prof_file).read_text())
-    os.remove(prof_file)
-    # one window per model_run; the first run (allocations) is dropped; each op type's time is
-    # the median over the remaining runs, which keeps a run hit by a background spike out
-    windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
-                     if e.get("cat") == "Session" and e.get("name") == "model_run")[1:]
-    per_run: list[dict[str, float]] = [collections.defaultdict(float) for _ in windows]
-    for e in events:
-        if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
-            continue
-        for i, (lo, hi) in enumerate(windows):
-            if lo <= e["ts"] <= hi:
-                per_run[i][e.get("args", {}).get("op_name", "?")] += e["dur"] / 1e3
-                break
-    names = {k for run in per_run for k in run}
-    by_op = {k: statistics.median([run.get(k, 0.0) for run in per_run]) for k in names} if per_run else {}
-    ops = collections.Counter(n.op_type for n in onnx.load(opt, load_external_data=False).graph.node)
-    with_data = Path(opt + ".data")
-    for p in (Path(opt), with_data):
-        if p.exists():
-            p.unlink()
-    total = sum(by_op.values())
-    gemm = sum(v for k, v in by_op.items() if k in GEMM_OPS)
-    return {"by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])), "total_ms": total, "gemm_ms": gemm,
-            "ops": dict(ops)}
+        for sess in sessions.values():
+            sess.run(None, feeds)
+    out = {}
+    for label, sess in sessions.items():
+        prof_file = sess.end_profiling()
+        events = json.loads(Path(prof_file).read_text())
+        os.remove(prof_file)
+        windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                         if e.get("cat") == "Session" and e.get("name") == "model_run")[1:]
+        per_run: list[dict[str, float]] = [collections.defaultdict(float) for _ in windows]
+        for e in events:
+            if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
+                continue
+            for i, (lo, hi) in enumerate(windows):
+                if lo <= e["ts"] <= hi:
+                    per_run[i][e.get("args", {}).get("op_name", "?")] += e["dur"] / 1e3
+                    break
+        names = {k for run in per_run for k in run}
+        by_op = {k: statistics.median([run.get(k, 0.0) for run in per_run]) for k in names} if per_run else {}
+        ops = collections.Counter(n.op_type for n in onnx.load(opts[label], load_external_data=False).graph.node)
+        for p in (Path(opts[label]), Path(opts[label] + ".data")):
+            if p.exists():
+                p.unlink()
+        out[label] = {"by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])), "total_ms": sum(by_op.values()),
+                      "gemm_ms": sum(v for k, v in by_op.items() if k in GEMM_OPS), "ops": dict(ops)}
+    return out
 
 
 def peak_rss_mb() -> float | None:

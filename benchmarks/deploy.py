@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (GEMM_OPS, command_line, cosine, fmt_ratio, interleave, machine, machine_line,  # noqa: E402
-                    markdown_table, ort_op_profile, ort_session, ratio_of, write_text_atomic)
+                    markdown_table, ort_op_profiles, ort_session, ratio_of, write_text_atomic)
 
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("deploy")
@@ -467,13 +467,11 @@ def measure(spec: Spec, loaded: Loaded, variants: list[Variant], args, work: Pat
         log.info("%s batch %d: %d rounds in %.0f s", spec.name, batch, len(times["dense"]), time.perf_counter() - t)
         out["batches"][batch] = {"cos": cos, "ratios": ratios, "shape": {k: list(v.shape) for k, v in feeds.items()}}
         if bi == 0 and args.profile_runs:
-            for v in live:
-                try:
-                    out["profile"][v.label] = ort_op_profile(v.path, feeds, threads=args.threads,
-                                                             runs=args.profile_runs, workdir=str(work),
-                                                             options=v.options)
-                except Exception as exc:  # profiling is an explanation, not a result
-                    log.warning("profiling %s failed: %s", v.label, exc)
+            try:
+                out["profile"] = ort_op_profiles({v.label: (v.path, v.options) for v in live}, feeds,
+                                                 threads=args.threads, runs=args.profile_runs, workdir=str(work))
+            except Exception as exc:  # profiling is an explanation, not a result
+                log.warning("profiling %s failed: %s", spec.name, exc)
     del sessions
     gc.collect()
     return out
@@ -687,27 +685,56 @@ How to read it:
     return head + "\n".join(sections) + "\n" + FINDINGS
 
 
-FINDINGS = """## Findings
+FINDINGS = """## Findings (why the targets are met or missed, and the proposed fixes)
 
-See the report of the benchmark task for the exact diffs; in short:
+The library is unchanged; rows marked "prototype" measure each fix by patching inside this script.
 
-1. **int8 export** — the vanished quant model exports int8 weights + DequantizeLinear
-   (weight-only). onnxruntime fuses DequantizeLinear→MatMul into `MatMulNBits` (8-bit), which on
-   this CPU runs at about dense float speed, far slower than `quantize_dynamic`'s
-   `DynamicQuantizeMatMul` / `MatMulIntegerToFloat`. Rewriting each DequantizeLinear(int8
-   W)→MatMul(→Add bias) pair into one `com.microsoft.DynamicQuantizeMatMul` (same integer
-   weights, activations quantized at run time, as quantize_dynamic does) closes the gap: the
-   "→ DynamicQuantizeMatMul" rows. Proposed as `compress_onnx_weights(..., kernel="dynamic")`
-   in `vcon_fx/export/quantize.py`. Weight-only stays the most faithful (higher cosine);
-   dynamic trades ~1 point of cosine for ~2× speed, like quantize_dynamic.
-2. **low-rank vs FLOPs** — the FLOP ratio counts only Linear/Conv; the time the other ops take
-   (attention matmuls, LayerNorm, softmax, GELU, adds) does not shrink, so the latency ratio
-   cannot fall below the Amdahl bound shown in the profile table. Thin matmuls (rank 32–64)
-   also run at lower FLOP/s than the dense ones (GEMM time ratio > FLOP ratio).
-3. **low-rank convolutions** — ranks chosen by `ratio` are arbitrary (16, 25, 28, …): the
-   factor convs then miss onnxruntime's NCHWc blocked kernels (channel counts multiple of 8/16)
-   and fall back to slower paths; rounding every rank up to a multiple of 16 (prototype row)
-   is proposed as `LowRankConfig(multiple_of=16)` (default 16 for convs).
+1. **int8 is weight-only today, so it is not faster.** The vanished quant model exports int8
+   initializers + DequantizeLinear. onnxruntime fuses DequantizeLinear→MatMul into an 8-bit
+   `MatMulNBits`, which on this CPU runs at about float speed (profile: MatMulNBits ≈ the dense
+   MatMul time), while `quantize_dynamic` gets `DynamicQuantizeMatMul` / `MatMulIntegerToFloat`
+   (VNNI int8 GEMMs). Fix, `vcon_fx/export/quantize.py`: `compress_onnx_weights(...,
+   kernel="dynamic")` rewrites every DequantizeLinear(int8, per-output-channel, zero point 0) →
+   MatMul / Gemm(transB) (→ Add bias) into `com.microsoft.DynamicQuantizeMatMul` (one
+   `DynamicQuantizeLinear` shared by `MatMulIntegerToFloat`s when one input feeds several, as for
+   Q/K/V): the same integer weights, activations quantized at run time, exactly what
+   quantize_dynamic does (rows "→ DynamicQuantizeMatMul"). It reaches quantize_dynamic's speed
+   and keeps a higher cosine (per-channel weight scales vs quantize_dynamic's per-tensor
+   default). Weight-only stays the most faithful; dynamic is the fast choice.
+2. **int8 convolutions are slower than dense.** onnxruntime does not fuse DequantizeLinear→Conv
+   (only full QDQ with quantized activations becomes QLinearConv): it dequantizes every weight
+   on every run and cannot fold the following BatchNormalization into a non-constant weight.
+   quantize_dynamic is worse still (ConvInteger, ~3× slower than dense). Fix now: open the
+   session with `session.disable_quant_qdq=1` (onnxruntime then constant-folds the
+   DequantizeLinear at load: float speed, the file stays 3× smaller); `bench_worker.make_session`
+   / `check_onnx` could set it for weight-only models. True int8 conv speed needs static QDQ
+   with calibrated output scales (QLinearConv): future work.
+3. **Low-rank convolutions at arbitrary ranks miss the fast kernels.** `ratio`/`energy` give
+   ranks like 25 or 28: the factor convolutions then fall out of onnxruntime's NCHWc blocked
+   kernels (channel counts that are multiples of the 16-float AVX-512 block) into plain Conv
+   with reorders. Rounding every rank up to a multiple of 16 (prototype rows) brings the latency
+   ratio onto the FLOP ratio (≈1.0×) at a slightly larger FLOP ratio, and fidelity improves
+   with the extra rank. Fix, `vcon_fx/methods/lowrank.py`: `LowRankConfig(multiple_of=16)`
+   (CLI `--rank-multiple`), applied in `choose_rank`; the existing skip rule still refuses a
+   rounded rank that saves nothing.
+4. **Transformers at low rank: the fixed cost does not shrink.** The matmul kernels do scale
+   with the FLOP ratio (profile: "GEMM time / dense GEMM" ≈ FLOP ratio), but the ops the FLOP
+   ratio leaves out — attention (QKᵀ, softmax, AV), LayerNorm, GELU, adds, reshapes — are
+   10–20 % of the dense time and stay. The latency ratio therefore lands near the Amdahl bound
+   column, above 1.25 × FLOP ratio once the rank is small (MiniLM rank 64/32, ViT rank 128).
+   No export change moves that bound; the plan could report it (`inspect`: expected latency
+   ratio = GEMM share × FLOP ratio + rest) so a rank is chosen for a latency target.
+5. **ViT: capture decides coverage.** torch.fx keeps `nn.MultiheadAttention` whole (a torch.nn
+   leaf), so with the default capture only the 24 MLP Linears are compressed and the attention
+   projections (a third of the FLOPs) stay dense: int8→DynamicQuantizeMatMul then ran at 0.55 ×
+   dense against quantize_dynamic's 0.37 (first run, capture=fx). This benchmark captures ViT
+   with `capture="export"`, which lifts the in/out projections into Linears (48 layers). Fix,
+   `vcon_fx/capture.py`: in "auto", when the fx graph keeps a leaf module that owns ≥2-D weights
+   (MultiheadAttention, Transformer*Layer), try torch.export and take it if it succeeds (note
+   it), or at least say in `inspect` how many parameters stay out of reach and that
+   `--capture export` reaches them.
+6. **Structured pruning** (block granularity) removes whole channels and runs at its FLOP
+   ratio on ResNet-50 and ViT MLPs; on MiniLM its FLOP share is only the MLPs.
 """
 
 

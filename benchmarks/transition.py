@@ -354,7 +354,7 @@ def section(model: str, times: dict, desc: str, facts: dict, mem: dict, args) ->
         m = mem.get(key, {})
         f = facts[key]
         rows.append([
-            CONFIGS[key][0], f"{ms[key]:.1f}", fmt(ratio(times, key, "dense")),
+            CONFIGS[key][0], f"{ms[key]:.1f}", fmt(ratio(times, key, "dense")) if "dense" in times else "—",
             fmt(ratio(times, key, "compressed")) if "compressed" in times else "—",
             fmt(ratio(times, key, ("dense", "compressed"))) if {"dense", "compressed"} <= set(times) else "—",
             f"{m['peak_mb']:.0f}" if "peak_mb" in m else m.get("error", "—"),
@@ -367,12 +367,13 @@ def section(model: str, times: dict, desc: str, facts: dict, mem: dict, args) ->
          "peak MB", "peak rise MB", "params / grads / Adam state MB", "dense .grad"], rows)
     kind = next((m["kind"] for m in mem.values() if "kind" in m), "not measured")
     checks = []
-    if {"dense", "compressed", "beta05"} <= set(times):
+    if {"dense", "compressed"} <= set(times):
         for key in ("beta05", "frozen05"):
             if key in times:
                 r = ratio(times, key, ("dense", "compressed"))
                 checks.append(f"- {CONFIGS[key][0]}: step = {r['ratio']:.2f} × (dense + compressed): "
                               f"{'MET' if r['ratio'] <= 1.1 else 'MISSED'} (≤ 1.10)")
+    if "compressed" in times:
         for key in ("beta0", "beta0_keepgrad", "beta0_released", "frozen0"):
             if key in times:
                 r = ratio(times, key, "compressed")

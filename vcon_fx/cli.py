@@ -323,7 +323,7 @@ def _check_table(report) -> None:
                   f"{data['size_ratio']:.3f}" if data.get("size_ratio") else "",
                   f"{data['latency_ratio']:.3f}" if data.get("latency_ratio") else "")
     if data.get("reference_path"):
-        sizes.add_row("dense, exported the same way", _bytes(data["reference_size_bytes"]),
+        sizes.add_row("dense (same export)", _bytes(data["reference_size_bytes"]),
                       f"{data['reference_latency_ms']:.2f} ms", "1", "1")
     console.print(sizes)
 
