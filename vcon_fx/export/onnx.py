@@ -94,6 +94,7 @@ def export_onnx(
         program = _run_exporter(model, args, kwargs, shapes if wanted else None, opset)
     _name_values(program.model, input_names, _output_names(outputs, input_names), name)
     _check_and_name_axes(program, wanted, name)
+    _drop_debug_metadata(program.model)
     external = _initializer_bytes(program.model) > EXTERNAL_DATA_THRESHOLD
     with atomic_path(out) as tmp:
         if external:
@@ -103,6 +104,19 @@ def export_onnx(
     log.info("exported %s to %s (%d inputs, %d outputs%s)", name, out, len(inputs), len(outputs),
              ", weights in " + out.name + ".data" if external else "")
     return out
+
+
+def _drop_debug_metadata(model) -> None:
+    """Remove the exporter's per-node debug metadata (stack traces with local source paths).
+
+    It is a fifth of a small model's file and leaks the exporting machine's paths into what
+    gets shipped; onnxruntime never reads it.
+    """
+    import onnx_ir
+
+    for node in onnx_ir.traversal.RecursiveGraphIterator(model.graph):
+        for key in [k for k in node.metadata_props if k.startswith("pkg.torch.onnx.")]:
+            del node.metadata_props[key]
 
 
 def flatten_inputs(model: nn.Module, args: tuple, kwargs: dict | None = None) -> list[tuple[str, torch.Tensor]]:
