@@ -186,8 +186,8 @@ def ort_op_profiles(models: dict[str, tuple], feeds: dict, *, threads: int = 1, 
     Args:
         models: label → (path, session config entries or None).
         runs: profiled runs per model, taken round by round (A B C, A B C, …) so a slow spell
-            on a shared machine hits every model alike; each op type's time is its median over
-            the runs (a first, allocating run is left out).
+            on a shared machine hits every model alike; each node's time is its median over the
+            runs (a first, allocating run is left out), summed per op type.
 
     Returns:
         label → {"by_op": {op: ms per run}, "total_ms", "gemm_ms", "ops": {op: count after
@@ -212,16 +212,19 @@ def ort_op_profiles(models: dict[str, tuple], feeds: dict, *, threads: int = 1, 
         os.remove(prof_file)
         windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                          if e.get("cat") == "Session" and e.get("name") == "model_run")[1:]
-        per_run: list[dict[str, float]] = [collections.defaultdict(float) for _ in windows]
+        # per node, the median over runs: on a shared machine a preemption (several ms) lands on
+        # some node in most runs, and a per-node median drops it where a per-run sum cannot
+        per_node: dict[str, list[float]] = collections.defaultdict(list)
+        op_of: dict[str, str] = {}
         for e in events:
             if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
                 continue
-            for i, (lo, hi) in enumerate(windows):
-                if lo <= e["ts"] <= hi:
-                    per_run[i][e.get("args", {}).get("op_name", "?")] += e["dur"] / 1e3
-                    break
-        names = {k for run in per_run for k in run}
-        by_op = {k: statistics.median([run.get(k, 0.0) for run in per_run]) for k in names} if per_run else {}
+            if any(lo <= e["ts"] <= hi for lo, hi in windows):
+                per_node[e["name"]].append(e["dur"] / 1e3)
+                op_of[e["name"]] = e.get("args", {}).get("op_name", "?")
+        by_op: dict[str, float] = collections.defaultdict(float)
+        for node, durs in per_node.items():
+            by_op[op_of[node]] += statistics.median(durs)
         ops = collections.Counter(n.op_type for n in onnx.load(opts[label], load_external_data=False).graph.node)
         for p in (Path(opts[label]), Path(opts[label] + ".data")):
             if p.exists():
