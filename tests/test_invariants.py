@@ -229,10 +229,6 @@ class _ConvReuse(nn.Module):
         return self.head(F.relu(self.mid(x)).mean(dim=(2, 3)))
 
 
-@pytest.mark.xfail(
-    reason="normalize keys lifted layers by id(weight) only: the second call reuses the first call's "
-    "layer, with its bias / stride, and the model's outputs change at β = 1", strict=True,
-)
 @pytest.mark.parametrize("capture", ["fx", "export"])
 @pytest.mark.parametrize("model_cls,x_shape", [(_LinearReuse, (2, 8)), (_ConvReuse, (2, 3, 8, 8))],
                          ids=["linear", "conv"])

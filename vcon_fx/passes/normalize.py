@@ -40,7 +40,10 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     Returns:
         gm, linted and recompiled.
     """
-    lifted: dict[int, str] = {}  # id(weight) -> module path, so a weight used twice is one layer
+    # (weight, bias, type, options) -> module path: the same call twice is one layer called twice;
+    # the same weight with another bias or stride is a second layer sharing that weight (tied).
+    lifted: dict[tuple, str] = {}
+    first_path: dict[int, str] = {}  # id(weight) -> the first layer lifted around it
     moved: set[int] = set()  # ids of every Parameter a lifted layer took over (or copied, transposed)
     tied: dict[str, str] = dict(gm.meta.get("vcon_tied", {}))
     names = _param_names(gm)
@@ -52,9 +55,11 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         layer_type, x, weight_node, bias_node, options, transposed = spec
         weight = _fetch(gm, weight_node.target)
-        if transposed and (len(names.get(id(weight), ())) > 1 or _other_users(gm, weight_node, node)):
+        if transposed and (len(names.get(id(weight), ())) > 1 or id(weight) in first_path
+                           or any(u is not node for u in weight_node.users)):
             continue  # a transposed copy would untie the weight from its other use: leave it functional
-        key = id(weight)
+        bias_param = _fetch(gm, bias_node.target) if bias_node is not None else None
+        key = (id(weight), id(bias_param), layer_type, tuple(sorted((k, repr(v)) for k, v in options.items())))
         if key not in lifted:
             path = _place(gm, node, weight_node, bias_node, layer_type)
             bias = _fetch(gm, bias_node.target) if bias_node is not None else None
@@ -66,6 +71,11 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
             others = _other_users(gm, weight_node, node)
             if others:
                 tied[path] = f"its weight {weight_node.target} is also used by {_describe(others[0])} (tied weights)"
+            sibling = first_path.setdefault(id(weight), path)
+            if sibling != path:
+                why = "with another bias or stride/padding (shared weight)"
+                tied[path] = f"its weight {weight_node.target} is also used by {sibling} {why}"
+                tied.setdefault(sibling, f"its weight {weight_node.target} is also used by {path} {why}")
         with gm.graph.inserting_before(node):
             call = gm.graph.call_module(lifted[key], (x,))
         call.meta = dict(node.meta)
@@ -140,7 +150,7 @@ def _param_names(gm: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def _drop_stale_names(gm: fx.GraphModule, lifted: dict[int, str], moved: set[int]) -> None:
+def _drop_stale_names(gm: fx.GraphModule, lifted: dict[tuple, str], moved: set[int]) -> None:
     """Unregister a lifted weight (and bias) under names the graph no longer reads.
 
     `F.linear(x, self.weight)` traced on the root leaves `weight` registered on the GraphModule
