@@ -49,6 +49,9 @@ def _add_method(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--rank", type=int, help="low-rank: singular values kept per layer")
     g.add_argument("--energy", type=float, help="low-rank: share of singular-value energy kept (0-1]")
     g.add_argument("--ratio", type=float, help="low-rank: parameter budget per layer (0-1)")
+    g.add_argument("--rank-multiple", type=int, help="low-rank: round ranks up to a multiple (16 suits CPU kernels)")
+    g.add_argument("--svd", choices=("auto", "exact", "randomized"),
+                   help="low-rank: factor initialization (auto: randomized when rank ≤ ¼ of the layer's size)")
     g.add_argument("--sparsity", type=float, help="prune: share of weights zeroed per layer (0-1)")
     g.add_argument("--pattern", help="prune: N:M semi-structured sparsity, e.g. 2:4")
     g.add_argument("--structured", action="store_true", default=None, help="prune: remove whole neurons/channels")
@@ -124,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- helpers
 
-_METHOD_OPTIONS = ("rank", "energy", "ratio", "sparsity", "pattern", "structured", "fixed_mask", "bits", "act_bits",
+_METHOD_OPTIONS = ("rank", "energy", "ratio", "rank_multiple", "svd", "sparsity", "pattern", "structured", "fixed_mask", "bits", "act_bits",
                    "separate_weights")
 
 
@@ -154,7 +157,11 @@ def _default_output(model: str, suffix: str) -> str:
 
 
 def _describe(config) -> str:
-    fields = {k: v for k, v in config.to_dict().items() if k not in ("method", "version") and v not in (None, False)}
+    if hasattr(config, "configs"):  # lowrank+quant: each part with its own options
+        return " + ".join(_describe(part) for part in config.configs)
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    fields = {k: v for k, v in config.to_dict().items()
+              if k not in ("method", "version") and v not in (None, False) and v != defaults.get(k)}
     return config.method + "".join(f" {k}={v}" for k, v in fields.items())
 
 
