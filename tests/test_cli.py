@@ -94,6 +94,30 @@ def test_the_whole_pipeline_from_the_command_line(workdir):
     assert r.returncode == 8  # exists, no --force
 
 
+def test_quantized_export_with_integer_kernels(workdir):
+    r = vcon("transform", "net.pt2", "--method", "quant", "--bits", "4", "-o", "q.vcon", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    r = vcon("finetune", "q.vcon", "--data", "train.npz", "--steps", "6", "--transition", "3",
+             "--batch-size", "16", "-o", "q.tuned", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    r = vcon("vanish", "q.tuned", "-o", "q.small", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+
+    r = vcon("export", "q.small", "--onnx", "q4.onnx", "--int4", "--check", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    assert "INT4" in r.stdout or "int4" in r.stdout.lower()
+    r = vcon("export", "q.small", "--onnx", "qdyn.onnx", "--dynamic-int8", "--check", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    assert "DynamicQuantizeMatMul" in r.stdout and "cosine" in r.stdout
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(workdir / "qdyn.onnx")).graph.node}
+    assert "DynamicQuantizeMatMul" in ops
+
+    r = vcon("export", "q.small", "--onnx", "both.onnx", "--int4", "--dynamic-int8", cwd=workdir)
+    assert r.returncode == 2 and "exclude each other" in r.stderr and not (workdir / "both.onnx").exists()
+
+
 def test_python_dash_m_and_console_script_agree(workdir):
     r = vcon("--version", cwd=workdir)
     assert r.returncode == 0 and r.stdout.startswith("vcon-fx ")

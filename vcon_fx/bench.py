@@ -38,6 +38,7 @@ class BenchRow:
     input_shapes: dict
     threads: int | None
     runs: int
+    session_config: dict = field(default_factory=dict)  # onnxruntime config entries the session used
 
     def to_dict(self) -> dict:
         """JSON-able dict of the row."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["model_size_bytes", "make_session", "synthetic_feeds", "time_runs", "measure", "main"]
+__all__ = ["model_size_bytes", "make_session", "session_config", "synthetic_feeds", "time_runs", "measure", "main"]
 
 # onnxruntime type strings -> numpy dtypes, for the input kinds models take
 _NP_TYPES = {
@@ -61,12 +61,33 @@ def _all_tensors(graph):
                 yield from _all_tensors(g)
 
 
-def make_session(path: str | os.PathLike, threads: int | None = None):
+def session_config(path: str | os.PathLike) -> dict[str, str]:
+    """onnxruntime session config entries that let this model run at the speed its weights allow.
+
+    Weight-only integer convolutions (DequantizeLinear on an initializer → Conv): onnxruntime has
+    no kernel that takes int8 weights with float activations for Conv, so by default it
+    dequantizes every weight on every run and cannot fold the BatchNormalization that follows
+    (measured: slower than the float model, benchmarks/DEPLOY.md). `session.disable_quant_qdq=1`
+    makes it constant-fold those DequantizeLinear at load instead: float speed, the file stays
+    small. Deploy such a model with the same entry. Other models get no entries.
+    """
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    constants = {i.name for i in graph.initializer}
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants}
+    if any(n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in dequantized for n in graph.node):
+        return {"session.disable_quant_qdq": "1"}
+    return {}
+
+
+def make_session(path: str | os.PathLike, threads: int | None = None, config: dict[str, str] | None = None):
     """Open an onnxruntime CPU session (raises onnxruntime's own error on a bad file).
 
     Args:
         path: the .onnx file.
         threads: intra-op threads; None lets onnxruntime use every core.
+        config: session config entries; None applies `session_config(path)`.
 
     Returns:
         An `onnxruntime.InferenceSession` on CPUExecutionProvider.
@@ -78,6 +99,8 @@ def make_session(path: str | os.PathLike, threads: int | None = None):
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
+    for key, value in (session_config(path) if config is None else config).items():
+        opts.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
@@ -159,7 +182,8 @@ def measure(path: str, *, threads: int | None = None, batch: int = 1, seq: int |
     _reset_peak_rss()
     base = _rss_kb("VmRSS")
     try:
-        session = make_session(path, threads)
+        config = session_config(path)
+        session = make_session(path, threads, config)
         feeds = synthetic_feeds(session, batch=batch, seq=seq)
         times = time_runs(session, feeds, warmup=warmup, runs=runs)
     except Exception as e:  # onnxruntime raises its own untyped errors; report one line
@@ -177,6 +201,7 @@ def measure(path: str, *, threads: int | None = None, batch: int = 1, seq: int |
         "input_shapes": {k: list(v.shape) for k, v in feeds.items()},
         "threads": threads,
         "runs": runs,
+        "session_config": config,
     }
 
 

@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", required=True, help="output .onnx file")
     p.add_argument("--check", action="store_true", help="compare onnxruntime with PyTorch, and with the dense model")
     p.add_argument("--static-shapes", action="store_true", help="export fixed shapes (no dynamic batch/sequence axes)")
+    p.add_argument("--int4", action="store_true", help="store weights of ≤ 4 bits as INT4 (opset 21; 8× smaller)")
+    p.add_argument("--dynamic-int8", action="store_true",
+                   help="run int8 matmuls as onnxruntime's DynamicQuantizeMatMul (activations quantized at run time: "
+                        "integer GEMMs, faster on CPU)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
 
     p = sub.add_parser("bench", help="time ONNX models in onnxruntime")
@@ -277,6 +281,8 @@ def cmd_export(args) -> int:
     from .fileio import check_output
     from .recipe import inputs_from_spec
 
+    if args.int4 and args.dynamic_int8:
+        raise UsageError("--int4 and --dynamic-int8 exclude each other: the integer GEMMs take INT8 weights")
     out = check_output(args.onnx, force=args.force, inputs=(args.model,))
     if is_artifact(args.model):
         recipe = read_recipe(args.model)
@@ -290,12 +296,30 @@ def cmd_export(args) -> int:
         loaded = _load_source(args, args.model)
         model, inputs, kwargs, seq_inputs, dense_source = (loaded.module, loaded.example_args, loaded.example_kwargs,
                                                            loaded.seq_inputs, None)
-    with console.status("exporting to ONNX…"):
-        export_onnx(model, out, inputs, example_kwargs=kwargs, seq_inputs=seq_inputs, force=args.force,
-                    dynamic_batch=not args.static_shapes)
+    integer = args.int4 or args.dynamic_int8
+    with tempfile.TemporaryDirectory() as float_dir:
+        exported = Path(float_dir) / "float.onnx" if integer else out
+        with console.status("exporting to ONNX…"):
+            export_onnx(model, exported, inputs, example_kwargs=kwargs, seq_inputs=seq_inputs, force=args.force,
+                        dynamic_batch=not args.static_shapes)
+        if integer:
+            from .export.quantize import compress_onnx_weights
+
+            with console.status("storing integer weights…"):
+                compressed = compress_onnx_weights(exported, out, bits=4 if args.int4 else 8,
+                                                   kernel="dynamic" if args.dynamic_int8 else "weight-only",
+                                                   force=args.force)
+            for note in compressed.notes:
+                console.print(f"[dim]{escape(note)}[/]")
     console.print(f"[green]wrote[/] {out} ({_bytes(Path(out).stat().st_size)})")
     if not args.check:
         return 0
+    # Integer kernels quantize activations (DynamicQuantizeMatMul; MatMulNBits at onnxruntime's default
+    # accuracy level): outputs move by that rounding, so parity is judged at 5 % of the output range.
+    rtol = 0.05 if integer else 1e-4
+    if integer:
+        console.print("[yellow]note:[/] integer kernels quantize activations at run time: parity allows 5 % of "
+                      "the output range; the cosine column shows the fidelity")
     with tempfile.TemporaryDirectory() as tmp:
         reference = None
         if dense_source:
@@ -307,7 +331,7 @@ def cmd_export(args) -> int:
                 export_onnx(dense.module, reference, dense.example_args, example_kwargs=dense.example_kwargs,
                             seq_inputs=dense.seq_inputs, dynamic_batch=not args.static_shapes)
         with console.status("checking in onnxruntime…"):
-            report = check_onnx(model, out, inputs, example_kwargs=kwargs, reference_onnx=reference)
+            report = check_onnx(model, out, inputs, example_kwargs=kwargs, reference_onnx=reference, rtol=rtol)
         _check_table(report)
         note = _speed_note(read_recipe(args.model).config) if is_artifact(args.model) else None
         if note:
@@ -361,11 +385,16 @@ def cmd_bench(args) -> int:
     rows = data.get("rows", [])
     table = Table(title=f"onnxruntime, batch {args.batch}")
     if rows:
-        for col in rows[0]:
+        for col in (c for c in rows[0] if c != "session_config"):
             table.add_column(col, justify="left" if col in ("model", "path", "name") else "right")
         for row in rows:
-            table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()])
+            table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for k, v in row.items() if k != "session_config"])
     console.print(table)
+    for row in rows:
+        if row.get("session_config"):
+            entries = ", ".join(f"{k}={v}" for k, v in row["session_config"].items())
+            console.print(f"[yellow]note:[/] {row['path']} ran with {entries} (weight-only integer convolutions "
+                          "are dequantized once at load: deploy with the same session option)")
     if data.get("ratios"):
         console.print("ratios against baseline: " + ", ".join(f"{k} {v:.3g}" for k, v in data["ratios"].items()))
     return 0

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import ExportError, UsageError
 from ..fileio import atomic_path, check_output
+from .dynamic_int8 import to_dynamic_int8
 
 __all__ = ["compress_onnx_weights", "CompressReport", "find_grid", "QMAX_CANDIDATES"]
 
@@ -46,6 +47,7 @@ class CompressReport:
     bytes_before: int = 0
     bytes_after: int = 0
     int4: bool = False
+    dynamic_matmuls: int = 0  # matmuls turned into integer GEMMs (kernel="dynamic")
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -84,6 +86,7 @@ def compress_onnx_weights(
     bits: int = 8,
     min_elements: int = 64,
     fold_transposes: bool = True,
+    kernel: str = "weight-only",
     force: bool = False,
 ) -> CompressReport:
     """Rewrite on-grid float weights of an ONNX model into integers + DequantizeLinear (pure on the input).
@@ -99,6 +102,10 @@ def compress_onnx_weights(
             (MatMulNBits; MatMulIntegerToFloat when the input is QDQ too). Note: MatMulNBits
             computes with int8 activations at onnxruntime's default accuracy level 4; session
             option `session.qdq_matmulnbits_accuracy_level=1` keeps them float.
+        kernel: "weight-only" keeps DequantizeLinear in front of float ops (outputs as in PyTorch);
+            "dynamic" turns int8 matmuls into onnxruntime's DynamicQuantizeMatMul /
+            MatMulIntegerToFloat (activations quantized at run time, as `quantize_dynamic` does:
+            integer GEMMs, faster on CPU, outputs within the activation rounding). bits must be 8.
         force: replace an existing output.
 
     Returns:
@@ -119,6 +126,10 @@ def compress_onnx_weights(
 
     if bits not in (8, 4):
         raise UsageError(f"bits must be 8 or 4 (the integer storage widths onnxruntime reads), got {bits!r}")
+    if kernel not in ("weight-only", "dynamic"):
+        raise UsageError(f"kernel must be weight-only or dynamic, got {kernel!r}")
+    if kernel == "dynamic" and bits != 8:
+        raise UsageError("kernel='dynamic' runs int8 GEMMs: use bits=8 (INT4 weights have no dynamic kernel)")
     src = Path(onnx_path)
     out = Path(out_path) if out_path is not None else src.with_name(f"{src.stem}.int{bits}.onnx")
     check_output(out, force=force, inputs=(src,))
@@ -184,6 +195,10 @@ def compress_onnx_weights(
     folded = _fold_transposes(graph) if fold_transposes else 0
     if folded:
         report.notes.append(f"{folded} Transpose(s) of dequantized weights folded into the integer initializers")
+    if kernel == "dynamic":
+        report.dynamic_matmuls = to_dynamic_int8(model)
+        report.notes.append(f"{report.dynamic_matmuls} int8 matmul(s) run as DynamicQuantizeMatMul "
+                            "(activations quantized at run time)")
     try:
         onnx.checker.check_model(model) if model.ByteSize() < _MAX_PROTO else None
     except onnx.checker.ValidationError as exc:

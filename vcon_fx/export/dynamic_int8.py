@@ -1,0 +1,155 @@
+"""Turn weight-only int8 matmuls into integer matmuls with activations quantized at run time.
+
+A vanished quant model exports its weights as INT8 initializers + DequantizeLinear. onnxruntime
+fuses DequantizeLinear → MatMul into an 8-bit MatMulNBits, which on CPU runs at about float
+speed; its own `quantize_dynamic` instead emits `DynamicQuantizeMatMul` (VNNI / AVX2 int8 GEMMs,
+activations quantized per tensor on the fly). This pass gives our graphs the same kernels while
+keeping our integers and per-output-channel scales:
+
+    DequantizeLinear(W_q, s, 0) → MatMul(x, ·) [→ Add(bias)]
+        → com.microsoft.DynamicQuantizeMatMul(x, W_q, s, 0[, bias])
+
+and when one x feeds several such matmuls (Q, K, V projections) it is quantized once:
+
+    DynamicQuantizeLinear(x) → com.microsoft.MatMulIntegerToFloat(x_q, W_q, x_s, s, x_zp, 0[, bias]) each
+
+Gemm(x, DQ(W), bias, transB=1) is handled by storing Wᵀ. Convolutions stay as they are
+(onnxruntime has no dynamic-activation conv that beats float). The weights are the same
+integers; the outputs move by the activation rounding (about 1e-2 relative), which is why
+this is opt-in (`kernel="dynamic"`), not the default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["to_dynamic_int8"]
+
+_MS_DOMAIN = "com.microsoft"
+
+
+@dataclass
+class _Site:
+    x: str  # the float activation
+    weight: str  # INT8 initializer, [K, N]
+    scale: str  # per-N (or scalar) float scale
+    scale_shape: tuple
+    bias: str | None
+    out: str
+    remove: list  # nodes the fused op replaces
+    anchor: object  # the matmul node: the fused op goes where it was
+
+
+def to_dynamic_int8(model) -> int:
+    """Rewrite the weight-only int8 matmuls of an onnx ModelProto in place; returns how many."""
+    from onnx import helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for slot, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, slot))
+    sites = [s for s in (_match(dq, graph, inits, readers) for dq in list(graph.node)
+                         if dq.op_type == "DequantizeLinear") if s is not None]
+    if not sites:
+        return 0
+    by_input: dict[str, list[_Site]] = {}
+    for site in sites:
+        by_input.setdefault(site.x, []).append(site)
+    order = {id(n): i for i, n in enumerate(graph.node)}
+    inserts: list[tuple[object, object]] = []  # (anchor, new node): inserted before the anchor
+    taken = set(inits) | {o for n in graph.node for o in n.output}
+    for x, group in by_input.items():
+        shared = len(group) > 1
+        if shared:
+            xq, xs, xz = (_fresh(f"{x}_{suffix}", taken) for suffix in ("u8", "scale", "zero_point"))
+            first = min(group, key=lambda s: order[id(s.anchor)]).anchor
+            inserts.append((first, helper.make_node("DynamicQuantizeLinear", [x], [xq, xs, xz],
+                                                    name=_fresh(f"{x}_dynamic_quantize", taken))))
+        for site in group:
+            zero = _fresh(f"{site.weight}_zero_point", taken)
+            graph.initializer.append(_array(np.zeros(site.scale_shape, np.int8), zero))
+            bias = [site.bias] if site.bias else []
+            if shared:
+                node = helper.make_node("MatMulIntegerToFloat", [xq, site.weight, xs, site.scale, xz, zero, *bias],
+                                        [site.out], domain=_MS_DOMAIN, name=f"{site.anchor.name}_int8")
+            else:
+                node = helper.make_node("DynamicQuantizeMatMul", [site.x, site.weight, site.scale, zero, *bias],
+                                        [site.out], domain=_MS_DOMAIN, name=f"{site.anchor.name}_int8")
+            inserts.append((site.anchor, node))
+    for anchor, node in inserts:
+        graph.node.insert(list(graph.node).index(anchor), node)
+    for site in sites:
+        for node in site.remove:
+            graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    if not any(o.domain == _MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(_MS_DOMAIN, 1))
+    return len(sites)
+
+
+def _match(dq, graph, inits: dict, readers: dict) -> _Site | None:
+    """The fusable pattern around one DequantizeLinear, or None."""
+    from onnx import TensorProto, numpy_helper
+
+    if len(dq.input) < 2 or dq.input[0] not in inits or dq.input[1] not in inits:
+        return None
+    q = inits[dq.input[0]]
+    users = readers.get(dq.output[0], [])
+    if q.data_type != TensorProto.INT8 or len(q.dims) != 2 or len(users) != 1:
+        return None
+    if len(dq.input) > 2 and dq.input[2] and numpy_helper.to_array(inits[dq.input[2]]).any():
+        return None  # asymmetric weights: the fused kernels take a zero point, but ours are always 0
+    op, slot = users[0]
+    scale = numpy_helper.to_array(inits[dq.input[1]])
+    axis = _attr(dq, "axis", 1) % 2
+    weight, bias, remove = dq.input[0], None, [dq, op]
+    if op.op_type == "MatMul" and slot == 1 and (scale.ndim == 0 or axis == 1):
+        n_out = q.dims[1]
+    elif (op.op_type == "Gemm" and slot == 1 and _attr(op, "transB", 0) == 1 and _attr(op, "transA", 0) == 0
+          and _attr(op, "alpha", 1.0) == 1.0 and _attr(op, "beta", 1.0) == 1.0 and (scale.ndim == 0 or axis == 0)):
+        n_out = q.dims[0]  # W is [N, K]: store Wᵀ, whose columns keep the per-N scales
+        weight = f"{q.name}_transposed"
+        if weight not in inits:
+            graph.initializer.append(_array(np.ascontiguousarray(numpy_helper.to_array(q).T), weight))
+            inits[weight] = graph.initializer[-1]
+        if len(op.input) > 2 and op.input[2]:
+            bias = op.input[2]
+    else:
+        return None
+    out = op.output[0]
+    if bias is None:  # MatMul → Add(bias[N]): fold the bias in
+        after = readers.get(out, [])
+        if len(after) == 1 and after[0][0].op_type == "Add":
+            add, add_slot = after[0]
+            other = add.input[1 - add_slot]
+            if other in inits and list(inits[other].dims) == [n_out]:
+                bias, out = other, add.output[0]
+                remove.append(add)
+    return _Site(op.input[0], weight, dq.input[1], tuple(scale.shape), bias, out, remove, op)
+
+
+def _attr(node, name: str, default):
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _array(value: np.ndarray, name: str):
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(value, name)
+
+
+def _fresh(name: str, taken: set[str]) -> str:
+    out, i = name, 1
+    while out in taken:
+        out, i = f"{name}_{i}", i + 1
+    taken.add(out)
+    return out
