@@ -203,7 +203,10 @@ def assert_params_promised(small: nn.Module, original: nn.Module, recipe) -> Non
     saved = sum(plan.params_before - plan.params_after for plan in compressed.values())
     nonzero = _promises_nonzeros(recipe.config)
     got, before = stored_values(small, nonzero=nonzero), stored_values(original, nonzero=nonzero)
-    assert got == before - saved, (
+    # A random init can hold a few exact zeros: the plan counts a layer's every value as stored, so each
+    # such zero in a pruned layer shows up once more in `got` than in `before − saved`.
+    slack = stored_values(original) - before if nonzero else 0
+    assert before - saved <= got <= before - saved + slack, (
         f"vanished model stores {got} {'non-zero ' if nonzero else ''}values, promised {before} − {saved} = {before - saved}"
     )
     # No tensor of the vanished model is a dense weight of a compressed layer (by value).

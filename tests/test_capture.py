@@ -134,6 +134,37 @@ def test_auto_prefers_fx_and_each_path_can_be_forced():
     assert vm.meta["vcon"].capture == "export"
 
 
+class _AttentionNet(nn.Module):
+    """torch.fx keeps nn.MultiheadAttention whole: its in/out projections are only reachable by export."""
+
+    def __init__(self, d: int = 32):
+        super().__init__()
+        self.stem, self.fc, self.head = nn.Linear(8, d), nn.Linear(d, d), nn.Linear(d, 3)
+        self.attn = nn.MultiheadAttention(d, 4, batch_first=True)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.head(torch.relu(self.fc(h))).mean(1)
+
+
+def test_auto_opens_multihead_attention_with_export_and_says_so():
+    torch.manual_seed(0)
+    model, x = _AttentionNet().eval(), torch.randn(2, 5, 8)
+    vm = vcon_fx.transform(model, LowRankConfig(rank=4), example_inputs=(x,))
+    recipe = vm.meta["vcon"]
+    assert recipe.capture == "export"
+    assert any("MultiheadAttention" in n and "torch.export" in n for n in recipe.notes), recipe.notes
+    assert any("attn" in p for p in vcon_fx.get_betas(vm))  # the projections are compressed
+    assert_identity_at_beta_one(model, vm, ((x,), {}))
+    assert_vanish_parity(vm, ((x,), {}))
+
+    fx_vm = vcon_fx.transform(model, LowRankConfig(rank=4), example_inputs=(x,), capture="fx")
+    assert fx_vm.meta["vcon"].capture == "fx" and list(vcon_fx.get_betas(fx_vm)) == ["fc"]
+    kept = capture(model, (x,), mode="auto", leaf_modules=("attn",))  # asked for: fx keeps it whole
+    assert kept.path == "fx"
+
+
 def test_unknown_capture_mode_is_a_usage_error():
     with pytest.raises(UsageError, match="--capture must be one of"):
         capture(MLP(), (torch.randn(2, 16),), mode="jit")

@@ -104,9 +104,14 @@ def _capture(model, args, kwargs, mode, seq_inputs, leaf_modules, notes) -> Capt
     fx_failure = export_failure = None
     if mode in ("auto", "fx"):
         try:
-            return Captured(_fx_trace(model, args, kwargs, leaf_modules, ()), "fx", notes)
+            gm = _fx_trace(model, args, kwargs, leaf_modules, ())
         except _TraceFailure as failure:
             fx_failure = failure
+        else:
+            hidden = _hidden_layers(gm, leaf_modules) if mode == "auto" else {}
+            if not hidden:
+                return Captured(gm, "fx", notes)
+            return _open_hidden_layers(model, args, kwargs, seq_inputs, gm, hidden, notes)
         log.info("torch.fx could not trace %s: %s", name, fx_failure)
         if mode == "auto":
             notes.append(f"torch.fx failed ({fx_failure}); used torch.export")
@@ -129,6 +134,39 @@ def _capture(model, args, kwargs, mode, seq_inputs, leaf_modules, notes) -> Capt
             return Captured(gm, "fx", notes, leaves)
     last = export_failure or fx_failure
     raise CaptureError(_failure_message(name, mode, fx_failure, export_failure)) from last.exc
+
+
+# torch.nn modules that torch.fx keeps whole (it never traces into torch.nn) yet hold Linear
+# projections: their layers are only reachable through torch.export, which lowers them to aten ops.
+_OPAQUE_TO_FX = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+                 nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer)
+
+
+def _hidden_layers(gm: fx.GraphModule, leaf_modules: tuple[str, ...]) -> dict[str, int]:
+    """Modules the fx graph calls whole that hide weight matrices from compression: path → parameters."""
+    hidden = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target in hidden:
+            continue
+        module = gm.get_submodule(node.target)
+        if isinstance(module, _OPAQUE_TO_FX) and not any(matches(p, node.target, module) for p in leaf_modules):
+            hidden[node.target] = sum(p.numel() for p in module.parameters() if p.dim() >= 2)
+    return hidden
+
+
+def _open_hidden_layers(model, args, kwargs, seq_inputs, fx_gm, hidden: dict[str, int], notes) -> Captured:
+    """Prefer torch.export when the fx graph keeps weight-holding torch.nn blocks whole."""
+    kinds = sorted({type(fx_gm.get_submodule(p)).__name__ for p in hidden})
+    what = f"{len(hidden)} {'/'.join(kinds)} module(s) with {sum(hidden.values()):,} weights"
+    try:
+        gm = _export(model, args, kwargs, seq_inputs, notes)
+    except _TraceFailure as failure:
+        notes.append(f"torch.fx keeps {what} whole (their layers stay dense); torch.export, which would open "
+                     f"them, failed ({failure})")
+        return Captured(fx_gm, "fx", notes)
+    notes.append(f"torch.fx keeps {what} whole; used torch.export, which opens them to compression "
+                 "(--capture fx keeps them whole)")
+    return Captured(gm, "export", notes)
 
 
 def _failure_message(name: str, mode: str, fx_failure, export_failure) -> str:
