@@ -1,10 +1,14 @@
 """Deployed speed, size and fidelity of vcon-fx compressed models in onnxruntime (CPU) → DEPLOY.md.
 
-For each model: the dense ONNX export; low-rank at several ranks; int8 (method `quant`,
-bits=8, vanished → exported → `compress_onnx_weights`); low-rank + int8 (`compose`);
-structured pruning when the method offers it; and the baseline a user would otherwise pick,
-onnxruntime's own `quantize_dynamic` of the dense ONNX. Every model goes through the public
-pipeline (transform → set_beta(0) → vanish → export_onnx), at β = 0 without fine-tuning.
+For each model: the dense ONNX export; low-rank at several ranks (for resnet50 also with
+`rank_multiple=16`, CLI `--rank-multiple 16`); int8 (method `quant`, bits=8, vanished → exported
+→ `compress_onnx_weights`, once weight-only and once with `kernel="dynamic"`, CLI
+`--dynamic-int8`); low-rank + int8 (`compose`, both kernels); structured pruning when the method
+offers it; and the baseline a user would otherwise pick, onnxruntime's own `quantize_dynamic` of
+the dense ONNX. Every model goes through the public pipeline (transform → set_beta(0) → vanish →
+export_onnx), at β = 0 without fine-tuning, captured the library's default way (capture "auto").
+Every session, dense included, is opened with `bench_worker.session_config(path)`, the entries
+`vcon-fx bench` would use for that file.
 
 Latency is a ratio against the dense model, measured in one process with every session
 interleaved round by round (the machine is shared; see common.py). The FLOP ratio is
@@ -16,7 +20,7 @@ which says why a latency ratio lands where it does.
 
     .venv/bin/python benchmarks/deploy.py                       # MiniLM, resnet50, vit_b_16 → benchmarks/DEPLOY.md
     .venv/bin/python benchmarks/deploy.py --models resnet50 --out /tmp/d.md
-    .venv/bin/python benchmarks/deploy.py --tiny --out /tmp/d.md   # smoke test (tiny MLP, 2 rounds)
+    .venv/bin/python benchmarks/deploy.py --tiny --out /tmp/d.md   # smoke test (tiny MLP and CNN, 2 rounds)
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -66,10 +70,8 @@ class Spec:
     batches: tuple[int, ...]
     lowrank: list  # [(label, LowRankConfig)]
     compose_rank: object  # the LowRankConfig used with int8
-    round_rank: list = field(default_factory=list)  # [(label, LowRankConfig, multiple)] prototypes
     prune_blocks: tuple = ()  # --blocks for structured pruning (block granularity); () = not tried
     compose: bool = True
-    capture: str = "auto"  # how the vcon variants are captured (see the ViT note)
 
 
 def _text_feeds(vocab: int, seq: int) -> Callable[[int], dict]:
@@ -113,6 +115,24 @@ def load_tiny_mlp() -> Loaded:
     return Loaded(module, (torch.randn(2, 32),), {}, (), feeds, f"tiny MLP (random, {_params(module)})")
 
 
+def load_tiny_cnn() -> Loaded:
+    """Convolutions only: the smoke test's path through session_config and a dropped dynamic row."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    # stem and head stay dense by default: the two convolutions between them are compressed
+    module = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                           nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                           nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                           nn.Conv2d(32, 16, 1)).eval()
+
+    def feeds(batch: int) -> dict:
+        return {"input": np.random.default_rng(0).standard_normal((batch, 3, 16, 16)).astype(np.float32)}
+
+    return Loaded(module, (torch.randn(2, 3, 16, 16),), {}, (), feeds, f"tiny CNN (random, {_params(module)}), 16×16")
+
+
 def load_torchvision(name: str, size: int = 224, batch: int = 1) -> Callable[[], Loaded]:
     def load() -> Loaded:
         import torch
@@ -138,24 +158,26 @@ def specs(tiny: bool) -> dict[str, Spec]:
 
     if tiny:
         return {"tiny_mlp": Spec("tiny_mlp", load_tiny_mlp, (1, 2), [("rank 16", LowRankConfig(rank=16))],
-                                 LowRankConfig(rank=16), compose=False)}
+                                 LowRankConfig(rank=16), compose=False),
+                "tiny_cnn": Spec("tiny_cnn", load_tiny_cnn, (1,), [("rank 8", LowRankConfig(rank=8))],
+                                 LowRankConfig(rank=8), compose=False)}
     return {
         "minilm": Spec("minilm", load_minilm, (1, 8),
                        [("rank 128", LowRankConfig(rank=128)), ("rank 64", LowRankConfig(rank=64)),
                         ("rank 32", LowRankConfig(rank=32))], LowRankConfig(rank=64),
                        prune_blocks=("encoder.layer.*.intermediate+output",)),
+        # ratio/energy ranks (25, 28, …) miss onnxruntime's NCHWc conv kernels (blocks of 16
+        # channels): the --rank-multiple 16 rows measure the library's rounding against them
         "resnet50": Spec("resnet50", load_torchvision("resnet50"), (1,),
-                         [("ratio 0.5", LowRankConfig(ratio=0.5)), ("ratio 0.25", LowRankConfig(ratio=0.25))],
-                         LowRankConfig(ratio=0.25),
-                         [("ratio 0.5, ranks ×16", LowRankConfig(ratio=0.5), 16),
-                          ("ratio 0.25, ranks ×16", LowRankConfig(ratio=0.25), 16)],
-                         prune_blocks=("layer*.*",)),
-        # capture="export": torch.fx keeps nn.MultiheadAttention whole (a torch.nn leaf), so its
-        # projections (a third of the FLOPs) would stay dense; torch.export lifts them into
-        # Linears. Batch 2 in the example: export specializes a size-1 batch.
+                         [("ratio 0.5", LowRankConfig(ratio=0.5)), ("ratio 0.25", LowRankConfig(ratio=0.25)),
+                          ("ratio 0.5, --rank-multiple 16", LowRankConfig(ratio=0.5, rank_multiple=16)),
+                          ("ratio 0.25, --rank-multiple 16", LowRankConfig(ratio=0.25, rank_multiple=16))],
+                         LowRankConfig(ratio=0.25), prune_blocks=("layer*.*",)),
+        # Capture "auto" opens nn.MultiheadAttention (torch.export) so its projections are
+        # compressed too. Batch 2 in the example: export specializes a size-1 batch.
         "vit_b_16": Spec("vit_b_16", load_torchvision("vit_b_16", batch=2), (1,),
                          [("rank 256", LowRankConfig(rank=256)), ("rank 128", LowRankConfig(rank=128))],
-                         LowRankConfig(rank=128), prune_blocks=("encoder.layers.*.mlp",), capture="export"),
+                         LowRankConfig(rank=128), prune_blocks=("encoder.layers.*.mlp",)),
     }
 
 
@@ -205,54 +227,81 @@ class Variant:
     export_s: float = 0.0
     error: str | None = None
     ranks: str = ""
-    options: dict | None = None  # onnxruntime session config entries
+    options: dict | None = None  # onnxruntime session config entries (bench_worker.session_config)
 
 
-@contextlib.contextmanager
-def rank_multiple(multiple: int | None):
-    """Prototype of a proposed LowRankConfig option: round every planned rank up to a multiple."""
-    if not multiple:
-        yield
-        return
-    from vcon_fx.methods import lowrank
+# compress_onnx_weights kernels → (label suffix, file suffix); "dynamic" is `export --dynamic-int8`
+KERNELS = {"weight-only": ("", ""), "dynamic": (", --dynamic-int8", "_dynamic")}
 
-    original = lowrank.choose_rank
-
-    def rounded(config, layer):
-        r = original(config, layer)
-        return -(-r // multiple) * multiple
-
-    lowrank.choose_rank = rounded
-    try:
-        yield
-    finally:
-        lowrank.choose_rank = original
+# why bench_worker.session_config asks for an entry (said next to the row that got it)
+_WHY_OPTION = {"session.disable_quant_qdq": "weight-only int8 Conv weights, so onnxruntime constant-folds their "
+                                            "DequantizeLinear at load: float kernels, the file stays int8"}
 
 
-def build_vcon(gm, loaded: Loaded, config, path: Path, *, quantized: bool, multiple: int | None = None,
+def _add_note(v: Variant, text: str) -> None:
+    v.note = "; ".join(t for t in (v.note, text) if t)
+
+
+def as_deployed(v: Variant) -> Variant:
+    """Give the variant the session entries `vcon-fx bench` would open its file with, and say which."""
+    from vcon_fx.bench_worker import session_config
+
+    v.options = session_config(v.path)
+    for key, value in v.options.items():
+        _add_note(v, f"session option {key}={value} (bench_worker.session_config: {_WHY_OPTION.get(key, 'library')})")
+    return v
+
+
+def build_vcon(gm, loaded: Loaded, config, path: Path, *, kernels: tuple[str, ...] = (),
                options: dict | None = None) -> dict:
-    """transform → β = 0 → vanish → export (→ integer weights); returns the plans and timings."""
+    """transform → β = 0 → vanish → export_onnx (→ compress_onnx_weights once per kernel).
+
+    Returns the plans, timings and files: {None: (path, None)} for a float export, else
+    {kernel: (file, CompressReport)}, every kernel compressed from the same export (the same
+    integers; only the kernels that run them differ).
+    """
     import vcon_fx
     from vcon_fx.export.quantize import compress_onnx_weights
 
     t0 = time.perf_counter()
-    with rank_multiple(multiple):
-        vm = vcon_fx.transform(gm, config, example_inputs=loaded.args, example_kwargs=loaded.kwargs,
-                               seq_inputs=loaded.seq_inputs, **(options or {}))
+    vm = vcon_fx.transform(gm, config, example_inputs=loaded.args, example_kwargs=loaded.kwargs,
+                           seq_inputs=loaded.seq_inputs, **(options or {}))
     plans = dict(vm.meta["vcon"].plans)
     vcon_fx.set_beta(vm, 0.0)
     small = vcon_fx.vanish(vm)
     del vm
     t1 = time.perf_counter()
-    raw = path.with_suffix(".raw.onnx") if quantized else path
+    raw = path.with_suffix(".raw.onnx") if kernels else path
     vcon_fx.export_onnx(small, raw, loaded.args, example_kwargs=loaded.kwargs, seq_inputs=loaded.seq_inputs,
                         force=True)
-    if quantized:
-        compress_onnx_weights(raw, path, bits=8, force=True)
+    files: dict = {None: (path, None)}
+    if kernels:
+        files = {}
+        for kernel in kernels:
+            dst = path.with_name(path.stem + KERNELS[kernel][1] + ".onnx")
+            files[kernel] = (dst, compress_onnx_weights(raw, dst, bits=8, kernel=kernel, force=True))
         raw.unlink()
     del small
     gc.collect()
-    return {"plans": plans, "transform_s": t1 - t0, "export_s": time.perf_counter() - t1}
+    return {"plans": plans, "files": files, "transform_s": t1 - t0, "export_s": time.perf_counter() - t1}
+
+
+def kernel_variants(base: Variant, files: dict) -> list[Variant]:
+    """One row per built file; a dynamic kernel that found no matmul is dropped (same file as weight-only)."""
+    rows: list[Variant] = []
+    for kernel, (path, report) in files.items():
+        if kernel == "dynamic" and report.dynamic_matmuls == 0:  # a CNN: every int8 weight feeds a Conv
+            path.unlink()
+            _add_note(rows[0], "no int8 MatMul/Gemm, so the dynamic kernel (--dynamic-int8) does not apply and "
+                               "has no row: it rewrites only DequantizeLinear→MatMul/Gemm, convolutions stay "
+                               "weight-only (onnxruntime has no fused DequantizeLinear→Conv)")
+            continue
+        v = replace(base, label=base.label + (KERNELS[kernel][0] if kernel else ""), path=path)
+        if kernel == "dynamic":
+            v.note = (f"{report.dynamic_matmuls} int8 matmul(s) run as com.microsoft DynamicQuantizeMatMul / "
+                      "MatMulIntegerToFloat (activations quantized at run time)")
+        rows.append(as_deployed(v))
+    return rows
 
 
 def ranks_summary(plans: dict) -> str:
@@ -262,10 +311,31 @@ def ranks_summary(plans: dict) -> str:
     return text + (f", {skipped} layer(s) kept dense" if skipped else "")
 
 
-def build_all(spec: Spec, loaded: Loaded, work: Path) -> list[Variant]:
+def vcon_jobs(spec: Spec) -> tuple[list, list[Variant]]:
+    """(label, kind, config, int8, transform options) per vcon variant; rows for methods not on offer."""
+    from vcon_fx.methods import ComposeConfig, PruneConfig, QuantConfig
+
+    jobs = [(f"low-rank {label}", "lowrank", cfg, False, None) for label, cfg in spec.lowrank]
+    jobs.append(("int8 (quant bits=8)", "int8", QuantConfig(bits=8), True, None))
+    if spec.compose:
+        rank_label = next(lbl for lbl, c in spec.lowrank if c == spec.compose_rank)
+        jobs.append((f"low-rank {rank_label} + int8 (compose)", "lowrank+int8",
+                     ComposeConfig((spec.compose_rank, QuantConfig(bits=8))), True, None))
+    missing: list[Variant] = []
+    if spec.prune_blocks:
+        try:
+            prune = PruneConfig(sparsity=0.5, structured=True)
+            jobs.append((f"structured pruning 50% of channels, blocks {' '.join(spec.prune_blocks)}", "prune", prune,
+                         False, {"granularity": "block", "blocks": spec.prune_blocks}))
+        except Exception as exc:  # the method may not offer it (yet)
+            missing.append(Variant("structured pruning", "prune", None, error=f"not available: {_one_line(exc)}"))
+    return jobs, missing
+
+
+def build_all(spec: Spec, loaded: Loaded, work: Path) -> tuple[list[Variant], str]:
+    """Every variant's ONNX file, and a line saying how the vcon variants were captured."""
     import vcon_fx
     from vcon_fx.capture import capture
-    from vcon_fx.methods import ComposeConfig, PruneConfig, QuantConfig
 
     from onnxruntime.quantization import quantize_dynamic
 
@@ -274,175 +344,51 @@ def build_all(spec: Spec, loaded: Loaded, work: Path) -> list[Variant]:
     dense_path = work / f"{spec.name}_dense.onnx"
     vcon_fx.export_onnx(loaded.module, dense_path, loaded.args, example_kwargs=loaded.kwargs,
                         seq_inputs=loaded.seq_inputs, force=True)
-    variants.append(Variant("dense", "dense", dense_path, (1.0, 1.0), export_s=time.perf_counter() - t))
+    variants.append(as_deployed(Variant("dense", "dense", dense_path, (1.0, 1.0), export_s=time.perf_counter() - t)))
     log.info("%s: dense exported in %.0f s", spec.name, time.perf_counter() - t)
     layers, attention = dense_flops(loaded)
 
-    # Capture once and hand the GraphModule to every transform: capture is transform's first
-    # step and the same for every config, so this only saves time.
-    captured = capture(loaded.module, loaded.args, loaded.kwargs, seq_inputs=loaded.seq_inputs, mode=spec.capture)
+    # Capture once (the library's default, "auto") and hand the GraphModule to every transform:
+    # capture is transform's first step and the same for every config, so this only saves time.
+    captured = capture(loaded.module, loaded.args, loaded.kwargs, seq_inputs=loaded.seq_inputs)
     gm = captured.gm
+    capture_line = f"Captured with {captured.path} (capture \"auto\")" + \
+        "".join(f"; {n}" for n in captured.notes) + "."
     log.info("%s: captured with %s", spec.name, captured.path)
 
-    jobs = [(f"low-rank {label}", "lowrank", cfg, False, None, None) for label, cfg in spec.lowrank]
-    jobs += [(f"low-rank {label} (proposed rank rounding, prototype)", "lowrank", cfg, False, m, None)
-             for label, cfg, m in spec.round_rank]
-    jobs.append(("int8 (quant bits=8)", "int8", QuantConfig(bits=8), True, None, None))
-    if spec.compose:
-        rank_label = next(lbl for lbl, c in spec.lowrank if c == spec.compose_rank)
-        jobs.append((f"low-rank {rank_label} + int8 (compose)", "lowrank+int8",
-                     ComposeConfig((spec.compose_rank, QuantConfig(bits=8))), True, None, None))
-    if spec.prune_blocks:
-        try:
-            prune = PruneConfig(sparsity=0.5, structured=True)
-            jobs.append((f"structured pruning 50% of channels, blocks {' '.join(spec.prune_blocks)}", "prune", prune,
-                         False, None, {"granularity": "block", "blocks": spec.prune_blocks}))
-        except Exception as exc:  # the method may not offer it (yet)
-            variants.append(Variant("structured pruning", "prune", None, error=f"not available: {_one_line(exc)}"))
-    for label, kind, cfg, quantized, multiple, options in jobs:
+    jobs, missing = vcon_jobs(spec)
+    variants += missing
+    for label, kind, cfg, int8, options in jobs:
         slug = "".join(c if c.isalnum() else "_" for c in label).strip("_")[:60]
         path = work / f"{spec.name}_{slug}.onnx"
         try:
-            made = build_vcon(gm, loaded, cfg, path, quantized=quantized, multiple=multiple, options=options)
+            made = build_vcon(gm, loaded, cfg, path, kernels=tuple(KERNELS) if int8 else (), options=options)
         except Exception as exc:  # one variant failing must not lose the others' numbers
             log.warning("%s %s failed: %s", spec.name, label, exc)
             variants.append(Variant(label, kind, None, error=_one_line(exc)))
             continue
-        v = Variant(label, kind, path, flop_ratios(made["plans"], layers, attention), export_s=made["export_s"],
-                    ranks=ranks_summary(made["plans"]) if "low-rank" in label else "")
+        base = Variant(label, kind, None, flop_ratios(made["plans"], layers, attention), export_s=made["export_s"],
+                       ranks=ranks_summary(made["plans"]) if "low-rank" in label else "")
         if kind == "prune":
             kept = [p for p in made["plans"].values() if not p.skipped]
-            v.note = f"{len(kept)} of {len(made['plans'])} layers pruned; the rest keep their channels (see the plan)"
-        variants.append(v)
+            base.note = (f"{len(kept)} of {len(made['plans'])} layers pruned; the rest keep their channels "
+                         "(see the plan)")
+        variants += kernel_variants(base, made["files"])
         log.info("%s %s: transform %.0f s, export %.0f s", spec.name, label, made["transform_s"], made["export_s"])
-        if kind in ("int8", "lowrank+int8"):
-            dyn = path.with_name(path.stem + "_dqmm.onnx")
-            n = rewrite_dynamic_matmul(path, dyn)
-            if n == 0:  # nothing to rewrite (a CNN's int8 weights all feed Conv)
-                dyn.unlink()
-                v.note = ("no DequantizeLinear→MatMul pair: the DynamicQuantizeMatMul rewrite does not apply; "
-                          "DequantizeLinear→Conv is not fused by onnxruntime, so the weights are dequantized "
-                          "on every run and Conv+BatchNormalization are not folded")
-                variants.append(Variant(f"{label}, session option session.disable_quant_qdq=1", kind, path, v.flops,
-                                        ranks=v.ranks, options={"session.disable_quant_qdq": "1"},
-                                        note="onnxruntime then constant-folds the DequantizeLinear at load time: "
-                                             "float kernels, the file stays int8"))
-                continue
-            variants.append(Variant(f"{label} → DynamicQuantizeMatMul (proposed export fix, prototype)", kind, dyn,
-                                    v.flops, note=f"{n} DequantizeLinear→MatMul/Gemm pair(s) rewritten", ranks=v.ranks))
 
     ort_path = work / f"{spec.name}_ort_dynamic.onnx"
     t = time.perf_counter()
     try:
         with contextlib.redirect_stdout(sys.stderr):
             quantize_dynamic(str(dense_path), str(ort_path))
-        variants.append(Variant("onnxruntime quantize_dynamic (dense ONNX, defaults)", "ort", ort_path, (1.0, 1.0),
-                                export_s=time.perf_counter() - t))
+        variants.append(as_deployed(Variant("onnxruntime quantize_dynamic (dense ONNX, defaults)", "ort", ort_path,
+                                            (1.0, 1.0), export_s=time.perf_counter() - t)))
     except Exception as exc:
         variants.append(Variant("onnxruntime quantize_dynamic (dense ONNX, defaults)", "ort", None,
                                 error=_one_line(exc)))
     del gm, captured
     gc.collect()
-    return variants
-
-
-def rewrite_dynamic_matmul(src: Path, dst: Path) -> int:
-    """Prototype of a proposed `compress_onnx_weights(kernel="dynamic")`.
-
-    Every DequantizeLinear(int8 W, one scale per output channel, zero point 0) read by one
-    MatMul(x, W[K,N]) or Gemm(x, W[N,K], bias, transB=1) becomes an integer matmul with the
-    activations quantized at run time, which is what onnxruntime's quantize_dynamic produces:
-    a lone consumer of x → com.microsoft DynamicQuantizeMatMul(x, W, scale, 0[, bias]); several
-    consumers of one x (Q, K, V projections) → one DynamicQuantizeLinear(x) shared by
-    com.microsoft MatMulIntegerToFloat(x_q, W, x_scale, scale, x_zp, 0[, bias]) each. A following
-    Add of a bias[N] initializer is folded in. The integer weights are the same; convolutions are
-    left as they are. Returns the number of matmuls rewritten.
-    """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    model = onnx.load(str(src))
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    users: dict[str, list] = {}
-    for node in graph.node:
-        for k, name in enumerate(node.input):
-            users.setdefault(name, []).append((node, k))
-
-    def attr(node, name, default):
-        return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-    found = []  # (x, q name, scale name, bias or None, nodes to drop, output, anchor node)
-    for dq in list(graph.node):
-        if dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or dq.input[1] not in inits:
-            continue
-        q = inits[dq.input[0]]
-        readers = users.get(dq.output[0], [])
-        if q.data_type != TensorProto.INT8 or len(q.dims) != 2 or len(readers) != 1:
-            continue
-        if len(dq.input) > 2 and dq.input[2] and numpy_helper.to_array(inits[dq.input[2]]).any():
-            continue
-        op, slot = readers[0]
-        scale = numpy_helper.to_array(inits[dq.input[1]])
-        axis = attr(dq, "axis", 1) % 2
-        q_name, bias, drop, out = dq.input[0], None, [dq, op], op.output[0]
-        if op.op_type == "MatMul" and slot == 1 and (scale.ndim == 0 or axis == 1):
-            n_out = q.dims[1]
-        elif (op.op_type == "Gemm" and slot == 1 and attr(op, "transB", 0) == 1 and attr(op, "transA", 0) == 0
-              and attr(op, "alpha", 1.0) == 1.0 and attr(op, "beta", 1.0) == 1.0 and (scale.ndim == 0 or axis == 0)):
-            n_out = q.dims[0]  # W is [N, K]: store its transpose, the scale axis follows
-            w = numpy_helper.to_array(q)
-            q_name = q.name + "_t"
-            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), q_name))
-            if len(op.input) > 2 and op.input[2]:
-                bias = op.input[2]
-        else:
-            continue
-        if bias is None:
-            after = users.get(out, [])
-            if len(after) == 1 and after[0][0].op_type == "Add":
-                add = after[0][0]
-                other = add.input[1 - after[0][1]]
-                if other in inits and list(inits[other].dims) == [n_out]:
-                    bias, out = other, add.output[0]
-                    drop.append(add)
-        found.append((op.input[0], q_name, dq.input[1], scale.shape, bias, drop, out, op))
-    by_input: dict[str, list] = {}
-    for item in found:
-        by_input.setdefault(item[0], []).append(item)
-    new_nodes: list = []  # (anchor, node) inserted before the anchor
-    for x, items in by_input.items():
-        shared = len(items) > 1
-        if shared:
-            xq, xs, xz = x + "_dq_u8", x + "_dq_scale", x + "_dq_zero_point"
-            first = min(items, key=lambda it: list(graph.node).index(it[7]))[7]
-            new_nodes.append((first, helper.make_node("DynamicQuantizeLinear", [x], [xq, xs, xz],
-                                                      name=x + "_dynamic_quantize")))
-        for _x, q_name, s_name, s_shape, bias, drop, out, anchor in items:
-            zp = q_name + "_zero_point"
-            graph.initializer.append(numpy_helper.from_array(np.zeros(s_shape, np.int8), zp))
-            if shared:
-                ins = [xq, q_name, xs, s_name, xz, zp] + ([bias] if bias else [])
-                node = helper.make_node("MatMulIntegerToFloat", ins, [out], domain="com.microsoft",
-                                        name=anchor.name + "_int8")
-            else:
-                ins = [x, q_name, s_name, zp] + ([bias] if bias else [])
-                node = helper.make_node("DynamicQuantizeMatMul", ins, [out], domain="com.microsoft",
-                                        name=anchor.name + "_int8")
-            new_nodes.append((anchor, node))
-    for anchor, node in new_nodes:
-        graph.node.insert(list(graph.node).index(anchor), node)
-    for item in found:
-        for node in item[5]:
-            graph.node.remove(node)
-    used = {name for node in graph.node for name in node.input}
-    keep = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    onnx.save(model, str(dst))
-    return len(found)
+    return variants, capture_line
 
 
 # ── measuring ───────────────────────────────────────────────────────────────────────────────
@@ -523,7 +469,8 @@ def profile_table(variants: list[Variant], prof: dict) -> str:
                            "Amdahl bound (dense non-GEMM fixed, GEMM × FLOP ratio)", "top ops (ms)"], rows)
 
 
-def model_section(spec: Spec, loaded: Loaded, variants: list[Variant], res: dict, threads: int) -> str:
+def model_section(spec: Spec, loaded: Loaded, variants: list[Variant], res: dict, threads: int,
+                  capture_line: str) -> str:
     size_dense = variants[0].path.stat().st_size
     parts = [f"### {spec.name}: {loaded.what}\n"]
     batches = list(res["batches"])
@@ -544,7 +491,7 @@ def model_section(spec: Spec, loaded: Loaded, variants: list[Variant], res: dict
     parts.append(markdown_table(headers, rows))
     dense_ms = ", ".join(f"batch {b}: {res['batches'][b]['ratios']['dense']['base_ms']:.1f} ms" for b in batches)
     shapes = "; ".join(f"batch {b}: {res['batches'][b]['shape']}" for b in batches)
-    parts.append(f"\nDense median latency ({threads} thread(s)): {dense_ms}. Inputs: {shapes}.\n")
+    parts.append(f"\nDense median latency ({threads} thread(s)): {dense_ms}. Inputs: {shapes}. {capture_line}\n")
     notes = [f"- {v.label}: {v.note}" for v in variants if v.note]
     if notes:
         parts.append("\n".join(notes) + "\n")
@@ -581,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench-budget", type=float, default=60.0, help="seconds of timing per model and batch")
     parser.add_argument("--profile-runs", type=int, default=5,
                         help="runs under onnxruntime's profiler, median per op (0: none)")
-    parser.add_argument("--tiny", action="store_true", help="tiny model, 2 rounds: a smoke test")
+    parser.add_argument("--tiny", action="store_true", help="tiny MLP and CNN, 2 rounds: a smoke test")
     parser.add_argument("--json", default=None, help="also save the rendered sections here (for --render-from)")
     parser.add_argument("--render-from", default=None,
                         help="rewrite --out from a --json file (the measured tables as they were, the current notes)")
@@ -621,9 +568,9 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             try:
                 loaded = spec.load()
-                variants = build_all(spec, loaded, work)
+                variants, capture_line = build_all(spec, loaded, work)
                 res = measure(spec, loaded, variants, args, work)
-                sections.append(model_section(spec, loaded, variants, res, args.threads))
+                sections.append(model_section(spec, loaded, variants, res, args.threads, capture_line))
             except Exception as exc:  # report the failure in the table, keep the other models
                 log.error("%s failed:\n%s", name, traceback.format_exc())
                 sections.append(f"### {name}\n\nFAILED: {_one_line(exc)}\n")
@@ -676,67 +623,76 @@ How to read it:
   column "+attention" adds the attention matmuls (dense in every variant).
 - Low-rank target: latency ratio ≤ 1.25 × FLOP ratio. int8 target: vcon int8 at least as fast
   as onnxruntime's `quantize_dynamic` of the dense model.
-- Rows marked "prototype" are proposed library changes, prototyped inside this script (the
-  library is unchanged): see "Findings".
+- int8 rows come from one vanished export each: "int8 (quant bits=8)" is
+  `compress_onnx_weights(kernel="weight-only")` (DequantizeLinear in front of float ops), rows
+  ending ", --dynamic-int8" are `kernel="dynamic"` (integer GEMMs, activations quantized at run
+  time). Every session, dense included, is opened with `bench_worker.session_config(path)`, the
+  entries `vcon-fx bench` uses for that file; a row's note names any entry it got.
 
 """
     return head + "\n".join(sections) + "\n" + FINDINGS
 
 
-FINDINGS = """## Findings (why the targets are met or missed, and the proposed fixes)
+FINDINGS = """## Findings (why the targets are met or missed, and what the library does about it)
 
-The library is unchanged; rows marked "prototype" measure each fix by patching inside this script.
+Every row measures the library as it is, through its public calls; the numbers are in the tables
+and profiles above.
 
-1. **int8 is weight-only today, so it is not faster.** The vanished quant model exports int8
-   initializers + DequantizeLinear. onnxruntime fuses DequantizeLinear→MatMul into an 8-bit
-   `MatMulNBits`, which on this CPU runs at about float speed (profile: MatMulNBits ≈ the dense
-   MatMul time), while `quantize_dynamic` gets `DynamicQuantizeMatMul` / `MatMulIntegerToFloat`
-   (VNNI int8 GEMMs). Fix, `vcon_fx/export/quantize.py`: `compress_onnx_weights(...,
-   kernel="dynamic")` rewrites every DequantizeLinear(int8, per-output-channel, zero point 0) →
-   MatMul / Gemm(transB) (→ Add bias) into `com.microsoft.DynamicQuantizeMatMul` (one
-   `DynamicQuantizeLinear` shared by `MatMulIntegerToFloat`s when one input feeds several, as for
-   Q/K/V): the same integer weights, activations quantized at run time, exactly what
-   quantize_dynamic does (rows "→ DynamicQuantizeMatMul"). Its kernels take the same time as
-   quantize_dynamic's (profile), so the two run at parity within the timing spread, and it
-   keeps a higher cosine (per-channel weight scales against quantize_dynamic's per-tensor
-   default). Weight-only stays the most faithful; dynamic is the fast choice.
-2. **int8 convolutions are slower than dense.** onnxruntime does not fuse DequantizeLinear→Conv
-   (only full QDQ with quantized activations becomes QLinearConv): it dequantizes every weight
-   on every run and cannot fold the following BatchNormalization into a non-constant weight.
-   quantize_dynamic is worse still (ConvInteger, ~3× slower than dense). Fix now: open the
-   session with `session.disable_quant_qdq=1` (onnxruntime then constant-folds the
-   DequantizeLinear at load: float speed, the file stays 3× smaller); `bench_worker.make_session`
-   / `check_onnx` could set it for weight-only models. True int8 conv speed needs static QDQ
-   with calibrated output scales (QLinearConv): future work.
+1. **int8 weight-only runs at about float speed; `--dynamic-int8` runs integer GEMMs.** The
+   vanished quant model exports int8 initializers + DequantizeLinear. onnxruntime fuses
+   DequantizeLinear→MatMul into an 8-bit `MatMulNBits`, which on this CPU computes at about
+   float speed (compare its GEMM time with dense in the profile tables), while
+   `quantize_dynamic` gets `DynamicQuantizeMatMul` / `MatMulIntegerToFloat` (VNNI int8 GEMMs).
+   `compress_onnx_weights(..., kernel="dynamic")` (`vcon_fx/export/dynamic_int8.py`; CLI
+   `vcon-fx export --dynamic-int8`) rewrites every DequantizeLinear(int8, per-output-channel,
+   zero point 0) → MatMul / Gemm(transB) (→ Add bias) into `com.microsoft.DynamicQuantizeMatMul`,
+   with one `DynamicQuantizeLinear` shared by `MatMulIntegerToFloat`s when one input feeds
+   several (Q/K/V): the same integer weights, activations quantized at run time, the kernels
+   quantize_dynamic uses (the kernel lists above show what onnxruntime runs). It keeps per-channel
+   weight scales where quantize_dynamic defaults to per-tensor ones: the cosine columns compare
+   the two. Weight-only stays the default and the most faithful (outputs as in PyTorch); the
+   dynamic kernel is the opt-in fast choice.
+2. **int8 convolutions have no fused kernel.** onnxruntime does not fuse DequantizeLinear→Conv
+   (only full QDQ with quantized activations becomes QLinearConv): by default it dequantizes
+   every weight on every run and cannot fold the following BatchNormalization into a
+   non-constant weight; quantize_dynamic turns convolutions into ConvInteger (see its row and
+   profile). `bench_worker.session_config` now recognises weight-only int8 Conv weights and
+   returns `session.disable_quant_qdq=1`, which `make_session` and `vcon-fx bench` apply:
+   onnxruntime then constant-folds those DequantizeLinear at load, so the convolutions run float
+   kernels (BatchNormalization folded) while the file stays int8-sized. The int8 CNN rows above
+   are opened with it (their notes say so); deploy such a model with the same session entry. The
+   dynamic kernel rewrites matmuls only, so a model whose int8 weights all feed convolutions has
+   no ", --dynamic-int8" row (its note says so). True int8 conv speed needs static QDQ with
+   calibrated output scales (QLinearConv): future work.
 3. **Low-rank convolutions at arbitrary ranks miss the fast kernels.** `ratio`/`energy` give
    ranks like 25 or 28: the factor convolutions then fall out of onnxruntime's NCHWc blocked
    kernels (channel counts that are multiples of the 16-float AVX-512 block) into plain Conv
-   with reorders. Rounding every rank up to a multiple of 16 (prototype rows) brings the latency
-   ratio onto the FLOP ratio (≈1.0×) at a slightly larger FLOP ratio, and fidelity improves
-   with the extra rank. Fix, `vcon_fx/methods/lowrank.py`: `LowRankConfig(multiple_of=16)`
-   (CLI `--rank-multiple`), applied in `choose_rank`; the existing skip rule still refuses a
-   rounded rank that saves nothing.
-4. **Transformers at low rank: the fixed cost does not shrink.** The matmul kernels do scale
-   with the FLOP ratio (profile: "GEMM time / dense GEMM" ≈ FLOP ratio, within the profile's
-   ±20 % noise), but two costs the FLOP ratio leaves out stay: the non-matmul kernels
+   with reorders. `LowRankConfig(rank_multiple=16)` (CLI `--rank-multiple 16`) rounds every
+   planned rank up to a multiple of 16 in `choose_rank`; the skip rule still refuses a rounded
+   rank that saves nothing. The "--rank-multiple 16" rows against the plain ratio rows show the
+   trade: a larger FLOP ratio (the extra rank) and the extra rank's fidelity, against the
+   latency the blocked kernels buy (Targets: latency against FLOP ratio).
+4. **Transformers at low rank: the fixed cost does not shrink.** The matmul kernels scale with
+   the FLOP ratio (profile: "GEMM time / dense GEMM" against the FLOP ratio, within the
+   profile's noise), but two costs the FLOP ratio leaves out stay: the non-matmul kernels
    (LayerNorm, GELU, softmax, adds, reshapes, embeddings) and onnxruntime's time outside the
    kernels (session and per-node overhead: the median latency minus the summed kernel time,
-   about 11–13 ms of MiniLM's 72 ms at batch 1 in every variant). So the latency ratio lands
-   on the Amdahl bound, above 1.25 × FLOP ratio once the rank is small (MiniLM rank 64/32, ViT
-   rank 128); at rank 128 (MiniLM, batch 8) and rank 256 (ViT) it is within 1.25×. No export
-   change moves that bound; the plan could report it (`inspect`: expected latency ratio ≈
-   fixed share + (1 − fixed share) × FLOP ratio) so a rank can be chosen for a latency target.
+   which the rank does not change). So the latency ratio lands near the Amdahl bound column, and
+   that bound rises above 1.25 × FLOP ratio once the rank is small; the Targets lines say which
+   ranks and batches stay within it. No export change moves that bound; the plan could report
+   it (`inspect`: expected latency ratio ≈ fixed share + (1 − fixed share) × FLOP ratio) so a
+   rank can be chosen for a latency target.
 5. **ViT: capture decides coverage.** torch.fx keeps `nn.MultiheadAttention` whole (a torch.nn
-   leaf), so with the default capture only the 24 MLP Linears are compressed and the attention
-   projections (a third of the FLOPs) stay dense: int8→DynamicQuantizeMatMul then ran at 0.55 ×
-   dense against quantize_dynamic's 0.37 (first run, capture=fx). This benchmark captures ViT
-   with `capture="export"`, which lifts the in/out projections into Linears (48 layers). Fix,
-   `vcon_fx/capture.py`: in "auto", when the fx graph keeps a leaf module that owns ≥2-D weights
-   (MultiheadAttention, Transformer*Layer), try torch.export and take it if it succeeds (note
-   it), or at least say in `inspect` how many parameters stay out of reach and that
-   `--capture export` reaches them.
-6. **Structured pruning** (block granularity) removes whole channels and runs at its FLOP
-   ratio on ResNet-50 and ViT MLPs; on MiniLM its FLOP share is only the MLPs.
+   leaf), so an fx capture compresses only the MLP Linears and leaves the attention projections
+   (a third of the Linear FLOPs) dense. Capture "auto" (`vcon_fx/capture.py`) now looks for
+   such weight-holding torch.nn blocks (MultiheadAttention, Transformer*Layer) in the fx graph
+   and takes torch.export when it succeeds, which lifts the in/out projections into Linears;
+   `--capture fx` keeps them whole. This benchmark captures every model the default way; the
+   line under each model's table says which path was taken and why.
+6. **Structured pruning** (block granularity) removes whole channels, so the pruned layers run
+   the same dense kernels at smaller sizes; how closely its latency follows its FLOP ratio is in
+   the Targets lines and profiles. On MiniLM only the MLP blocks are pruned, so its FLOP savings
+   are the MLPs' alone.
 """
 
 

@@ -3,13 +3,16 @@
 1. `vcon_fx.transform` on a BERT-base-sized model (transformers `BertModel(BertConfig())`,
    random, 110M parameters) against one forward + backward of that model, same process, same
    inputs (batch 8, seq 128), timed interleaved. Target: transform < 2 × forward+backward.
+   transform runs with the default config (`svd="auto"`: the randomized SVD at rank 64) and
+   with `svd="exact"`; a table times both SVD routes on one layer and says what the randomized
+   one costs in accuracy.
 2. `vcon-fx inspect torchvision:resnet50`: the `vcon_fx.plan` call (LowRankConfig(ratio=0.25),
    the CLI default), 1×3×224×224. Target: < 1 s. Also the whole CLI command, for reference.
 
 Both are broken down by phase (wall time of capture, normalize, find_sites, select, plan,
-duplicate, SVD, …, by wrapping the library's own functions) and profiled with cProfile.
-Prototypes of proposed fixes are measured the same way (monkeypatched here; the library is
-unchanged): see the rows marked "prototype".
+duplicate, SVD, …, by wrapping the library's own functions) and profiled with cProfile. One
+proposed fix that is not in the library is measured by monkeypatching it here: the row marked
+"prototype".
 
     .venv/bin/python benchmarks/toolspeed.py                 # → benchmarks/TOOLSPEED.md
     .venv/bin/python benchmarks/toolspeed.py --tiny --out /tmp/t.md   # smoke test (tiny MLP, resnet18 32×32)
@@ -41,10 +44,16 @@ log = logging.getLogger("toolspeed")
 # ── phase timing ────────────────────────────────────────────────────────────────────────────
 
 
+# the two SVD routes' phase labels: their call counts say which route each layer took
+_EXACT = "    exact route (float64 Gram + eigh)"
+_RANDOMIZED = "    randomized route"
+
+
 class Phases:
     """Wall time spent inside chosen library functions (patched for the duration of a `with`)."""
 
-    # (module, attribute, label); the api module binds some names at import, so patch it there
+    # (module, attribute, label), a nested phase right after the one it runs inside; the api
+    # module binds some names at import, so patch them there
     TARGETS = [
         ("vcon_fx.api", "capture_graph", "capture (torch.fx / torch.export)"),
         ("vcon_fx.capture", "_fx_trace", "  torch.fx trace + check run"),
@@ -52,10 +61,13 @@ class Phases:
         ("vcon_fx.api", "normalize", "normalize"),
         ("vcon_fx.api", "find_sites", "find_sites (a forward with hooks)"),
         ("vcon_fx.api", "select", "select"),
+        ("vcon_fx.methods.lowrank", "choose_rank", "method.plan: choose_rank"),
         ("vcon_fx.api", "duplicate", "duplicate"),
         ("vcon_fx.methods.lowrank", "truncated_svd", "  truncated SVD"),
-        ("vcon_fx.methods.lowrank", "choose_rank", "method.plan: choose_rank"),
+        ("vcon_fx.methods.svd", "exact_svd", _EXACT),
+        ("vcon_fx.methods.svd", "randomized_svd", _RANDOMIZED),
     ]
+    COPY = "copy.deepcopy (model copies)"
 
     def __init__(self):
         self.totals: dict[str, float] = defaultdict(float)
@@ -80,7 +92,7 @@ class Phases:
                 return getattr(copy_mod, name)
 
         shim = _Copy()
-        shim.deepcopy = self._wrap(deepcopy, "copy.deepcopy (model copies)")
+        shim.deepcopy = self._wrap(deepcopy, self.COPY)
         api.copy = shim
         try:
             yield self
@@ -101,8 +113,10 @@ class Phases:
 
 
 def phase_table(phases: Phases, total: float) -> str:
-    rows = [[label, phases.calls[label], f"{s:.2f}", f"{100 * s / total:.0f}%"]
-            for label, s in phases.totals.items()]
+    # the TARGETS order, so an indented phase sits under the one it runs inside
+    order = [Phases.COPY] + [label for _m, _a, label in Phases.TARGETS]
+    rows = [[label, phases.calls[label], f"{phases.totals[label]:.2f}", f"{100 * phases.totals[label] / total:.0f}%"]
+            for label in order if label in phases.totals]
     rows.append(["**total**", "", f"{total:.2f}", "100%"])
     return markdown_table(["phase", "calls", "seconds", "share"], rows)
 
@@ -129,78 +143,7 @@ def _short(line: str) -> str:
     return line
 
 
-# ── prototypes of proposed fixes ────────────────────────────────────────────────────────────
-
-
-@contextlib.contextmanager
-def svd_single_thread():
-    """Proposed in methods/lowrank.py: run the small dense LAPACK calls on one thread."""
-    import torch
-
-    from vcon_fx.methods import lowrank
-
-    original = lowrank.truncated_svd
-
-    def one_thread(matrix, rank):
-        n = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return original(matrix, rank)
-        finally:
-            torch.set_num_threads(n)
-
-    lowrank.truncated_svd = one_thread
-    try:
-        yield
-    finally:
-        lowrank.truncated_svd = original
-
-
-@contextlib.contextmanager
-def svd_parallel():
-    """Proposed in passes/duplicate.py: compute the layers' SVDs before building the twins, on a
-    thread pool (one LAPACK thread each, as many workers as torch threads); the twins then take
-    their factors from that table. Same numbers as the sequential path."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import torch
-
-    from vcon_fx import api
-    from vcon_fx.methods import lowrank
-
-    original_svd, original_dup = lowrank.truncated_svd, api.duplicate
-    table: dict = {}
-
-    def cached_svd(matrix, rank):
-        hit = table.pop((matrix.data_ptr(), tuple(matrix.shape), rank), None)
-        return hit if hit is not None else original_svd(matrix, rank)
-
-    def duplicate(gm, groups, method, plans, sites, **kw):
-        jobs = []
-        for g in groups:
-            for path in g.layers:
-                plan = plans[path]
-                if plan.skipped or "rank" not in plan.detail or not isinstance(method, lowrank.LowRankMethod):
-                    continue
-                w = lowrank._as_matrix(sites[path].module)
-                jobs.append(((w.data_ptr(), tuple(w.shape), plan.detail["rank"]), w, plan.detail["rank"]))
-        workers = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                for key, result in zip([k for k, _, _ in jobs],
-                                       pool.map(lambda j: original_svd(j[1], j[2]), jobs)):
-                    table[key] = result
-        finally:
-            torch.set_num_threads(workers)
-        return original_dup(gm, groups, method, plans, sites, **kw)
-
-    lowrank.truncated_svd, api.duplicate = cached_svd, duplicate
-    try:
-        yield
-    finally:
-        lowrank.truncated_svd, api.duplicate = original_svd, original_dup
-        table.clear()
+# ── a prototype of a proposed fix (not in the library) ──────────────────────────────────────
 
 
 @contextlib.contextmanager
@@ -247,6 +190,9 @@ def sites_from_check_run():
         cap._fx_trace, api.find_sites = original_trace, original_find
 
 
+PROTOTYPE_ROW = "plan, shapes from the check run (prototype, not in the library)"
+
+
 # ── the two measurements ────────────────────────────────────────────────────────────────────
 
 
@@ -283,7 +229,8 @@ def bert_part(args) -> str:
                   "attention_mask": torch.ones(batch, seq, dtype=torch.long),
                   "token_type_ids": torch.zeros(batch, seq, dtype=torch.long)}
         seq_inputs = ("input_ids", "attention_mask", "token_type_ids")
-    config = vcon_fx.LowRankConfig(rank=args.rank)
+    configs = {"transform": vcon_fx.LowRankConfig(rank=args.rank),  # the default: svd="auto"
+               'transform, svd="exact"': vcon_fx.LowRankConfig(rank=args.rank, svd="exact")}
     params = sum(p.numel() for p in model.parameters())
 
     def fwd_bwd():
@@ -292,16 +239,8 @@ def bert_part(args) -> str:
         out = model(**kwargs)
         (out if isinstance(out, torch.Tensor) else out.last_hidden_state).float().pow(2).mean().backward()
 
-    def transform():
+    def transform(config=configs["transform"]):
         return vcon_fx.transform(model, config, example_kwargs=kwargs, seq_inputs=seq_inputs)
-
-    def transform_fixed():
-        with svd_single_thread():
-            return vcon_fx.transform(model, config, example_kwargs=kwargs, seq_inputs=seq_inputs)
-
-    def transform_parallel():
-        with svd_parallel():
-            return vcon_fx.transform(model, config, example_kwargs=kwargs, seq_inputs=seq_inputs)
 
     fwd_bwd()  # warm-up (allocations, MKL/oneDNN initialisation)
     phases = Phases()
@@ -309,47 +248,39 @@ def bert_part(args) -> str:
     with phases.active():
         transform()  # the first transform is also the phase breakdown
     first = time.perf_counter() - t
-    candidates = {"forward+backward": fwd_bwd, "transform": transform,
-                  "transform, SVD on 1 thread (prototype)": transform_fixed,
-                  "transform, SVDs in parallel across layers (prototype)": transform_parallel}
+    candidates = {"forward+backward": fwd_bwd, **{name: (lambda c=c: transform(c)) for name, c in configs.items()}}
     times: dict[str, list[float]] = {k: [] for k in candidates}
-    last = {}
     for _ in range(args.rounds):
         for name, fn in candidates.items():
-            last.pop(name, None)
             t = time.perf_counter()
-            last[name] = fn()
+            fn()  # the result is dropped at once: one model copy alive at a time
             times[name].append(time.perf_counter() - t)
     fb = times["forward+backward"]
-    rows = []
-    for name, ts in times.items():
-        per_round = [a / b for a, b in zip(ts, fb)]
-        rows.append([name, f"{statistics.median(ts):.2f}", f"{statistics.median(per_round):.2f} "
-                     f"({min(per_round):.2f}–{max(per_round):.2f})"])
-    ratio = statistics.median([a / b for a, b in zip(times["transform"], fb)])
-    fixed = statistics.median([a / b for a, b in zip(times["transform, SVD on 1 thread (prototype)"], fb)])
-    parallel = statistics.median([a / b for a, b in zip(times["transform, SVDs in parallel across layers (prototype)"],
-                                                         fb)])
-    same = _same_twins(last["transform"], last["transform, SVDs in parallel across layers (prototype)"])
-    last.clear()
+    ratios = {name: [a / b for a, b in zip(ts, fb)] for name, ts in times.items()}
+    rows = [[name, f"{statistics.median(times[name]):.2f}", f"{statistics.median(r):.2f} ({min(r):.2f}–{max(r):.2f})"]
+            for name, r in ratios.items()]
+    ratio = statistics.median(ratios["transform"])
+    exact = statistics.median(ratios['transform, svd="exact"'])
+    routes = ", ".join(f"{phases.calls[label]} {label.strip().split(' ')[0]}" for label in (_EXACT, _RANDOMIZED))
     prof_text, prof_wall = cprofile_top(transform) if not args.tiny else ("(skipped in --tiny)", 0.0)
     svd = svd_table(args)
     return f"""## 1. transform on BERT-base ({params / 1e6:.0f}M params, random) vs one forward+backward
 
 Inputs: batch {batch}, seq {seq} (input_ids, attention_mask, token_type_ids), the same tensors
 for both; `LowRankConfig(rank={args.rank})` over every Linear but the pooler (72 layers of
-768×768 / 768×3072). forward+backward: train mode, `last_hidden_state.pow(2).mean().backward()`.
+768×768 / 768×3072), with the default `svd="auto"` (randomized when the rank is at most a
+quarter of the layer's smaller side, and that side ≥ 256; this run's layers: {routes}) and with
+`svd="exact"`. forward+backward: train mode, `last_hidden_state.pow(2).mean().backward()`.
 torch threads: {torch.get_num_threads()}. {args.rounds} interleaved rounds (forward+backward,
-transform, prototype, …); ratios are per-round, median (min–max).
+transform, transform with svd="exact"); ratios are per-round, median (min–max).
 
 {markdown_table(["what", "seconds (median)", "÷ forward+backward"], rows)}
 
-Target transform < 2 × forward+backward: **{'MET' if ratio < 2 else 'MISSED'}** ({ratio:.2f}×);
-with the single-thread SVD prototype {fixed:.2f}× ({'MET' if fixed < 2 else 'MISSED'}); with the
-parallel SVD prototype {parallel:.2f}× ({'MET' if parallel < 2 else 'MISSED'}; weights against the library's: {same}).
+Target transform < 2 × forward+backward: **{'MET' if ratio < 2 else 'MISSED'}** ({ratio:.2f}× with the
+default config); with `svd="exact"` {exact:.2f}× ({'MET' if exact < 2 else 'MISSED'}).
 
-Where the time goes (first transform, {first:.1f} s, phases timed by wrapping the library's
-functions; indented phases are inside the one above):
+Where the time goes (first transform, default config, {first:.1f} s, phases timed by wrapping
+the library's functions; indented phases are inside the one above):
 
 {phase_table(phases, first)}
 
@@ -361,44 +292,58 @@ cProfile of one transform ({prof_wall:.1f} s under the profiler), top by own tim
 """
 
 
-def _same_twins(a, b) -> str:
-    """How far apart two transforms' weights are: threaded and single-threaded BLAS round differently."""
-    sa, sb = a.state_dict(), b.state_dict()
-    if sa.keys() != sb.keys():
-        return "different parameters"
-    worst = max(float((sa[k].double() - sb[k].double()).abs().max() / sa[k].double().abs().max().clamp_min(1e-30))
-                for k in sa if sa[k].is_floating_point() and sa[k].numel())
-    return "bit for bit" if worst == 0 else f"max relative difference {worst:.1e} (float rounding)"
+def _median_s(fn, matrix, rank: int, threads: int, runs: int = 3) -> float:
+    """Median wall time of fn(matrix, rank) on `threads` torch threads, after one warm-up call."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fn(matrix, rank)
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            fn(matrix, rank)
+            times.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(before)
+    return statistics.median(times)
+
+
+def _relative_error(matrix, a, b) -> float:
+    """‖W − A·B‖_F / ‖W‖_F, in float64."""
+    w = matrix.double()
+    return float((w - a.double() @ b.double()).norm() / w.norm())
 
 
 def svd_table(args) -> str:
-    """Truncated SVD of one BERT-base-sized layer: library default vs one thread (same numbers)."""
+    """Truncated SVD of one BERT-base-sized layer: the library's two routes, their time per thread
+    count and the randomized route's reconstruction error above the exact optimum."""
     import torch
 
-    from vcon_fx.methods.lowrank import truncated_svd
+    from vcon_fx.methods.svd import exact_svd, randomized_svd, use_randomized
 
     n = 768 if not args.tiny else 64
     torch.manual_seed(0)
     mats = {f"{n}×{n}": torch.randn(n, n), f"{4 * n}×{n}": torch.randn(4 * n, n)}
+    routes = {"exact_svd": exact_svd, "randomized_svd": randomized_svd}
+    default = torch.get_num_threads()
+    threads = sorted({default, 1}, reverse=True)  # MKL's threads can cost more than they gain here
     rows = []
-    default_threads = torch.get_num_threads()
     for name, w in mats.items():
-        per = {}
-        for threads in sorted({default_threads, 1}, reverse=True):
-            torch.set_num_threads(threads)
-            truncated_svd(w, args.rank)
-            ts = []
-            for _ in range(3):
-                t = time.perf_counter()
-                truncated_svd(w, args.rank)
-                ts.append(time.perf_counter() - t)
-            per[threads] = statistics.median(ts)
-        torch.set_num_threads(default_threads)
-        rows.append([name, *(f"{1e3 * per[k]:.0f}" for k in sorted(per, reverse=True)),
-                     f"{per[default_threads] / per[1]:.1f}×" if default_threads != 1 else "—"])
-    heads = ["layer", *(f"truncated_svd ms, {k} thread(s)" for k in sorted({default_threads, 1}, reverse=True)),
-             "slow-down of the default"]
-    return ("Truncated SVD of one layer (rank " f"{args.rank}), library `truncated_svd` (float64 Gram matrix + eigh):\n\n"
+        ms = {(r, k): 1e3 * _median_s(fn, w, args.rank, k) for r, fn in routes.items() for k in threads}
+        err = {r: _relative_error(w, *fn(w, args.rank)) for r, fn in routes.items()}
+        excess = err["randomized_svd"] / max(err["exact_svd"], 1e-30) - 1
+        auto = "randomized" if use_randomized(tuple(w.shape), args.rank) else "exact"
+        rows.append([name, *(f"{ms[r, k]:.0f}" for r in routes for k in threads),
+                     f"{ms['exact_svd', default] / ms['randomized_svd', default]:.1f}×",
+                     f"{err['exact_svd']:.4f}", f"{100 * excess:+.2f}%", auto])
+    heads = ["layer", *(f"{r} ms, {k} thread(s)" for r in routes for k in threads),
+             f"exact ÷ randomized time ({default} thread(s))", "exact relative error ‖W−AB‖/‖W‖",
+             "randomized error above exact", 'svd="auto" takes']
+    return (f"Truncated SVD of one layer (rank {args.rank}, random Gaussian weights: a flat spectrum, the "
+            "randomized route's hardest case), `vcon_fx.methods.svd` `exact_svd` (float64 Gram matrix + eigh) "
+            "and `randomized_svd` (sketch + power iterations), median of 3 after a warm-up:\n\n"
             + markdown_table(heads, rows))
 
 
@@ -435,7 +380,7 @@ def inspect_part(args) -> str:
     fixed = plan_fixed()
     same = [(a.path, a.flops_before, a.flops_after) for a in p.plans.values()] == \
         [(a.path, a.flops_before, a.flops_after) for a in fixed.plans.values()]
-    candidates = {"forward (no grad)": forward, "plan": plan, "plan, shapes from the check run (prototype)": plan_fixed}
+    candidates = {"forward (no grad)": forward, "plan": plan, PROTOTYPE_ROW: plan_fixed}
     times: dict[str, list[float]] = {k: [] for k in candidates}
     for _ in range(args.rounds * 2):
         for k, fn in candidates.items():
@@ -444,7 +389,7 @@ def inspect_part(args) -> str:
             times[k].append(time.perf_counter() - t)
     rows = [[k, f"{statistics.median(v):.3f}", f"{min(v):.3f}"] for k, v in times.items()]
     plan_s = statistics.median(times["plan"])
-    fixed_s = statistics.median(times["plan, shapes from the check run (prototype)"])
+    fixed_s = statistics.median(times[PROTOTYPE_ROW])
     prof_text, prof_wall = cprofile_top(plan, 14)
     cli = cli_time(name, args)
     return f"""## 2. `vcon-fx inspect torchvision:{name}` (the `vcon_fx.plan` call)
@@ -455,8 +400,8 @@ model already loaded (load_model: {load_s:.2f} s, not counted). torch threads: {
 
 {markdown_table(["what", "seconds (median)", "best"], rows)}
 
-Target plan < 1 s: **{'MET' if plan_s < 1 else 'MISSED'}** ({plan_s:.2f} s; prototype {fixed_s:.2f} s,
-same plan: {same}).
+Target plan < 1 s: **{'MET' if plan_s < 1 else 'MISSED'}** ({plan_s:.2f} s; the prototype, not in the
+library: {fixed_s:.2f} s, same plan: {same}).
 
 Phases of one plan ({first:.2f} s):
 
@@ -493,28 +438,34 @@ def cli_time(name: str, args) -> str:
 
 
 FINDINGS = """
-## Why, and the proposed fixes (prototyped above; the library is unchanged)
+## Why, and what the library does about it
 
-1. **SVD threads** (methods/lowrank.py `truncated_svd`). transform's time is the truncated SVD's
-   `torch.linalg.eigh` of each layer's small float64 Gram matrix. MKL's threaded LAPACK gains
-   nothing on a 768×768 problem and, when its threads compete with other work (this shared
-   machine; a training job's data loaders elsewhere), loses badly (see the per-layer table).
-   Fix: run the Gram product and `eigh` on one thread (save `torch.get_num_threads()`, set 1,
-   restore in `finally`; CPU tensors only). Better (passes/duplicate.py): compute every
-   layer's factors before building the twins, on a thread pool of `torch.get_num_threads()`
-   workers, each on one thread, and build the twins from that table: whole cores in use, no
-   contention. The factors agree with today's up to float rounding. Also: form the Gram
-   matrix and call `eigh` in float32 for float32 layers (2.3× faster per layer, the same
-   rank-r approximation to 1e-5; measured in TOOLSPEED.md).
-2. **One forward too many** (capture.py `_fx_trace`, select.py `find_sites`). `plan` runs
-   the model three times on the example inputs: the original and the traced graph in
-   capture's check run, then the graph again in `find_sites` for the layers' output shapes.
-   Fix: register forward hooks on the Linear/Conv modules around the check run's
-   `model(*args)`, keep the shapes in `gm.meta["vcon_shapes"]`, and let `find_sites` use them
-   when every called layer has one (torch.export graphs keep running it). Same plan, one
-   forward fewer. The rest of `plan` is the check run itself (two forwards) and one deep copy
-   of the model, so `inspect` under 1 s needs a forward under about 0.4 s.
-3. **Example inputs set the price** of capture's check run and `find_sites`: they run at the
+1. **The SVD set transform's price** (`vcon_fx/methods/svd.py`). With the exact route,
+   transform's time is the `torch.linalg.eigh` of each layer's float64 Gram matrix: O(n³) in
+   the layer's smaller side, whatever the rank. `LowRankConfig(svd="auto")`, the default, now
+   takes a randomized range finder (a seeded Gaussian sketch of rank + 16 columns, a few power
+   iterations, an exact SVD of the small projection) when the rank is at most a quarter of the
+   smaller side and that side is ≥ 256: every BERT-base layer at rank 64. Table 1 compares
+   transform with the default and with `svd="exact"` against the target; the per-layer table
+   gives each route's time and what the randomized one costs, its reconstruction error above
+   the exact optimum (on random weights, a flat spectrum, its hardest case; trained weights
+   decay faster). `svd="exact"` (CLI `--svd exact`) keeps the optimum where it matters, e.g.
+   when the model is used without fine-tuning.
+2. **SVD threads.** MKL's threaded LAPACK gains little on problems this small and loses when its
+   threads compete with other work (this shared machine; a training job's data loaders
+   elsewhere): the per-layer table times both routes on the default thread count and on one.
+   The library leaves torch's thread count alone; on a loaded machine, `torch.set_num_threads(1)`
+   around transform is the caller's choice.
+3. **One forward too many** (capture.py `_fx_trace`, select.py `find_sites`; not in the library,
+   the prototype row of table 2). `plan` runs the model three times on the example inputs: the
+   original and the traced graph in capture's check run, then the graph again in `find_sites`
+   for the layers' output shapes. Fix: register forward hooks on the Linear/Conv modules
+   around the check run's `model(*args)`, keep the shapes in `gm.meta["vcon_shapes"]`, and let
+   `find_sites` use them when every called layer has one (torch.export graphs keep running it).
+   Same plan (the prototype row checks it), one forward fewer. The rest of `plan` is the check
+   run itself (two forwards) and one deep copy of the model, so `inspect` under 1 s needs a
+   forward well under half a second.
+4. **Example inputs set the price** of capture's check run and `find_sites`: they run at the
    size given. Small example inputs (batch 1–2, a short sequence) capture the same graph
    faster; the plan's FLOPs then refer to that shape.
 """
