@@ -118,6 +118,45 @@ def test_quantized_export_with_integer_kernels(workdir):
     assert r.returncode == 2 and "exclude each other" in r.stderr and not (workdir / "both.onnx").exists()
 
 
+_UNTRACEABLE = """
+import torch
+from torch import nn
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if h.sum().item() > 0:  # data-dependent control flow: neither tracer follows it
+            return self.fc2(h.relu())
+        return self.fc2(h)
+"""
+
+
+def test_inspect_reports_the_layers_of_a_model_no_tracer_captures(workdir):
+    import importlib.util
+
+    (workdir / "untraceable_net.py").write_text(_UNTRACEABLE)
+    spec = importlib.util.spec_from_file_location("untraceable_net", workdir / "untraceable_net.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["untraceable_net"] = module
+    try:
+        spec.loader.exec_module(module)
+        torch.save(module.Untraceable(), workdir / "untraceable.pt")
+    finally:
+        del sys.modules["untraceable_net"]
+    r = vcon("inspect", "untraceable.pt", "--trust-pickle", "--input-shape", "2x8", cwd=workdir)
+    assert r.returncode == 4, (r.returncode, r.stderr)  # CaptureError
+    assert "fc1" in r.stdout and "fc2" in r.stdout and "not captured" in r.stdout
+    error = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "if h.sum().item() > 0" in error[0]  # one line, naming the construct
+    r = vcon("inspect", "untraceable.pt", "--trust-pickle", "--input-shape", "2x8", "--json", cwd=workdir)
+    assert r.returncode == 4 and json.loads(r.stdout)["layers_found"]["fc1"]["shape"] == [16, 8]
+
+
 def test_python_dash_m_and_console_script_agree(workdir):
     r = vcon("--version", cwd=workdir)
     assert r.returncode == 0 and r.stdout.startswith("vcon-fx ")

@@ -22,7 +22,7 @@ from rich.table import Table
 from . import __version__
 from .cli_finetune import add_finetune_parser, cmd_finetune
 from .demo import add_demo_parser, cmd_demo
-from .errors import UsageError, VconError
+from .errors import CaptureError, UsageError, VconError
 
 __all__ = ["main", "build_parser"]
 
@@ -199,8 +199,12 @@ def cmd_inspect(args) -> int:
     from .methods.lowrank import LowRankConfig
 
     config = _config(args) if args.method else LowRankConfig(ratio=0.25)
-    the_plan = plan(loaded.module, config, example_inputs=loaded.example_args, example_kwargs=loaded.example_kwargs,
-                    seq_inputs=loaded.seq_inputs, **_selection_kwargs(args))
+    try:
+        the_plan = plan(loaded.module, config, example_inputs=loaded.example_args,
+                        example_kwargs=loaded.example_kwargs, seq_inputs=loaded.seq_inputs, **_selection_kwargs(args))
+    except CaptureError:
+        _uncaptured_layers(args, loaded.module)  # what the module tree alone tells, then the error
+        raise
     if args.json:
         console.print_json(json.dumps({
             "capture": the_plan.capture, "notes": the_plan.notes, "method": config.to_dict(),
@@ -220,6 +224,26 @@ def cmd_inspect(args) -> int:
                   f"{_fmt(the_plan.total_params)} → {_fmt(the_plan.params_after)} "
                   f"({the_plan.params_after / max(the_plan.total_params, 1):.1%})")
     return 0
+
+
+def _uncaptured_layers(args, model) -> None:
+    """The compressible layers a walk of the module tree finds, for a model no tracer captured."""
+    from .methods.base import COMPRESSIBLE
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, COMPRESSIBLE)}
+    if args.json:
+        console.print_json(json.dumps({"capture": None, "layers_found": {
+            n: {"type": type(m).__name__, "shape": list(m.weight.shape), "params": m.weight.numel()}
+            for n, m in layers.items()}}))
+        return
+    table = Table(title=f"{type(model).__name__}: not captured; its module tree holds {len(layers)} compressible layer(s)")
+    for col in ("layer", "type", "weight shape", "params"):
+        table.add_column(col, justify="left" if col in ("layer", "type") else "right")
+    for name, m in layers.items():
+        table.add_row(name, type(m).__name__, "×".join(map(str, m.weight.shape)), _fmt(m.weight.numel()))
+    console.print(table)
+    console.print("[yellow]no plan:[/] the graph could not be captured (reason below); layers inside a "
+                  "submodule that does trace can be reached by keeping the failing part whole (--ignore it)")
 
 
 def _plan_table(plans, excluded, title="plan") -> None:
