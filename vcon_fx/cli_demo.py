@@ -6,11 +6,7 @@ until then `python -m vcon_fx.cli_demo demo [--fast] …` runs it stand-alone.
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import os
-import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -18,9 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich import box
 from rich.table import Table
 
-from .errors import VconError
-
-__all__ = ["run_and_print", "demo_table", "main"]
+__all__ = ["run_and_print", "demo_table"]
 
 console = Console(stderr=False, highlight=False)
 errors = Console(stderr=True, highlight=False)
@@ -107,29 +101,3 @@ def _count(n: float) -> str:
 
 def _bytes(n: float) -> str:
     return f"{n / 1e3:.0f} kB" if n >= 1e3 else f"{n:.0f} B"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m vcon_fx.cli_demo demo …`) until cli.py lists the command."""
-    from .demo import add_demo_parser, cmd_demo
-
-    parser = argparse.ArgumentParser(prog="vcon-fx")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    add_demo_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return cmd_demo(args)
-    except VconError as exc:
-        if os.environ.get("VCON_DEBUG"):
-            raise
-        errors.print(f"[red]error:[/] {exc}", soft_wrap=True)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        errors.print("[red]interrupted[/]")
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

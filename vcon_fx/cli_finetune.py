@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
-import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .errors import StageError, UsageError, VconError
+from .errors import StageError, UsageError
 from .finetune import LOSSES
 from .schedule import SCHEDULES
 
-__all__ = ["add_finetune_parser", "cmd_finetune", "main"]
+__all__ = ["add_finetune_parser", "cmd_finetune"]
 
 console = Console(stderr=False, highlight=False)
 errors = Console(stderr=True, highlight=False)
@@ -152,27 +150,3 @@ def cmd_finetune(args) -> int:
 def _progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     TextColumn("{task.fields[info]}"), console=console, transient=False)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m vcon_fx.cli_finetune finetune …`) until cli.py lists the command."""
-    parser = argparse.ArgumentParser(prog="vcon-fx")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    add_finetune_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return cmd_finetune(args)
-    except VconError as exc:
-        if os.environ.get("VCON_DEBUG"):
-            raise
-        errors.print(f"[red]error:[/] {exc}", soft_wrap=True)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        errors.print("[red]interrupted[/]")
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

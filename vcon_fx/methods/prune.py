@@ -539,7 +539,6 @@ class PruneMethod(Method):
         layer = site.module
         weight = layer.weight
         out_f, in_f = weight.shape[0], weight[0].numel()
-        bias = 0 if layer.bias is None else layer.bias.numel()
         before = layer_params(layer)
         flops = 2 * out_f * in_f * site.positions
         plan = LayerPlan(
