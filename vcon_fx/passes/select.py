@@ -57,15 +57,20 @@ class Selection:
 def find_sites(gm: fx.GraphModule, example_args: tuple = (), example_kwargs: dict | None = None) -> dict[str, LayerSite]:
     """Every compressible layer called in the graph, in topological order, with output shapes.
 
-    The shapes come from one forward pass over the example inputs (hooks, no graph change);
-    without inputs the shapes are unknown and FLOPs are per position.
+    The shapes come from capture's own check run when it recorded every layer (torch.fx path),
+    else from one forward pass over the example inputs (hooks, no graph change); without inputs
+    the shapes are unknown and FLOPs are per position.
     """
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), COMPRESSIBLE):
             calls[node.target] = calls.get(node.target, 0) + 1
     shapes: dict[str, tuple[int, ...]] = {}
-    if example_args or example_kwargs:
+    recorded = gm.meta.get("vcon_shapes") or {}  # by capture's check run (torch.fx path)
+    known = recorded.get("layers", {}) if recorded.get("inputs") == input_signature(example_args, example_kwargs) else {}
+    if calls and all(p in known for p in calls):
+        shapes = {p: known[p] for p in calls}
+    elif example_args or example_kwargs:
         handles = []
         for path in calls:
             def hook(_m, _i, out, path=path):
@@ -83,6 +88,14 @@ def find_sites(gm: fx.GraphModule, example_args: tuple = (), example_kwargs: dic
             for h in handles:
                 h.remove()
     return {p: LayerSite(p, gm.get_submodule(p), shapes.get(p), n) for p, n in calls.items()}
+
+
+def input_signature(args: tuple, kwargs: dict | None) -> tuple:
+    """The shapes and dtypes of the tensor inputs: recorded layer shapes hold only for the same ones."""
+    def sig(value):
+        return (tuple(value.shape), str(value.dtype)) if isinstance(value, torch.Tensor) else repr(type(value))
+
+    return tuple(sig(a) for a in args) + tuple((k, sig(v)) for k, v in sorted((kwargs or {}).items()))
 
 
 def matches(pattern: str, path: str, module: nn.Module) -> bool:
