@@ -5,16 +5,18 @@
 
 One optimizer step is one schedule step. Everything a step does is a pure function of
 (seed, step, rank): its batch (a permutation per epoch) and its RNG (dropout), so a run that is
-killed and resumed from a checkpoint ends with the same weights as one that was not.
+killed and resumed from a checkpoint ends with the same weights as one that was not
+(`vcon_fx.batches`).
 
 Checkpoints (`checkpoint_dir/step-N/`) hold no pickle: the model as a vcon artifact
 (`model/`), optimizer tensors in `optimizer.safetensors`, everything else (schedule, optimizer
 hyper-parameters, a compact history) in `state.json`. Each is written to a temporary folder and
-renamed; the newest two are kept.
+renamed; the newest two are kept (`vcon_fx.checkpoint`).
 
 Under `torchrun` the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on GPU);
 each rank takes its slice of every global batch, β is the same on every rank (the schedule is
-a pure function of the step; checked), and only rank 0 writes files.
+a pure function of the step; checked), and only rank 0 writes files (`vcon_fx.distributed`).
+The loss, the metric and the per-group gap are measured as `vcon_fx.evaluate` describes.
 """
 
 from __future__ import annotations
@@ -24,22 +26,23 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
 import signal
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils.data import Dataset, Subset, default_collate
 
-from .errors import ArtifactError, ConfigError, DataError, StageError, TrainingError
-from .passes.blend import Blend, blend_modules, get_betas, set_beta
+from .batches import StepBatches, mix_seed, split_batch, to_device
+from .checkpoint import CHECKPOINT_FORMAT, latest_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import Distributed
+from .errors import ConfigError, DataError, StageError, TrainingError
+from .evaluate import LOSSES, GapProbe, at_beta, choose_loss, eval_mode, evaluate, prediction, training_loss
+from .passes.blend import blend_modules, get_betas
 from .recipe import recipe_of
 from .schedule import SCHEDULES, default_transition, make_schedule
 
@@ -47,13 +50,10 @@ __all__ = ["finetune", "FinetuneResult", "LOSSES", "latest_checkpoint", "CHECKPO
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("auto", "task", "distill", "mse", "kl")
-CHECKPOINT_FORMAT = "vcon-fx-checkpoint"
-_CHECKPOINT_VERSION = 1
-_KEEP_CHECKPOINTS = 2          # older step-N folders are removed once a newer one is complete
 _EVAL_SUBSET = 1024            # without eval data, the metric is measured on this many training examples
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-_COMPACT = ("step", "beta", "loss", "eval")  # the per-step fields a checkpoint keeps
+
+# The batch sampler under its former name: tests and benchmarks/accuracy.py import it from here.
+_StepBatches = StepBatches
 
 
 @dataclass
@@ -173,7 +173,7 @@ def finetune(
     else:
         eval_data = _as_dataset(vm, eval_data, "eval")
 
-    with _Distributed(device) as dist:
+    with Distributed(device) as dist:
         run = _Run(vm, train_data, eval_data, dist, steps=steps, transition=transition, schedule=schedule, lr=lr,
                    batch_size=batch_size, loss=loss, eval_every=eval_every, seed=seed, save_every=save_every,
                    checkpoint_dir=checkpoint_dir, resume=resume, log_path=log_path, on_step=on_step,
@@ -222,180 +222,11 @@ def _as_dataset(vm, data, what: str) -> Dataset:
     return data
 
 
-# ── distributed set-up ─────────────────────────────────────────────────────────────────────
-
-
-class _Distributed:
-    """Joins the process group torchrun describes (and leaves it if it joined it)."""
-
-    def __init__(self, device):
-        self.requested = torch.device(device)
-        self.created = False
-        self.rank, self.world = 0, 1
-
-    def __enter__(self) -> "_Distributed":
-        import torch.distributed as tdist
-
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.enabled = (tdist.is_available() and tdist.is_initialized()) or world > 1
-        device = self.requested
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device {device} was asked for, but this PyTorch sees no CUDA GPU: use device 'cpu'")
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        self.device = device
-        if self.enabled and not tdist.is_initialized():
-            tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-            self.created = True
-        if self.enabled:
-            self.rank, self.world = tdist.get_rank(), tdist.get_world_size()
-            self.comm = device if tdist.get_backend() == "nccl" else torch.device("cpu")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.created:
-            import torch.distributed as tdist
-
-            tdist.destroy_process_group()
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, values: list[float]) -> list[float]:
-        """Sum of `values` over ranks (identity in one process)."""
-        if self.world == 1:
-            return values
-        import torch.distributed as tdist
-
-        t = torch.tensor(values, dtype=torch.float64, device=self.comm)
-        tdist.all_reduce(t)
-        return t.tolist()
-
-    def gather(self, values: list[float]) -> list[list[float]]:
-        if self.world == 1:
-            return [values]
-        import torch.distributed as tdist
-
-        t = torch.tensor(values, dtype=torch.float64, device=self.comm)
-        out = [torch.empty_like(t) for _ in range(self.world)]
-        tdist.all_gather(out, t)
-        return [o.tolist() for o in out]
-
-
-# ── batches: a pure function of (seed, step, rank) ─────────────────────────────────────────
-
-
-class _StepBatches:
-    """Index lists for steps first..last: global batch t covers positions [(t−1)·G, t·G) of an endless
-    sequence of per-epoch permutations; rank r takes its slice [r·B, (r+1)·B) of it."""
-
-    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int, first: int, last: int):
-        self.n, self.batch, self.rank, self.world, self.seed = n, batch, rank, world, seed
-        self.first, self.last = first, last
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def __len__(self) -> int:
-        return max(0, self.last - self.first + 1)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for t in range(self.first, self.last + 1):
-            yield self.indices(t)
-
-    def indices(self, t: int) -> list[int]:
-        start = (t - 1) * self.batch * self.world + self.rank * self.batch
-        return [self._index(p) for p in range(start, start + self.batch)]
-
-    def _index(self, position: int) -> int:
-        epoch, i = divmod(position, self.n)
-        if epoch not in self._perms:
-            if len(self._perms) > 2:
-                self._perms.pop(min(self._perms))
-            gen = torch.Generator().manual_seed(_mix_seed(self.seed, epoch, 0x5EED))
-            self._perms[epoch] = torch.randperm(self.n, generator=gen)
-        return int(self._perms[epoch][i])
-
-
-def _mix_seed(*parts: int) -> int:
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
-# ── batches → model inputs ─────────────────────────────────────────────────────────────────
-
-
-def _split(batch) -> tuple[tuple, dict, torch.Tensor | None]:
-    """(args, kwargs, labels) from a collated batch of any item form `finetune` reads."""
-    if isinstance(batch, torch.Tensor):
-        return (batch,), {}, None
-    if isinstance(batch, Mapping):
-        kwargs = dict(batch)
-        labels = kwargs.pop("labels", None)
-        if labels is None:
-            labels = kwargs.pop("label", None)
-        return (), kwargs, labels
-    if isinstance(batch, (list, tuple)) and batch:
-        first = batch[0]
-        labels = batch[1] if len(batch) > 1 else None
-        if isinstance(first, Mapping):
-            return (), dict(first), labels
-        return (first,), {}, labels
-    raise DataError(f"a data item must be a tensor, (input, label) or a dict of inputs, got {type(batch).__name__}")
-
-
-def _to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, Mapping):
-        return {k: _to(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to(v, device) for v in obj)
-    return obj
-
-
-def _leaves(out) -> list[torch.Tensor]:
-    """The floating-point tensors of a model output, in order."""
-    if isinstance(out, torch.Tensor):
-        return [out] if out.is_floating_point() else []
-    if isinstance(out, Mapping):
-        return [t for v in out.values() for t in _leaves(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _leaves(v)]
-    return []
-
-
-def _logits(out) -> torch.Tensor | None:
-    if isinstance(out, Mapping) and isinstance(out.get("logits"), torch.Tensor):
-        return out["logits"]
-    return None
-
-
-def _primary(out) -> torch.Tensor:
-    """The prediction: `logits` when the output names them, else the first tensor."""
-    found = _logits(out)
-    if found is not None:
-        return found
-    leaves = _leaves(out)
-    if not leaves:
-        raise DataError(f"the model returns {type(out).__name__} with no floating-point tensor: it cannot be trained")
-    return leaves[0]
-
-
-def _flat(out, n: int) -> torch.Tensor:
-    """Every floating-point output, flattened per example and concatenated: (n, D)."""
-    return torch.cat([t.reshape(n, -1) for t in _leaves(out)], dim=1)
-
-
 # ── the run ────────────────────────────────────────────────────────────────────────────────
 
 
 class _Run:
-    def __init__(self, vm, train_data, eval_data, dist: _Distributed, *, steps, transition, schedule, lr, batch_size,
+    def __init__(self, vm, train_data, eval_data, dist: Distributed, *, steps, transition, schedule, lr, batch_size,
                  loss, eval_every, seed, save_every, checkpoint_dir, resume, log_path, on_step, schedule_options,
                  gap_every, num_workers, eval_on):
         self.vm, self.train_data, self.eval_data, self.dist = vm, train_data, eval_data, dist
@@ -421,9 +252,9 @@ class _Run:
         was_training = vm.training
         vm.to(self.device)
         self._probe_batches()
-        first_args, first_kwargs, first_labels = _split(default_collate([self.train_data[0]]))
-        self.loss_kind = self._loss_kind(first_args, first_kwargs, first_labels)
-        self.metric = "accuracy" if _split(default_collate([self.eval_data[0]]))[2] is not None else "cosine"
+        first_args, first_kwargs, first_labels = split_batch(default_collate([self.train_data[0]]))
+        self.loss_kind = choose_loss(self.loss_requested, vm, first_args, first_kwargs, first_labels, self.device)
+        self.metric = "accuracy" if split_batch(default_collate([self.eval_data[0]]))[2] is not None else "cosine"
         self.num_classes = self._check_labels(first_args, first_kwargs)
 
         self.schedule = make_schedule(self.schedule_kind, vm, transition=self.transition, **self.schedule_options)
@@ -436,13 +267,7 @@ class _Run:
         try:
             self._open_log(start)
             self._check_betas_agree()
-            model = vm
-            if self.dist.world > 1:
-                from torch.nn.parallel import DistributedDataParallel
-
-                # Blend skips a branch at β = 0 or 1, so the set of used parameters changes with β.
-                model = DistributedDataParallel(vm, device_ids=[self.device] if self.device.type == "cuda" else None,
-                                                find_unused_parameters=True)
+            model = self.dist.wrap(vm)
             if start == 0:
                 self._evaluate_start()
             with self._sigint():
@@ -465,10 +290,10 @@ class _Run:
     def _probe_batches(self) -> None:
         """One forward at 1 and at batch_size examples: a model that cannot take them fails here, in one line."""
         for n in sorted({1, min(self.batch_size, len(self.train_data))}):
-            args, kwargs, _ = _split(default_collate([self.train_data[i] for i in range(n)]))
+            args, kwargs, _ = split_batch(default_collate([self.train_data[i] for i in range(n)]))
             try:
-                with torch.no_grad(), _eval_mode(self.vm):
-                    self.vm(*_to(args, self.device), **_to(kwargs, self.device))
+                with torch.no_grad(), eval_mode(self.vm):
+                    self.vm(*to_device(args, self.device), **to_device(kwargs, self.device))
             except Exception as exc:
                 lines = str(exc).strip().splitlines()
                 raise DataError(
@@ -477,27 +302,12 @@ class _Run:
                     "size: re-export it with dynamic_shapes={'x': {0: torch.export.Dim.DYNAMIC}}"
                 ) from None
 
-    def _loss_kind(self, args, kwargs, labels) -> str:
-        loss = self.loss_requested
-        if loss == "task":
-            if labels is None:
-                raise DataError("loss 'task' needs labels, but the training data has none: add labels (key 'labels'), "
-                                "or use loss 'distill' / 'auto'")
-            return "task"
-        if loss == "auto" and labels is not None:
-            return "task"
-        if loss in ("mse", "kl"):
-            return loss
-        with torch.no_grad(), _eval_mode(self.vm):
-            out = self.vm(*_to(args, self.device), **_to(kwargs, self.device))
-        return "kl" if _logits(out) is not None else "mse"
-
     def _check_labels(self, args, kwargs) -> int | None:
         """The model's class count, after checking every label the data keeps apart lies below it."""
         if self.loss_kind != "task" and self.metric != "accuracy":
             return None
-        with torch.no_grad(), _eval_mode(self.vm):
-            pred = _primary(self.vm(*_to(args, self.device), **_to(kwargs, self.device)))
+        with torch.no_grad(), eval_mode(self.vm):
+            pred = prediction(self.vm(*to_device(args, self.device), **to_device(kwargs, self.device)))
         if pred.dim() < 2:
             raise DataError(f"the model's output has shape {tuple(pred.shape)}, not (N, classes): labels cannot be "
                             "used; drop them to distill from the original model")
@@ -512,8 +322,8 @@ class _Run:
     # ── the loop ─────────────────────────────────────────────────────────────────────────
 
     def _loop(self, model: nn.Module, start: int) -> None:
-        batches = _StepBatches(len(self.train_data), self.batch_size, self.dist.rank, self.dist.world, self.seed,
-                               start + 1, self.steps)
+        batches = StepBatches(len(self.train_data), self.batch_size, self.dist.rank, self.dist.world, self.seed,
+                              start + 1, self.steps)
         loader = torch.utils.data.DataLoader(self.train_data, batch_sampler=batches, num_workers=self.num_workers,
                                              collate_fn=default_collate)
         model.train()
@@ -524,21 +334,21 @@ class _Run:
 
     def _step(self, model: nn.Module, t: int, batch) -> None:
         vm = self.vm
-        args, kwargs, labels = _split(batch)
+        args, kwargs, labels = split_batch(batch)
         if self.loss_kind == "task":
             bad = (labels != -100) & ((labels < 0) | (labels >= self.num_classes))
             if bool(bad.any()):
                 raise DataError(f"step {t}: label {int(labels[bad][0])} is out of range for a model with "
                                 f"{self.num_classes} outputs (classes 0…{self.num_classes - 1}): renumber the labels")
-        args, kwargs = _to(args, self.device), _to(kwargs, self.device)
-        labels = _to(labels, self.device)
+        args, kwargs = to_device(args, self.device), to_device(kwargs, self.device)
+        labels = to_device(labels, self.device)
         betas = get_betas(vm)
         measure_gap = t == 1 or t % self.gap_every == 0 or t == self.steps
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(_mix_seed(self.seed, t, self.dist.rank))
-            with _GapProbe(vm) if measure_gap else contextlib.nullcontext() as probe:
+            torch.manual_seed(mix_seed(self.seed, t, self.dist.rank))
+            with GapProbe(vm) if measure_gap else contextlib.nullcontext() as probe:
                 out = model(*args, **kwargs)
-            loss = self._loss(out, args, kwargs, labels)
+            loss = training_loss(self.loss_kind, vm, out, args, kwargs, labels)
             total, signalled = self.dist.sum([float(loss.detach()), float(self.signalled)])
             mean_loss = total / self.dist.world
             if not math.isfinite(mean_loss):
@@ -568,64 +378,21 @@ class _Run:
         if self.save_every and t % self.save_every == 0 and t != self.steps:
             self._save(t)
 
-    def _loss(self, out, args, kwargs, labels) -> torch.Tensor:
-        if self.loss_kind == "task":
-            logits = _primary(out)
-            if tuple(logits.shape[:-1]) != tuple(labels.shape):
-                raise DataError(f"labels of shape {tuple(labels.shape)} do not match the model's predictions "
-                                f"{tuple(logits.shape)}: give one class per example (or per token)")
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), ignore_index=-100)
-        teacher = self._teacher(args, kwargs)
-        if self.loss_kind == "kl":
-            s, te = _primary(out), _primary(teacher)
-            s, te = s.reshape(-1, s.shape[-1]), te.reshape(-1, te.shape[-1])
-            return F.kl_div(F.log_softmax(s, -1), F.log_softmax(te, -1), log_target=True, reduction="batchmean")
-        n = _primary(out).shape[0]
-        return F.mse_loss(_flat(out, n), _flat(teacher, n))
-
-    @torch.no_grad()
-    def _teacher(self, args, kwargs):
-        """The original model's outputs: the same graph at β = 1 (no second copy)."""
-        with _eval_mode(self.vm), _at_beta(self.vm, 1.0):
-            return self.vm(*args, **kwargs)
-
     # ── evaluation ───────────────────────────────────────────────────────────────────────
 
     def _evaluate_start(self) -> None:
-        with _at_beta(self.vm, 1.0):
+        with at_beta(self.vm, 1.0):
             before = 1.0 if self.metric == "cosine" else self._evaluate()
-        with _at_beta(self.vm, 0.0):
+        with at_beta(self.vm, 0.0):
             compressed = self._evaluate()
         self.metrics.update(before=before, before_compressed=compressed)
         betas = get_betas(self.vm)
         self._record({"step": 0, "beta": sum(betas.values()) / len(betas), "betas": betas,
                       "eval": {self.metric: before, f"{self.metric}_compressed": compressed}})
 
-    @torch.no_grad()
     def _evaluate(self) -> float:
-        """Accuracy (labels) or mean cosine to the β = 1 outputs, over every rank's share of the eval data."""
-        vm, ds = self.vm, self.eval_data
-        total, count = 0.0, 0.0
-        with _eval_mode(vm):
-            idx = list(range(self.dist.rank, len(ds), self.dist.world))
-            for lo in range(0, len(idx), self.batch_size):
-                args, kwargs, labels = _split(default_collate([ds[i] for i in idx[lo:lo + self.batch_size]]))
-                args, kwargs = _to(args, self.device), _to(kwargs, self.device)
-                out = vm(*args, **kwargs)
-                if self.metric == "accuracy":
-                    labels = _to(labels, self.device)
-                    pred = _primary(out).argmax(-1)
-                    keep = labels != -100
-                    total += float((pred[keep] == labels[keep]).sum())
-                    count += float(keep.sum())
-                else:
-                    with _at_beta(vm, 1.0):
-                        ref = vm(*args, **kwargs)
-                    n = _primary(out).shape[0]
-                    total += float(F.cosine_similarity(_flat(out, n), _flat(ref, n), dim=1, eps=1e-12).sum())
-                    count += n
-        total, count = self.dist.sum([total, count])
-        return total / max(count, 1.0)
+        return evaluate(self.vm, self.eval_data, self.metric, batch_size=self.batch_size, device=self.device,
+                        dist=self.dist)
 
     # ── records ──────────────────────────────────────────────────────────────────────────
 
@@ -696,71 +463,17 @@ class _Run:
         if self.checkpoint_dir is None:
             return
         if self.dist.main:
-            from .artifact import save
-            from .fileio import atomic_dir
-            from safetensors.torch import save_file
-
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            folder = self.checkpoint_dir / f"step-{t}"
-            tensors, plain = _optimizer_state(self.optimizer)
-            state = {
-                "format": CHECKPOINT_FORMAT,
-                "version": _CHECKPOINT_VERSION,
-                "step": t,
-                "schedule": self.schedule.state_dict(),
-                "optimizer": plain,
-                "run": self._run_settings(),
-                "rng": {"kind": "per-step", "seed": self.seed, "note": "data order and dropout derive from (seed, step, rank)"},
-                "metrics": self.metrics,
-                # compact (the JSON log holds everything): a checkpoint stays small on long runs
-                "history": [{k: h[k] for k in _COMPACT if k in h} for h in self.history],
-            }
-            with atomic_dir(folder) as tmp:
-                save(self.vm, tmp / "model")
-                save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={"format": CHECKPOINT_FORMAT})
-                (tmp / "state.json").write_text(json.dumps(state))
-            self._prune()
-            log.info("checkpoint: %s", folder)
+            save_checkpoint(self.checkpoint_dir, t, self.vm, self.optimizer, self.schedule, run=self._run_settings(),
+                            seed=self.seed, metrics=self.metrics, history=self.history)
         self.last_checkpoint = self.checkpoint_dir / f"step-{t}"
-
-    def _prune(self) -> None:
-        done = _checkpoints(self.checkpoint_dir)
-        for _step, old in done[:-_KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
 
     def _restore(self) -> int:
         found = latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir.is_dir() else None
         if found is None:
             log.info("no checkpoint in %s: starting from step 0", self.checkpoint_dir)
             return 0
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file, load_model
-
-        from .artifact import WEIGHTS_FILE
-
-        try:
-            state = json.loads((found / "state.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ArtifactError(f"{found / 'state.json'} is unreadable ({e}): delete {found} to resume from the one "
-                                "before") from None
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("version", 0) > _CHECKPOINT_VERSION:
-            raise ArtifactError(f"{found} is not a vcon-fx checkpoint this version reads: use a fresh checkpoint_dir")
-        saved, now = state.get("run", {}), self._run_settings()
-        for key in ("seed", "batch_size", "loss", "schedule"):
-            if saved.get(key) != now[key]:
-                raise ConfigError(f"checkpoint {found} was made with {key}={saved.get(key)!r}, this run asks for "
-                                  f"{now[key]!r}: resume with the same settings, or use a new checkpoint_dir")
-        for key in ("steps", "lr", "world_size"):
-            if saved.get(key) != now[key]:
-                log.warning("resuming %s made with %s=%r; this run uses %r", found, key, saved.get(key), now[key])
-        try:
-            load_model(self.vm, str(found / "model" / WEIGHTS_FILE), strict=True, device=str(self.device))
-            tensors = load_file(str(found / "optimizer.safetensors"), device=str(self.device))
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise ArtifactError(f"checkpoint {found} does not fit this model ({str(e).splitlines()[0][:160]}): "
-                                "resume the model it was made from, or use a new checkpoint_dir") from None
-        self.optimizer.load_state_dict(_optimizer_state_dict(tensors, state["optimizer"]))
-        self.schedule.load_state_dict(state["schedule"])
+        state = load_checkpoint(found, self.vm, self.optimizer, self.schedule, run=self._run_settings(),
+                                device=self.device)
         self.metrics = dict(state.get("metrics", {}))
         step = int(state["step"])
         self.history = self._logged_history(step) or list(state.get("history", []))
@@ -796,118 +509,3 @@ class _Run:
         log.warning("interrupted at step %d: no checkpoint_dir, nothing saved", t)
         return KeyboardInterrupt(f"interrupted at step {t} (no checkpoint_dir: nothing saved)")
 
-
-# ── helpers ────────────────────────────────────────────────────────────────────────────────
-
-
-@contextlib.contextmanager
-def _at_beta(model: nn.Module, beta: float):
-    """Temporarily set every β (through set_beta), then restore each group's value."""
-    saved = get_betas(model)
-    set_beta(model, beta)
-    try:
-        yield
-    finally:
-        set_beta(model, saved)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """eval() for the duration (no dropout, no batch-norm updates), then each module's own mode back."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
-class _GapProbe:
-    """‖dense − compressed‖ / ‖dense‖ per group over one forward pass, from forward hooks.
-
-    Both branches run when 0 < β < 1; at β = 0 or 1 the missing one is run here, under no_grad and in
-    eval mode, so it changes neither the gradients, nor batch-norm statistics, nor the RNG.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.blends = blend_modules(model)
-        self.sums: dict[str, list[float]] = {g: [0.0, 0.0] for g in self.blends}
-        self.handles: list = []
-
-    def __enter__(self) -> "_GapProbe":
-        for group, blend in self.blends.items():
-            seen: dict[str, torch.Tensor] = {}
-
-            def record(role, seen=seen):
-                def hook(_module, _args, output):
-                    seen[role] = _primary_detached(output)
-                return hook
-
-            def finish(module: Blend, args, kwargs, _output, seen=seen, group=group):
-                with torch.no_grad():
-                    for role in ("dense", "compressed"):
-                        if role not in seen:
-                            with _eval_mode(getattr(module, role)):
-                                seen[role] = _primary_detached(getattr(module, role)(*args, **kwargs))
-                    d, c = seen.pop("dense").float(), seen.pop("compressed").float()
-                    self.sums[group][0] += float((d - c).square().sum())
-                    self.sums[group][1] += float(d.square().sum())
-
-            self.handles.append(blend.dense.register_forward_hook(record("dense")))
-            self.handles.append(blend.compressed.register_forward_hook(record("compressed")))
-            self.handles.append(blend.register_forward_hook(finish, with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
-
-    def gaps(self) -> dict[str, float]:
-        return {g: math.sqrt(num / den) if den > 0 else 0.0 for g, (num, den) in self.sums.items()}
-
-
-def _primary_detached(out) -> torch.Tensor:
-    leaves = _leaves(out)
-    return leaves[0].detach() if leaves else torch.zeros(())
-
-
-def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Optimizer state split into tensors (for safetensors) and JSON-able values (no pickle)."""
-    sd = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    plain: dict[str, dict[str, Any]] = {}
-    for pid, entry in sd["state"].items():
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{pid}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                plain.setdefault(str(pid), {})[key] = value
-    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"param_groups": groups, "state": plain, "tensor_keys": sorted(tensors)}
-
-
-def _optimizer_state_dict(tensors: Mapping[str, torch.Tensor], plain: Mapping[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        _, pid, key = name.split(".", 2)
-        state.setdefault(int(pid), {})[key] = value
-    for pid, entry in plain.get("state", {}).items():
-        state.setdefault(int(pid), {}).update(entry)
-    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in plain["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    found = []
-    for child in folder.iterdir() if folder.is_dir() else ():
-        m = _STEP_DIR.match(child.name)
-        if m and (child / "state.json").is_file():
-            found.append((int(m.group(1)), child))
-    return sorted(found)
-
-
-def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
-    """The newest complete `step-N` folder in `checkpoint_dir`, or None (pure)."""
-    found = _checkpoints(Path(checkpoint_dir))
-    return found[-1][1] if found else None
