@@ -363,3 +363,19 @@ def test_a_bare_string_target_is_one_pattern():
     except UsageError:  # refusing it clearly is fine too
         return
     assert got == ["fc2"]
+
+
+def test_find_sites_reuses_the_capture_check_shapes_only_for_the_same_inputs():
+    from vcon_fx.capture import capture
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(3, 8)
+    gm = capture(model, (x,), mode="fx").gm
+    calls = []
+    handle = gm.get_submodule("0").register_forward_hook(lambda *_: calls.append(1))
+    sites = find_sites(gm, (x,))
+    assert calls == [] and sites["2"].out_shape == (3, 4)  # no forward: the check run's shapes
+    sites = find_sites(gm, (torch.randn(5, 8),))
+    assert calls == [1] and sites["2"].out_shape == (5, 4)  # other inputs: measured again
+    handle.remove()
