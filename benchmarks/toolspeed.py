@@ -10,9 +10,7 @@
    the CLI default), 1×3×224×224. Target: < 1 s. Also the whole CLI command, for reference.
 
 Both are broken down by phase (wall time of capture, normalize, find_sites, select, plan,
-duplicate, SVD, …, by wrapping the library's own functions) and profiled with cProfile. One
-proposed fix that is not in the library is measured by monkeypatching it here: the row marked
-"prototype".
+duplicate, SVD, …, by wrapping the library's own functions) and profiled with cProfile.
 
     .venv/bin/python benchmarks/toolspeed.py                 # → benchmarks/TOOLSPEED.md
     .venv/bin/python benchmarks/toolspeed.py --tiny --out /tmp/t.md   # smoke test (tiny MLP, resnet18 32×32)
@@ -141,56 +139,6 @@ def _short(line: str) -> str:
     for prefix in (str(ROOT / ".venv/lib/python3.11/site-packages") + "/", str(ROOT) + "/"):
         line = line.replace(prefix, "")
     return line
-
-
-# ── a prototype of a proposed fix (not in the library) ──────────────────────────────────────
-
-
-@contextlib.contextmanager
-def sites_from_check_run():
-    """Proposed in capture.py/select.py: record layer output shapes during capture's own check
-    run (torch.fx path), so find_sites needs no second forward of the model."""
-    import torch
-
-    from vcon_fx import api, capture as cap
-    from vcon_fx.methods.base import COMPRESSIBLE, LayerSite
-
-    shapes: dict[str, tuple] = {}
-    original_trace, original_find = cap._fx_trace, api.find_sites
-
-    def trace(model, args, kwargs, patterns, leaves):
-        shapes.clear()
-
-        def hook(_m, _i, out, path):
-            if isinstance(out, torch.Tensor):  # not while tracing (proxies), only in the check run
-                shapes.setdefault(path, tuple(out.shape))
-
-        handles = [m.register_forward_hook(lambda _m, _i, out, path=path: hook(_m, _i, out, path))
-                   for path, m in model.named_modules() if isinstance(m, COMPRESSIBLE)]
-        try:
-            return original_trace(model, args, kwargs, patterns, leaves)
-        finally:
-            for h in handles:
-                h.remove()
-
-    def find_sites(gm, example_args=(), example_kwargs=None):
-        calls: dict[str, int] = {}
-        for node in gm.graph.nodes:
-            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), COMPRESSIBLE):
-                calls[node.target] = calls.get(node.target, 0) + 1
-        if not all(p in shapes for p in calls):  # not the fx path: fall back to the forward
-            return original_find(gm, example_args, example_kwargs)
-        return {p: LayerSite(p, gm.get_submodule(p), shapes[p], n) for p, n in calls.items()}
-
-    cap._fx_trace, api.find_sites = trace, find_sites
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        cap._fx_trace, api.find_sites = original_trace, original_find
-
-
-PROTOTYPE_ROW = "plan, shapes from the check run (prototype, not in the library)"
 
 
 # ── the two measurements ────────────────────────────────────────────────────────────────────
@@ -363,10 +311,6 @@ def inspect_part(args) -> str:
     def plan():
         return vcon_fx.plan(lm.module, config, example_inputs=lm.example_args)
 
-    def plan_fixed():
-        with sites_from_check_run():
-            return vcon_fx.plan(lm.module, config, example_inputs=lm.example_args)
-
     def forward():
         with torch.no_grad():
             lm.module(*lm.example_args)
@@ -375,12 +319,9 @@ def inspect_part(args) -> str:
     phases = Phases()
     t = time.perf_counter()
     with phases.active():
-        p = plan()
+        plan()
     first = time.perf_counter() - t
-    fixed = plan_fixed()
-    same = [(a.path, a.flops_before, a.flops_after) for a in p.plans.values()] == \
-        [(a.path, a.flops_before, a.flops_after) for a in fixed.plans.values()]
-    candidates = {"forward (no grad)": forward, "plan": plan, PROTOTYPE_ROW: plan_fixed}
+    candidates = {"forward (no grad)": forward, "plan": plan}
     times: dict[str, list[float]] = {k: [] for k in candidates}
     for _ in range(args.rounds * 2):
         for k, fn in candidates.items():
@@ -389,7 +330,6 @@ def inspect_part(args) -> str:
             times[k].append(time.perf_counter() - t)
     rows = [[k, f"{statistics.median(v):.3f}", f"{min(v):.3f}"] for k, v in times.items()]
     plan_s = statistics.median(times["plan"])
-    fixed_s = statistics.median(times[PROTOTYPE_ROW])
     prof_text, prof_wall = cprofile_top(plan, 14)
     cli = cli_time(name, args)
     return f"""## 2. `vcon-fx inspect torchvision:{name}` (the `vcon_fx.plan` call)
@@ -400,8 +340,7 @@ model already loaded (load_model: {load_s:.2f} s, not counted). torch threads: {
 
 {markdown_table(["what", "seconds (median)", "best"], rows)}
 
-Target plan < 1 s: **{'MET' if plan_s < 1 else 'MISSED'}** ({plan_s:.2f} s; the prototype, not in the
-library: {fixed_s:.2f} s, same plan: {same}).
+Target plan < 1 s: **{'MET' if plan_s < 1 else 'MISSED'}** ({plan_s:.2f} s, median; {plan_s / statistics.median(times["forward (no grad)"]):.1f}× one forward).
 
 Phases of one plan ({first:.2f} s):
 
@@ -456,15 +395,15 @@ FINDINGS = """
    elsewhere): the per-layer table times both routes on the default thread count and on one.
    The library leaves torch's thread count alone; on a loaded machine, `torch.set_num_threads(1)`
    around transform is the caller's choice.
-3. **One forward too many** (capture.py `_fx_trace`, select.py `find_sites`; not in the library,
-   the prototype row of table 2). `plan` runs the model three times on the example inputs: the
-   original and the traced graph in capture's check run, then the graph again in `find_sites`
-   for the layers' output shapes. Fix: register forward hooks on the Linear/Conv modules
-   around the check run's `model(*args)`, keep the shapes in `gm.meta["vcon_shapes"]`, and let
-   `find_sites` use them when every called layer has one (torch.export graphs keep running it).
-   Same plan (the prototype row checks it), one forward fewer. The rest of `plan` is the check
-   run itself (two forwards) and one deep copy of the model, so `inspect` under 1 s needs a
-   forward well under half a second.
+3. **One forward fewer** (capture.py `_fx_trace`, select.py `find_sites`). `plan` used to run
+   the model three times on the example inputs: the original and the traced graph in capture's
+   check run, then the graph again in `find_sites` for the layers' output shapes. The check run
+   now records every Linear/Conv output shape (forward hooks on the traced graph's modules) in
+   `gm.meta["vcon_shapes"]` with the inputs' signature, and `find_sites` takes them when the
+   inputs match and every called layer has one (torch.export graphs and lifted functional
+   layers still run the extra forward). What is left of `plan` is the check run itself (two
+   forwards), one deep copy of the model and the per-layer checks (finite weights), so its
+   time is about two forwards plus a little (the "× one forward" figure above).
 4. **Example inputs set the price** of capture's check run and `find_sites`: they run at the
    size given. Small example inputs (batch 1–2, a short sequence) capture the same graph
    faster; the plan's FLOPs then refer to that shape.
