@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -311,6 +312,29 @@ def markdown(results: dict, machine: str) -> str:
     return "\n".join(lines)
 
 
+def readme_section(results: dict) -> str:
+    """The README's zoo section: counts per family, every model that does not pass with its reason."""
+    order = {n: i for i, (n, _) in enumerate(all_models())}
+    rows = sorted(results.values(), key=lambda r: order.get(r["model"], 10**6))
+    counts = []
+    for family in ("classification", "segmentation", "detection", "detection backbone"):
+        fam = [r for r in rows if r.get("family") == family]
+        if fam:
+            counts.append(f"{family} {sum(r['status'] == 'pass' for r in fam)} of {len(fam)}")
+    lines = ["Passing, per family: " + "; ".join(counts) + ".", "",
+             "| model | family | stopped at | reason |", "|---|---|---|---|"]
+    for r in rows:
+        if r["status"] != "pass":
+            reason = r.get("reason", "the sweep did not reach it") if r["status"] != "running" else "not run yet"
+            # keep where each tracer stopped; the tracers' own messages are in ZOO.md
+            reason = re.sub(r"\) \w+(?:Error|Node): [^;]*", ")", reason.removeprefix("CaptureError: "))
+            reason = reason.replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {r['model']} | {r['family']} | {r.get('stage', '–')} | {reason[:400]} |")
+    passed = [r["model"] for r in rows if r["status"] == "pass"]
+    lines += ["", f"Passing ({len(passed)}): " + ", ".join(passed) + "."]
+    return "\n".join(lines)
+
+
 def machine_line() -> str:
     try:
         model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -328,6 +352,7 @@ def main(argv=None) -> int:
     parser.add_argument("--retry", action="store_true", help="run models that already have a result again")
     parser.add_argument("--limit", type=int, default=TIME_LIMIT_S, help="seconds per model")
     parser.add_argument("--markdown-only", action="store_true")
+    parser.add_argument("--readme", action="store_true", help="print the README's zoo section from the JSON")
     parser.add_argument("--largest-first", action="store_true", help="for a second sweep beside the first")
     args = parser.parse_args(argv)
     if args.worker:
@@ -341,6 +366,9 @@ def main(argv=None) -> int:
         name, family, out = args.worker
         record = run_one(name, family)
         Path(out).write_text(json.dumps(record))
+        return 0
+    if args.readme:
+        print(readme_section(load_results()))
         return 0
     names = all_models()
     if args.only:
