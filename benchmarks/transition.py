@@ -47,8 +47,6 @@ CONFIGS = {
     "beta05": ("blended, β = 0.5", None, 0.5, False, True),
     "beta0": ("blended, β = 0 after β = 0.5 steps", 0.5, 0.0, False, True),
     "beta0_keepgrad": ("blended, β = 0 after β = 0.5 steps, zero_grad(set_to_none=False)", 0.5, 0.0, False, False),
-    "beta0_released": ("blended, β = 0 after β = 0.5 steps, set_to_none=False, dense released at β = 0 "
-                       "(proposed set_beta fix, prototype)", 0.5, 0.0, False, False),
     "frozen05": ("blended, freeze_dense, β = 0.5", None, 0.5, True, True),
     "frozen0": ("blended, freeze_dense, β = 0 after β = 0.5 steps", 0.5, 0.0, True, True),
     "compressed": ("compressed only (vanished)", None, None, False, True),
@@ -193,8 +191,6 @@ class Runner:
                 self.step()
         if self.beta is not None:
             vcon_fx.set_beta(self.model, self.beta)
-        if self.key == "beta0_released":
-            release_dense(self.blends)
         for _ in range(steps):
             self.step()
         self.warm = True
@@ -228,19 +224,6 @@ class Runner:
             "dense_adam_state_mb": mb(dense_state),
             "dense_requires_grad": any(p.requires_grad for p in self.dense_params) if self.dense_params else None,
         }
-
-
-def release_dense(blends) -> None:
-    """Prototype of the proposed set_beta change: a group reaching β = 0 stops training its dense
-    branch (requires_grad off, gradient dropped), unless the twin shares those parameters."""
-    for blend in blends:
-        if blend.beta_value > 0.0:
-            continue
-        shared = {id(p) for p in blend.compressed.parameters()}
-        for p in blend.dense.parameters():
-            if id(p) not in shared:
-                p.grad = None
-                p.requires_grad_(False)
 
 
 # ── memory worker (one configuration per fresh process) ────────────────────────────────────
@@ -373,7 +356,7 @@ def section(model: str, times: dict, desc: str, facts: dict, mem: dict, args) ->
                 checks.append(f"- {CONFIGS[key][0]}: step = {r['ratio']:.2f} × (dense + compressed): "
                               f"{'MET' if r['ratio'] <= 1.1 else 'MISSED'} (≤ 1.10)")
     if "compressed" in times:
-        for key in ("beta0", "beta0_keepgrad", "beta0_released", "frozen0"):
+        for key in ("beta0", "beta0_keepgrad", "frozen0"):
             if key in times:
                 r = ratio(times, key, "compressed")
                 checks.append(f"- {CONFIGS[key][0]}: step = {r['ratio']:.2f} × compressed: "
@@ -459,26 +442,23 @@ def main(argv: list[str] | None = None) -> int:
 FINDINGS = """
 ## Findings
 
-1. **Blending costs what its two branches cost.** At 0 < β < 1 a blended step is 0.59–0.88 ×
-   (dense step + compressed step) on CPU and GPU, every run: Blend adds only the mix.
-2. **After the transition the dense branch costs no time** with PyTorch's default
-   `zero_grad(set_to_none=True)`: at β = 0 Blend skips it, its parameters get no gradient and
-   Adam skips them (0.86–1.03 × the compressed step on CPU, 0.99–1.01 × on the H200). It still
-   costs **memory** until `vanish`: the dense weights and their Adam state (bert 11 + 22 MB,
-   resnet18 42 + 85 MB) stay allocated (H200 resnet18: 309 MB peak at β = 0 against 176 MB
-   for the compressed model alone). Vanish (or re-create the optimizer) once β has reached 0.
-3. **With `zero_grad(set_to_none=False)` the target is missed** (1.07–1.20 × compressed on CPU
-   resnet18, 1.11–1.16 × on the H200): the dense gradients stay as zeros and Adam keeps moving
-   the dense weights on their momentum. Fix, `vcon_fx/passes/blend.py` `set_beta`: when a
-   group's β becomes 0, drop its dense gradients and turn `requires_grad` off for dense
-   parameters the twin does not share (restore the flag if β rises again, unless
-   `freeze_dense`). The prototype row ("dense released at β = 0") brings it to 0.87–0.96 ×.
-4. **`freeze_dense=True` keeps no gradient and no Adam state for the dense branch**
-   (`.grad is None`: True; 0 MB of state) and makes the transition cheaper: 0.59–0.80 ×
-   (dense + compressed) at β = 0.5, and 33 MB (bert) / 137 MB (resnet18) less CPU peak, 32 /
-   132 MB less on the H200.
-5. On a GPU at these small sizes the compressed model itself is slower than dense (more,
-   thinner kernels; launch-bound): use larger batches, or CUDA graphs, to see its FLOP savings.
+1. **Blending costs what its two branches cost.** At 0 < β < 1 a blended step stays below
+   (dense step + compressed step) in every run (Targets above): Blend adds only the mix, and
+   at β = 1 / β = 0 it skips the branch that does not contribute.
+2. **After the transition the dense branch costs no time**: at β = 0 Blend skips it, and
+   `set_beta` (so every BetaSchedule) drops the gradients of dense parameters the twin does not
+   share, so optimizers skip them whatever `zero_grad` does (rows "β = 0 after β = 0.5 steps",
+   with `set_to_none=True` and `False`; `dense .grad` column: None). Before that change,
+   `zero_grad(set_to_none=False)` kept zero gradients that Adam kept stepping on with its
+   momentum, 1.07–1.20 × the compressed step on CPU and 1.11–1.16 × on an H200 (session-1
+   runs). The dense weights and their Adam state still cost **memory** until `vanish` (the
+   "params / grads / Adam state" column): vanish, or re-create the optimizer, once β has reached 0.
+3. **`freeze_dense=True` keeps no gradient and no Adam state for the dense branch**
+   (`.grad is None`, 0 MB of state, lines under each table) and makes the transition cheaper
+   (its β = 0.5 row, and its lower peak memory).
+4. On a GPU at these small sizes the compressed model itself is slower than dense (more,
+   thinner kernels; launch-bound): use larger batches, or CUDA graphs, to see its FLOP savings
+   (the H200 run below).
 """
 
 

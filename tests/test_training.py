@@ -197,3 +197,28 @@ def test_batchnorm_statistics_update_in_train_mode_only(granularity):
     # the user's model is untouched
     fresh = dict(make("residual").model.named_buffers())
     assert all(torch.equal(b, fresh[n]) for n, b in case.model.named_buffers())
+
+
+@pytest.mark.parametrize("config", [LowRankConfig(ratio=0.25), vcon_fx.QuantConfig(bits=4)], ids=["lowrank", "quant"])
+def test_beta_zero_drops_the_dense_gradients_but_not_shared_weights(config):
+    case = make("mlp")
+    vm = vcon_fx.transform(case.model, config, example_inputs=case.args)
+    vcon_fx.set_beta(vm, 0.5)
+    vm(torch.randn(case.args[0].shape)).pow(2).mean().backward()
+    dense, comp = _split_params(vm)
+    assert all(p.grad is not None for _, p in dense)
+    shared = {id(p) for _, p in comp}
+    vcon_fx.set_beta(vm, 0.0)
+    for name, p in dense:
+        if id(p) in shared:  # quant's latent weight is the twin's own: it keeps learning
+            assert p.grad is not None, name
+        else:
+            assert p.grad is None, f"{name} kept its gradient at β = 0"
+    assert all(p.grad is not None for _, p in comp if p.requires_grad)
+    # optimizers now skip them: a step with zero_grad(set_to_none=False) leaves them unchanged
+    opt = torch.optim.Adam([p for p in vm.parameters() if p.requires_grad], lr=1e-2)
+    before = {n: p.detach().clone() for n, p in dense if id(p) not in shared}
+    opt.zero_grad(set_to_none=False)
+    vm(torch.randn(case.args[0].shape)).pow(2).mean().backward()
+    opt.step()
+    assert all(torch.equal(before[n], p) for n, p in dense if n in before)

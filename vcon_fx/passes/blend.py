@@ -84,6 +84,8 @@ def get_betas(model: nn.Module) -> dict[str, float]:
 def set_beta(model: nn.Module, beta: float | Mapping[str, float]) -> None:
     """Set β in place, for every group (a float) or per group (a mapping name → β).
 
+    A group set to β = 0 drops its dense branch's gradients (see `_release_dense_grads`).
+
     Raises:
         ConfigError: β outside [0, 1], or a group name the model does not have.
 
@@ -102,3 +104,16 @@ def set_beta(model: nn.Module, beta: float | Mapping[str, float]) -> None:
         blend = blends[name]
         blend.beta.fill_(value)
         blend._beta = value
+        if value == 0.0:
+            _release_dense_grads(blend)
+
+
+def _release_dense_grads(blend: Blend) -> None:
+    """At β = 0 the dense branch no longer runs: drop its gradients so they free their memory and
+    optimizers skip those weights (a `zero_grad(set_to_none=False)` would otherwise keep zeros
+    that Adam keeps stepping on with its momentum). Weights the twin shares (prune, quant) keep
+    theirs: they are the compressed branch's own latent weights."""
+    shared = {id(p) for p in blend.compressed.parameters()}
+    for param in blend.dense.parameters():
+        if id(param) not in shared:
+            param.grad = None
