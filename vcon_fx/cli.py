@@ -50,6 +50,8 @@ def _add_method(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--energy", type=float, help="low-rank: share of singular-value energy kept (0-1]")
     g.add_argument("--ratio", type=float, help="low-rank: parameter budget per layer (0-1)")
     g.add_argument("--rank-multiple", type=int, help="low-rank: round ranks up to a multiple (16 suits CPU kernels)")
+    g.add_argument("--activation-aware", action="store_true", default=None,
+                   help="low-rank: weight the SVD by each input's RMS on the example inputs (give real ones)")
     g.add_argument("--svd", choices=("auto", "exact", "randomized"),
                    help="low-rank: factor initialization (auto: randomized when rank ≤ ¼ of the layer's size)")
     g.add_argument("--sparsity", type=float, help="prune: share of weights zeroed per layer (0-1)")
@@ -131,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- helpers
 
-_METHOD_OPTIONS = ("rank", "energy", "ratio", "rank_multiple", "svd", "sparsity", "pattern", "structured", "fixed_mask", "bits", "act_bits",
+_METHOD_OPTIONS = ("rank", "energy", "ratio", "rank_multiple", "svd", "activation_aware", "sparsity", "pattern", "structured", "fixed_mask", "bits", "act_bits",
                    "separate_weights")
 
 

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
@@ -65,6 +66,7 @@ class LayerSite:
     module: nn.Module
     out_shape: tuple[int, ...] | None = None  # from shape propagation on the example inputs
     calls: int = 1  # how many graph nodes call it (a layer called twice has 2)
+    input_rms: torch.Tensor | None = None  # RMS per input feature / channel (activation-aware methods)
 
     @property
     def kind(self) -> str:

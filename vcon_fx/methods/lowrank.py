@@ -36,6 +36,9 @@ class LowRankConfig(MethodConfig):
         svd: how the factors are initialized: "exact" (eigh of the Gram matrix), "randomized"
             (sketch + power iterations), or "auto": randomized when the rank is at most a quarter of
             the layer's smaller side (≥ 256), 3-6× faster and within ~0.7 % of the optimal error.
+        activation_aware: factorize W·diag(s), s = RMS of each input feature on the example
+            inputs, then undo the scaling (passes/calibrate.py): the truncation keeps what the
+            layer's real inputs use. Needs example inputs that are real data.
     """
 
     method = "lowrank"
@@ -45,6 +48,7 @@ class LowRankConfig(MethodConfig):
     ratio: float | None = None
     rank_multiple: int | None = None
     svd: str = "auto"
+    activation_aware: bool = False
 
     def __post_init__(self):
         given = [k for k in ("rank", "energy", "ratio") if getattr(self, k) is not None]
@@ -152,9 +156,22 @@ class LowRankMethod(Method):
             up = conv(rank, layer.out_channels, 1, bias=has_bias, **factory)
         if init:
             with torch.no_grad():
-                a, b = truncated_svd(_as_matrix(layer), rank, self.config.svd)
+                a, b = self._factors(site, rank)
                 down.weight.copy_(b.reshape(down.weight.shape))
                 up.weight.copy_(a.reshape(up.weight.shape))
                 if has_bias:
                     up.bias.copy_(layer.bias)
         return LowRank(down, up)
+
+    def _factors(self, site: LayerSite, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Truncated SVD of the weight, or of W·diag(s) with the scaling undone (activation-aware)."""
+        matrix = _as_matrix(site.module)
+        if not self.config.activation_aware or site.input_rms is None:
+            return truncated_svd(matrix, rank, self.config.svd)
+        layer = site.module
+        per_column = layer.weight[0].numel() // site.input_rms.numel()  # conv: kh·kw columns per channel
+        scale = site.input_rms.to(matrix).repeat_interleave(per_column)
+        # an input that never fires carries no information: keep it at a small, non-zero weight
+        scale = scale.clamp_min(scale.max() * 1e-4 if scale.numel() and scale.max() > 0 else 1.0)
+        a, b = truncated_svd(matrix * scale, rank, self.config.svd)
+        return a, b / scale
