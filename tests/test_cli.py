@@ -118,6 +118,15 @@ def test_quantized_export_with_integer_kernels(workdir):
     assert r.returncode == 2 and "exclude each other" in r.stderr and not (workdir / "both.onnx").exists()
 
 
+def test_activation_aware_transform_says_where_its_statistics_came_from(workdir):
+    r = vcon("transform", "net.pt2", "--method", "lowrank", "--rank", "8", "--activation-aware", "-o", "aa.vcon",
+             cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    said = " ".join(r.stdout.split())  # rich wraps long lines
+    assert "activation_aware=True" in said and "synthetic example inputs" in said
+    assert read_recipe(workdir / "aa.vcon").config.activation_aware
+
+
 _UNTRACEABLE = """
 import torch
 from torch import nn

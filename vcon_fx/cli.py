@@ -276,6 +276,9 @@ def cmd_transform(args) -> int:
                        **_selection_kwargs(args))
     recipe = vm.meta["vcon"]
     console.print(f"capture path: [bold]{recipe.capture}[/]" + "".join(f"\n  [dim]{n}[/]" for n in recipe.notes))
+    if any(getattr(c, "activation_aware", False) for c in (config, *getattr(config, "configs", ()))):
+        console.print("[yellow]note:[/] --activation-aware measured the input statistics on the synthetic example "
+                      "inputs the CLI builds; for statistics of real data call vcon_fx.transform with a real batch")
     done = [p for p in recipe.plans.values() if not p.skipped]
     before = sum(p.params_before for p in done)
     after = sum(p.params_after for p in done)
