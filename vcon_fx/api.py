@@ -140,7 +140,7 @@ def transform(
     gm = the_plan.extra["gm"]
     method = method_for(config)
     sites = the_plan.extra["sites"]
-    if _activation_aware(config):
+    if uses_input_statistics(config):
         layers = [p for g in the_plan.groups for p in g.layers if not the_plan.plans[p].skipped]
         sites = with_input_rms(sites, input_rms(gm, layers, tuple(example_inputs), example_kwargs))
     duplicate(gm, the_plan.groups, method, the_plan.plans, sites, freeze_dense=freeze_dense)
@@ -196,7 +196,7 @@ def rebuild(model: nn.Module, recipe: Recipe, example_args: tuple, example_kwarg
     return gm
 
 
-def _activation_aware(config: MethodConfig) -> bool:
+def uses_input_statistics(config: MethodConfig) -> bool:
     """True when the config (or a part of a composed one) initializes from input statistics."""
     return any(getattr(c, "activation_aware", False) for c in (config, *getattr(config, "configs", ())))
 

@@ -27,8 +27,7 @@ import torch
 from torch import fx, nn
 
 from .errors import CaptureError, UsageError
-from .methods.base import COMPRESSIBLE
-from .passes.select import input_signature, matches
+from .passes.select import input_signature, matches, recording_layer_shapes
 
 __all__ = ["Captured", "capture", "CAPTURE_MODES", "describe_failure"]
 
@@ -232,7 +231,7 @@ def _fx_trace(model: nn.Module, args: tuple, kwargs: dict, patterns: tuple[str, 
     try:
         with torch.no_grad():
             ref = model(*args, **kwargs)
-            with _recording_layer_shapes(gm, shapes):
+            with recording_layer_shapes(gm, shapes):
                 got = gm(*args, **kwargs)
     except Exception as exc:
         raise _TraceFailure("torch.fx", exc) from exc
@@ -247,24 +246,6 @@ def _fx_trace(model: nn.Module, args: tuple, kwargs: dict, patterns: tuple[str, 
     # running the model a third time (a third of `inspect`'s time on a CNN).
     gm.meta["vcon_shapes"] = {"inputs": input_signature(args, kwargs), "layers": shapes}
     return gm
-
-
-@contextlib.contextmanager
-def _recording_layer_shapes(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]]):
-    """Record the first output shape of every compressible layer the graph calls."""
-    handles = []
-    for path in {n.target for n in gm.graph.nodes if n.op == "call_module"}:
-        module = gm.get_submodule(path)
-        if isinstance(module, COMPRESSIBLE):
-            def hook(_m, _i, out, path=path):
-                if isinstance(out, torch.Tensor):
-                    shapes.setdefault(path, tuple(out.shape))
-            handles.append(module.register_forward_hook(hook))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _fx_with_leaves(model, args, kwargs, patterns, failure: _TraceFailure) -> tuple[fx.GraphModule, list[str]]:

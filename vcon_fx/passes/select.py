@@ -8,6 +8,7 @@ its last (classifier or LM head), as in the paper. Everything left out keeps its
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
 from collections import deque
@@ -71,23 +72,33 @@ def find_sites(gm: fx.GraphModule, example_args: tuple = (), example_kwargs: dic
     if calls and all(p in known for p in calls):
         shapes = {p: known[p] for p in calls}
     elif example_args or example_kwargs:
-        handles = []
-        for path in calls:
-            def hook(_m, _i, out, path=path):
-                shapes.setdefault(path, tuple(out.shape))
-            handles.append(gm.get_submodule(path).register_forward_hook(hook))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), recording_layer_shapes(gm, shapes):
                 gm(*example_args, **(example_kwargs or {}))
         except Exception as exc:
             raise UsageError(
                 f"the model does not run on the example inputs ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                 "give a fitting --input-shape / --seq-len"
             ) from exc
-        finally:
-            for h in handles:
-                h.remove()
     return {p: LayerSite(p, gm.get_submodule(p), shapes.get(p), n) for p, n in calls.items()}
+
+
+@contextlib.contextmanager
+def recording_layer_shapes(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]]):
+    """While active, record the first output shape of every compressible layer the graph calls."""
+    handles = []
+    for path in {n.target for n in gm.graph.nodes if n.op == "call_module"}:
+        module = gm.get_submodule(path)
+        if isinstance(module, COMPRESSIBLE):
+            def hook(_m, _i, out, path=path):
+                if isinstance(out, torch.Tensor):
+                    shapes.setdefault(path, tuple(out.shape))
+            handles.append(module.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def input_signature(args: tuple, kwargs: dict | None) -> tuple:
