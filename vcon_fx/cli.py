@@ -263,7 +263,7 @@ def _plan_table(plans, excluded, title="plan") -> None:
 
 
 def cmd_transform(args) -> int:
-    from .api import transform
+    from .api import transform, uses_input_statistics
     from .artifact import save
     from .fileio import check_output
 
@@ -276,7 +276,7 @@ def cmd_transform(args) -> int:
                        **_selection_kwargs(args))
     recipe = vm.meta["vcon"]
     console.print(f"capture path: [bold]{recipe.capture}[/]" + "".join(f"\n  [dim]{n}[/]" for n in recipe.notes))
-    if any(getattr(c, "activation_aware", False) for c in (config, *getattr(config, "configs", ()))):
+    if uses_input_statistics(config):
         console.print("[yellow]note:[/] --activation-aware measured the input statistics on the synthetic example "
                       "inputs the CLI builds; for statistics of real data call vcon_fx.transform with a real batch")
     done = [p for p in recipe.plans.values() if not p.skipped]
@@ -337,7 +337,7 @@ def cmd_export(args) -> int:
             with console.status("storing integer weights…"):
                 compressed = compress_onnx_weights(exported, out, bits=4 if args.int4 else 8,
                                                    kernel="dynamic" if args.dynamic_int8 else "weight-only",
-                                                   force=args.force)
+                                                   require_integers=True, force=args.force)
             for note in compressed.notes:
                 console.print(f"[dim]{escape(note)}[/]")
     console.print(f"[green]wrote[/] {out} ({_bytes(Path(out).stat().st_size)})")

@@ -87,6 +87,7 @@ def compress_onnx_weights(
     min_elements: int = 64,
     fold_transposes: bool = True,
     kernel: str = "weight-only",
+    require_integers: bool = False,
     force: bool = False,
 ) -> CompressReport:
     """Rewrite on-grid float weights of an ONNX model into integers + DequantizeLinear (pure on the input).
@@ -106,13 +107,16 @@ def compress_onnx_weights(
             "dynamic" turns int8 matmuls into onnxruntime's DynamicQuantizeMatMul /
             MatMulIntegerToFloat (activations quantized at run time, as `quantize_dynamic` does:
             integer GEMMs, faster on CPU, outputs within the activation rounding). bits must be 8.
+        require_integers: raise instead of writing a float copy when no weight lies on a grid
+            and none is stored as integers already.
         force: replace an existing output.
 
     Returns:
         A CompressReport (tensors rewritten, sizes before/after).
 
     Raises:
-        UsageError: `bits` not 8 or 4, or the output is the input.
+        UsageError: `bits` not 8 or 4, the output is the input, or `require_integers` and
+            nothing to store as integers.
         OutputExistsError: the output exists and `force` is false.
         ExportError: the file is not a readable ONNX model.
 
@@ -182,6 +186,10 @@ def compress_onnx_weights(
     if report.int4:
         keep = _repack_int8_dequantize(graph, keep, report)
     if not report.rewritten and not any(n.op_type == "DequantizeLinear" for n in graph.node):
+        if require_integers:
+            raise UsageError(f"{src} has no weight on a quantization grid and none stored as integers, so there is "
+                             "nothing to store as INT4/INT8 (nothing written): export a vanished quant or "
+                             "lowrank+quant model")
         report.notes.append("no float weight lies on a quantization grid: fake-quantize or vanish a quant model first")
     rewritten = set(report.rewritten)
     del graph.initializer[:]
