@@ -31,49 +31,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 import vcon_fx
-from vcon_fx import cli
 from vcon_fx.artifact import save
 from vcon_fx.load import load_model
 
-# Until cli.py lists `finetune`, its stand-alone entry stands in (same parser, same error path).
-FINETUNE_WIRED = "finetune" in getattr(cli, "COMMANDS", {})
-FINETUNE = ["-m", "vcon_fx"] if FINETUNE_WIRED else ["-m", "vcon_fx.cli_finetune"]
+from pickles import FourLayerMLP, Payload
 
-
-def _transform_options() -> set[str]:
-    sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
-    return set(sub.choices["transform"]._option_string_actions)
-
-
-HAS_SPARSITY = "--sparsity" in _transform_options() and "prune" in vcon_fx.registered_methods()
-HAS_BITS = "--bits" in _transform_options() and "quant" in vcon_fx.registered_methods()
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Linear(8, 32)
-        self.fc1 = nn.Linear(32, 32)
-        self.fc2 = nn.Linear(32, 32)
-        self.head = nn.Linear(32, 4)
-
-    def forward(self, x):
-        x = torch.relu(self.stem(x))
-        x = torch.relu(self.fc1(x))
-        return self.head(torch.relu(self.fc2(x)))
-
-
-class Payload:
-    """Unpickling this runs `os.system(command)`: the classic malicious checkpoint."""
-
-    def __init__(self, command: str):
-        self.command = command
-
-    def __reduce__(self):
-        return (os.system, (self.command,))
+FINETUNE = ["-m", "vcon_fx"]
 
 
 class ExecPayload:
@@ -110,7 +75,7 @@ def files(tmp_path_factory) -> Files:
     root = tmp_path_factory.mktemp("inputs")
     marker = root / "PWNED"
     torch.manual_seed(0)
-    net = MLP().eval()
+    net = FourLayerMLP().eval()
     batch = {"x": {0: torch.export.Dim.DYNAMIC}}
     torch.export.save(torch.export.export(net, (torch.randn(2, 8),), dynamic_shapes=batch), str(root / "mlp.pt2"))
     # Exported without dynamic shapes, as many users do: it runs at batch 2 only.
@@ -264,23 +229,26 @@ CASES = {
     "bad-shape-string": Case(lambda t, f: _lowrank(f, "--rank", "4", "--input-shape", "1xAx8"), 2, ("shape",)),
     "input-shape-does-not-fit": Case(lambda t, f: _lowrank(f, "--rank", "4", "--input-shape", "2x7"), 2,
                                      ("input",)),
+    "rank-multiple-zero": Case(lambda t, f: _lowrank(f, "--rank", "4", "--rank-multiple", "0"), 2, ("--rank-multiple",)),
+    "svd-unknown": Case(lambda t, f: _lowrank(f, "--rank", "4", "--svd", "fast"), 2, ("--svd",)),
+    "activation-aware-with-quant": Case(
+        lambda t, f: ["transform", f.mlp_dot_pt2, "--method", "quant", "--bits", "8", "--activation-aware", "-o",
+                      "out.vcon"], 2, ("activation_aware",)),
+    "int4-of-a-float-model": Case(lambda t, f: ["export", f.vanished_dot_vcon, "--onnx", "out.onnx", "--int4"], 2,
+                                  ("quant",)),
+    "int4-and-dynamic-int8": Case(lambda t, f: ["export", f.vanished_dot_vcon, "--onnx", "out.onnx", "--int4",
+                                                "--dynamic-int8"], 2, ("exclude",)),
     "rank-not-a-number": pytest.param(
         Case(lambda t, f: _lowrank(f, "--rank", "four"), 2, ("--rank",))),
-    "sparsity-above-one": pytest.param(
-        Case(lambda t, f: ["transform", f.mlp_dot_pt2, "--method", "prune", "--sparsity", "1.5", "-o", "out.vcon"],
-             2, ("sparsity",)),
-        marks=pytest.mark.xfail(not HAS_SPARSITY, reason="cli.py has no --sparsity flag yet (prune is registered)",
-                                strict=True)),
-    "sparsity-zero": pytest.param(
-        Case(lambda t, f: ["transform", f.mlp_dot_pt2, "--method", "prune", "--sparsity", "0", "-o", "out.vcon"],
-             2, ("sparsity",)),
-        marks=pytest.mark.xfail(not HAS_SPARSITY, reason="cli.py has no --sparsity flag yet (prune is registered)",
-                                strict=True)),
-    "bits-unsupported": pytest.param(
-        Case(lambda t, f: ["transform", f.mlp_dot_pt2, "--method", "quant", "--bits", "3", "-o", "out.vcon"],
-             2, ("bits",)),
-        marks=pytest.mark.xfail(not HAS_BITS, reason="cli.py has no --bits flag yet (quant is registered)",
-                                strict=True)),
+    "sparsity-above-one": Case(
+        lambda t, f: ["transform", f.mlp_dot_pt2, "--method", "prune", "--sparsity", "1.5", "-o", "out.vcon"],
+        2, ("sparsity",)),
+    "sparsity-zero": Case(
+        lambda t, f: ["transform", f.mlp_dot_pt2, "--method", "prune", "--sparsity", "0", "-o", "out.vcon"],
+        2, ("sparsity",)),
+    "bits-unsupported": Case(
+        lambda t, f: ["transform", f.mlp_dot_pt2, "--method", "quant", "--bits", "3", "-o", "out.vcon"],
+        2, ("bits",)),
     # ── 5: targets matched no layer
     "targets-match-nothing": Case(lambda t, f: _lowrank(f, "--rank", "4", "--targets", "decoder.*"), 5,
                                   ("decoder.*",)),

@@ -29,45 +29,22 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
-from torch import nn
 
 import vcon_fx
 from vcon_fx import artifact
 from vcon_fx.errors import ArtifactError, DataError, LoadError, UnsafeFileError, VconError
 from vcon_fx.load import load_model
 
+from pickles import FourLayerMLP, Payload
+
 SAFE_ALTERNATIVES = (".pt2", "Hugging Face folder", "--arch")
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Linear(8, 32)
-        self.fc1 = nn.Linear(32, 32)
-        self.fc2 = nn.Linear(32, 32)
-        self.head = nn.Linear(32, 4)
-
-    def forward(self, x):
-        x = torch.relu(self.stem(x))
-        x = torch.relu(self.fc1(x))
-        return self.head(torch.relu(self.fc2(x)))
-
-
-class Payload:
-    """Unpickling this runs `os.system(command)`."""
-
-    def __init__(self, command: str):
-        self.command = command
-
-    def __reduce__(self):
-        return (os.system, (self.command,))
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("security")
     torch.manual_seed(0)
-    net = MLP().eval()
+    net = FourLayerMLP().eval()
     ep = torch.export.export(net, (torch.randn(2, 8),), dynamic_shapes={"x": {0: torch.export.Dim.DYNAMIC}})
     torch.export.save(ep, str(root / "mlp.pt2"))
     save_file(net.state_dict(), str(root / "sd.safetensors"))
