@@ -1,6 +1,6 @@
 """VCON against abrupt compression + fine-tuning, and against gradual magnitude pruning; writes ACCURACY.md.
 
-The task and model are the demo's (vcon_fx/demo_model.py): scikit-learn's handwritten digits
+The task and model are the demo's (vcon_fx/demo/model.py): scikit-learn's handwritten digits
 (1437 train / 360 test images, fixed split) and a tiny ViT (2×2 patches, dim 64, 4 blocks),
 every Linear inside the blocks compressed. One dense model is trained per seed and every run
 of that seed starts from it; every run then gets the same fine-tuning budget: the same steps,
@@ -155,7 +155,7 @@ _DATA = None
 def _data():
     global _DATA
     if _DATA is None:
-        from vcon_fx.demo_model import load_digits_data
+        from vcon_fx.demo.model import load_digits_data
 
         _DATA = load_digits_data()
     return _DATA
@@ -172,7 +172,7 @@ def _quiet_worker() -> None:
 
 def pretrain_dense(seed: int, settings: Settings) -> tuple[int, dict, float, float]:
     """(seed, state dict, test accuracy, seconds) of the dense model every run of `seed` starts from."""
-    from vcon_fx.demo_model import TinyViT, accuracy, pretrain
+    from vcon_fx.demo.model import TinyViT, accuracy, pretrain
 
     _quiet_worker()
     t0 = time.process_time()
@@ -186,7 +186,7 @@ def pretrain_dense(seed: int, settings: Settings) -> tuple[int, dict, float, flo
 def run_one(run: Run, state: dict, settings: Settings) -> dict:
     """Fine-tune one compressed model from the seed's dense weights; its test accuracy and timing."""
     import vcon_fx
-    from vcon_fx.demo_model import TinyViT, example_inputs
+    from vcon_fx.demo.model import TinyViT, example_inputs
 
     _quiet_worker()
     t0, w0 = time.process_time(), time.monotonic()
@@ -221,10 +221,10 @@ def cubic_sparsity(t: int, final: float, ramp: int) -> float:
 def gmp_finetune(dense, config, data, settings: Settings, *, seed: int, ramp: int, every: int = GMP_EVERY) -> float:
     """Gradual magnitude pruning of the layers VCON would prune, same budget; returns test accuracy."""
     import vcon_fx
-    from vcon_fx.demo_model import accuracy, example_inputs
+    from vcon_fx.demo.model import accuracy, example_inputs
     # The library's own batch order (a function of seed and step), so GMP sees the same batches as
     # the abrupt and VCON runs it is compared with.
-    from vcon_fx.finetune import _StepBatches
+    from vcon_fx.training.finetune import _StepBatches
     from vcon_fx.methods.prune import magnitude_mask
 
     plan = vcon_fx.plan(dense, config, example_inputs=example_inputs())
@@ -545,7 +545,7 @@ def _seed_noise(data: dict, settings: Settings) -> float | None:
 
 
 def machine_info(workers: int) -> dict:
-    from vcon_fx.demo import machine_info as base
+    from vcon_fx.demo.run import machine_info as base
 
     info = base()
     info.update(workers=workers, threads=1)

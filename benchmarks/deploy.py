@@ -7,7 +7,7 @@ For each model: the dense ONNX export; low-rank at several ranks (for resnet50 a
 offers it; and the baseline a user would otherwise pick, onnxruntime's own `quantize_dynamic` of
 the dense ONNX. Every model goes through the public pipeline (transform → set_beta(0) → vanish →
 export_onnx), at β = 0 without fine-tuning, captured the library's default way (capture "auto").
-Every session, dense included, is opened with `bench_worker.session_config(path)`, the entries
+Every session, dense included, is opened with `vcon_fx.bench.worker.session_config(path)`, the entries
 `vcon-fx bench` would use for that file.
 
 Latency is a ratio against the dense model, measured in one process with every session
@@ -91,7 +91,7 @@ def _image_feeds(size: int) -> Callable[[int], dict]:
 
 
 def load_minilm(seq: int = 128) -> Loaded:
-    from vcon_fx.load import load_model, minilm_path
+    from vcon_fx.sources.load import load_model, minilm_path
 
     # batch 2 in the example inputs: torch.export specializes a size-1 dim, and the ONNX
     # model must take batch 1 and 8
@@ -136,7 +136,7 @@ def load_tiny_cnn() -> Loaded:
 def load_torchvision(name: str, size: int = 224, batch: int = 1) -> Callable[[], Loaded]:
     def load() -> Loaded:
         import torch
-        from vcon_fx.load import load_model
+        from vcon_fx.sources.load import load_model
 
         torch.manual_seed(0)
         lm = load_model(f"torchvision:{name}", input_shape=(batch, 3, size, size))
@@ -227,13 +227,13 @@ class Variant:
     export_s: float = 0.0
     error: str | None = None
     ranks: str = ""
-    options: dict | None = None  # onnxruntime session config entries (bench_worker.session_config)
+    options: dict | None = None  # onnxruntime session config entries (vcon_fx.bench.worker.session_config)
 
 
 # compress_onnx_weights kernels → (label suffix, file suffix); "dynamic" is `export --dynamic-int8`
 KERNELS = {"weight-only": ("", ""), "dynamic": (", --dynamic-int8", "_dynamic")}
 
-# why bench_worker.session_config asks for an entry (said next to the row that got it)
+# why vcon_fx.bench.worker.session_config asks for an entry (said next to the row that got it)
 _WHY_OPTION = {"session.disable_quant_qdq": "weight-only int8 Conv weights, so onnxruntime constant-folds their "
                                             "DequantizeLinear at load: float kernels, the file stays int8"}
 
@@ -244,11 +244,11 @@ def _add_note(v: Variant, text: str) -> None:
 
 def as_deployed(v: Variant) -> Variant:
     """Give the variant the session entries `vcon-fx bench` would open its file with, and say which."""
-    from vcon_fx.bench_worker import session_config
+    from vcon_fx.bench.worker import session_config
 
     v.options = session_config(v.path)
     for key, value in v.options.items():
-        _add_note(v, f"session option {key}={value} (bench_worker.session_config: {_WHY_OPTION.get(key, 'library')})")
+        _add_note(v, f"session option {key}={value} (vcon_fx.bench.worker.session_config: {_WHY_OPTION.get(key, 'library')})")
     return v
 
 
@@ -335,7 +335,7 @@ def vcon_jobs(spec: Spec) -> tuple[list, list[Variant]]:
 def build_all(spec: Spec, loaded: Loaded, work: Path) -> tuple[list[Variant], str]:
     """Every variant's ONNX file, and a line saying how the vcon variants were captured."""
     import vcon_fx
-    from vcon_fx.capture import capture
+    from vcon_fx.graph.capture import capture
 
     from onnxruntime.quantization import quantize_dynamic
 
@@ -630,7 +630,7 @@ How to read it:
 - int8 rows come from one vanished export each: "int8 (quant bits=8)" is
   `compress_onnx_weights(kernel="weight-only")` (DequantizeLinear in front of float ops), rows
   ending ", --dynamic-int8" are `kernel="dynamic"` (integer GEMMs, activations quantized at run
-  time). Every session, dense included, is opened with `bench_worker.session_config(path)`, the
+  time). Every session, dense included, is opened with `vcon_fx.bench.worker.session_config(path)`, the
   entries `vcon-fx bench` uses for that file; a row's note names any entry it got.
 
 """
@@ -660,7 +660,7 @@ and profiles above.
    (only full QDQ with quantized activations becomes QLinearConv): by default it dequantizes
    every weight on every run and cannot fold the following BatchNormalization into a
    non-constant weight; quantize_dynamic turns convolutions into ConvInteger (see its row and
-   profile). `bench_worker.session_config` now recognises weight-only int8 Conv weights and
+   profile). `vcon_fx.bench.worker.session_config` now recognises weight-only int8 Conv weights and
    returns `session.disable_quant_qdq=1`, which `make_session` and `vcon-fx bench` apply:
    onnxruntime then constant-folds those DequantizeLinear at load, so the convolutions run float
    kernels (BatchNormalization folded) while the file stays int8-sized. The int8 CNN rows above

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import vcon_fx
-from vcon_fx.load import load_model, minilm_path
+from vcon_fx.sources.load import load_model, minilm_path
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ("encoder.layer.*",)

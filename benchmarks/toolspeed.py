@@ -53,14 +53,14 @@ class Phases:
     # (module, attribute, label), a nested phase right after the one it runs inside; the api
     # module binds some names at import, so patch them there
     TARGETS = [
-        ("vcon_fx.api", "capture_graph", "capture (torch.fx / torch.export)"),
-        ("vcon_fx.capture", "_fx_trace", "  torch.fx trace + check run"),
-        ("vcon_fx.capture", "_export", "  torch.export"),
-        ("vcon_fx.api", "normalize", "normalize"),
-        ("vcon_fx.api", "find_sites", "find_sites (a forward with hooks)"),
-        ("vcon_fx.api", "select", "select"),
+        ("vcon_fx.graph.pipeline", "capture_graph", "capture (torch.fx / torch.export)"),
+        ("vcon_fx.graph.capture", "_fx_trace", "  torch.fx trace + check run"),
+        ("vcon_fx.graph.capture", "_export", "  torch.export"),
+        ("vcon_fx.graph.pipeline", "normalize", "normalize"),
+        ("vcon_fx.graph.pipeline", "find_sites", "find_sites (a forward with hooks)"),
+        ("vcon_fx.graph.pipeline", "select", "select"),
         ("vcon_fx.methods.lowrank", "choose_rank", "method.plan: choose_rank"),
-        ("vcon_fx.api", "duplicate", "duplicate"),
+        ("vcon_fx.graph.pipeline", "duplicate", "duplicate"),
         ("vcon_fx.methods.lowrank", "truncated_svd", "  truncated SVD"),
         ("vcon_fx.methods.svd", "exact_svd", _EXACT),
         ("vcon_fx.methods.svd", "randomized_svd", _RANDOMIZED),
@@ -81,7 +81,7 @@ class Phases:
             original = getattr(mod, attr)
             saved.append((mod, attr, original))
             setattr(mod, attr, self._wrap(original, label))
-        api = importlib.import_module("vcon_fx.api")
+        api = importlib.import_module("vcon_fx.graph.pipeline")
         deepcopy = api.copy.deepcopy
         copy_mod = api.copy
 
@@ -299,7 +299,7 @@ def inspect_part(args) -> str:
     import torch
 
     import vcon_fx
-    from vcon_fx.load import load_model
+    from vcon_fx.sources.load import load_model
 
     name = "resnet50" if not args.tiny else "resnet18"
     shape = (1, 3, 224, 224) if not args.tiny else (1, 3, 32, 32)

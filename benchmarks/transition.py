@@ -162,7 +162,7 @@ class Runner:
         elif key == "dense_graph":
             import copy
 
-            from vcon_fx.capture import capture
+            from vcon_fx.graph.capture import capture
 
             model = copy.deepcopy(captured) if captured is not None else \
                 capture(module, args, kwargs, seq_inputs=seq_inputs).gm
@@ -297,7 +297,7 @@ def measure_memory(model: str, config: str, args) -> dict:
 def measure_time(model: str, args) -> tuple[dict, str, dict]:
     import torch
 
-    from vcon_fx.capture import capture
+    from vcon_fx.graph.capture import capture
 
     parts = make_model(model, args.tiny, args.device, args.batch)
     module, a, kw, seq_inputs = parts[:4]

@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import vcon_fx
-from vcon_fx.passes.blend import Blend
-from vcon_fx.passes.vanish import dense_nodes
+from vcon_fx.graph.blend import Blend
+from vcon_fx.graph.vanish import dense_nodes
 
 __all__ = [
     "Inputs",

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 import vcon_fx
-from vcon_fx import artifact, fileio
+from vcon_fx.io import artifact
+from vcon_fx.io import atomic as fileio
 from vcon_fx.errors import OutputError, OutputExistsError, UsageError, VconError
 
 
@@ -260,7 +261,7 @@ def test_sigkill_mid_save_keeps_previous_artifact(existing, vm):
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from pathlib import Path
         import vcon_fx
-        from vcon_fx import artifact
+        from vcon_fx.io import artifact
         from test_atomic import Net, X
         torch.manual_seed(0)
         vm = vcon_fx.transform(Net().eval(), vcon_fx.LowRankConfig(rank=2), example_inputs=(X,))

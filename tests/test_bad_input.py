@@ -33,8 +33,8 @@ import torch
 from safetensors.torch import save_file
 
 import vcon_fx
-from vcon_fx.artifact import save
-from vcon_fx.load import load_model
+from vcon_fx.io.artifact import save
+from vcon_fx.sources.load import load_model
 
 from pickles import FourLayerMLP, Payload
 

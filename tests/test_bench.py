@@ -9,8 +9,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from vcon_fx.bench import bench_onnx, validate_onnx
-from vcon_fx.bench_worker import model_size_bytes
+from vcon_fx.bench.compare import bench_onnx, validate_onnx
+from vcon_fx.bench.worker import model_size_bytes
 from vcon_fx.errors import LoadError, UsageError
 
 RUNS = dict(warmup=1, runs=5)

@@ -15,10 +15,10 @@ from torch import fx, nn
 
 import vcon_fx
 from vcon_fx import LowRankConfig
-from vcon_fx.capture import capture
+from vcon_fx.graph.capture import capture
 from vcon_fx.errors import CaptureError, UsageError
-from vcon_fx.passes.normalize import normalize
-from vcon_fx.passes.select import find_sites, select
+from vcon_fx.graph.normalize import normalize
+from vcon_fx.graph.select import find_sites, select
 
 from helpers import assert_close_outputs, assert_identity_at_beta_one, assert_vanish_parity, run
 from zoo import MLP, FunctionalLinear, SharedLinear

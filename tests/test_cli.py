@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from vcon_fx.artifact import read_recipe
+from vcon_fx.io.artifact import read_recipe
 
 
 class Net(nn.Module):

@@ -17,19 +17,16 @@ import torch
 from safetensors.torch import load_file
 
 import vcon_fx
-from vcon_fx import cli
-from vcon_fx.artifact import load
-from vcon_fx.cli_finetune import add_finetune_parser, cmd_finetune, default_output
+from vcon_fx.io.artifact import load
+from vcon_fx.cli.finetune import add_finetune_parser, cmd_finetune, default_output
 from vcon_fx.errors import OutputExistsError, StageError, UsageError
-from vcon_fx.load import load_model
-from vcon_fx.passes.blend import get_betas
+from vcon_fx.sources.load import load_model
+from vcon_fx.graph.blend import get_betas
 
 from test_finetune import TinyMLP
 
 PY = sys.executable
-# Until cli.py lists the sub-command, the module's own stand-alone entry stands in for it.
-WIRED = "finetune" in getattr(cli, "COMMANDS", {})
-ENTRY = ["-m", "vcon_fx"] if WIRED else ["-m", "vcon_fx.cli_finetune"]
+ENTRY = ["-m", "vcon_fx"]
 
 
 @pytest.fixture(autouse=True)

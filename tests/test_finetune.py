@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import vcon_fx
-from vcon_fx.artifact import load
-from vcon_fx.data import TensorData
+from vcon_fx.io.artifact import load
+from vcon_fx.data.readers import TensorData
 from vcon_fx.errors import ConfigError, DataError, StageError, TrainingError
-from vcon_fx.finetune import _StepBatches, finetune, latest_checkpoint
-from vcon_fx.passes.blend import get_betas
-from vcon_fx.schedule import cosine_beta, default_transition, linear_beta
+from vcon_fx.training.finetune import _StepBatches, finetune, latest_checkpoint
+from vcon_fx.graph.blend import get_betas
+from vcon_fx.schedules.schedule import cosine_beta, default_transition, linear_beta
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -328,7 +328,7 @@ WORKER = """
 import json, os, sys, torch
 sys.path.insert(0, {tests!r})
 from test_finetune import make_vm, make_data
-from vcon_fx.finetune import finetune
+from vcon_fx.training.finetune import finetune
 torch.set_num_threads(1)
 vm, _ = make_vm()
 rank = int(os.environ["RANK"])

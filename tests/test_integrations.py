@@ -9,13 +9,13 @@ from torch import nn
 
 import vcon_fx
 from vcon_fx.errors import ConfigError, StageError
-from vcon_fx.passes.blend import get_betas
-from vcon_fx.schedule import cosine_beta, linear_beta
+from vcon_fx.graph.blend import get_betas
+from vcon_fx.schedules.schedule import cosine_beta, linear_beta
 
 transformers = pytest.importorskip("transformers")
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from vcon_fx.integrations import VconCallback  # noqa: E402
+from vcon_fx.integrations.hf_trainer import VconCallback  # noqa: E402
 
 
 class Classifier(nn.Module):

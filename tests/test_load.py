@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vcon_fx.errors import LoadError, UnsafeFileError, UsageError
-from vcon_fx.load import LoadedModel, load_model, minilm_path, parse_shape, rebuild_model
+from vcon_fx.sources.load import LoadedModel, load_model, minilm_path, parse_shape, rebuild_model
 from vcon_fx.sources.tv import _default_shape
 
 # --------------------------------------------------------------------------- helpers

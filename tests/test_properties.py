@@ -23,7 +23,7 @@ from torch import nn
 import vcon_fx
 from vcon_fx.errors import ConfigError, SelectionError, VconError
 from vcon_fx.methods import registered_methods
-from vcon_fx.passes.blend import Blend
+from vcon_fx.graph.blend import Blend
 
 from helpers import (
     assert_close_outputs,

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from vcon_fx.errors import ConfigError, StageError
-from vcon_fx.passes.blend import Blend, get_betas, set_beta
-from vcon_fx.schedule import (
+from vcon_fx.graph.blend import Blend, get_betas, set_beta
+from vcon_fx.schedules.schedule import (
     SCHEDULES,
     BetaSchedule,
     cosine_beta,
@@ -219,7 +219,7 @@ def test_finished_schedule_writes_no_buffers(monkeypatch):
     sched = BetaSchedule(model, "linear", transition=2)
     sequence(sched, 2)
     calls = []
-    monkeypatch.setattr("vcon_fx.schedule.set_beta", lambda *a: calls.append(a))
+    monkeypatch.setattr("vcon_fx.schedules.schedule.set_beta", lambda *a: calls.append(a))
     sequence(sched, 3)
     assert calls == []
 

@@ -31,9 +31,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import vcon_fx
-from vcon_fx import artifact
+from vcon_fx.io import artifact
 from vcon_fx.errors import ArtifactError, DataError, LoadError, UnsafeFileError, VconError
-from vcon_fx.load import load_model
+from vcon_fx.sources.load import load_model
 
 from pickles import FourLayerMLP, Payload
 
@@ -107,7 +107,7 @@ def test_trust_pickle_is_the_only_gate(evil):
 
 
 def test_pickled_numpy_data_is_refused(tmp_path):
-    from vcon_fx.data import load_data
+    from vcon_fx.data.readers import load_data
 
     marker = tmp_path / "PWNED"
     objects = np.empty(1, dtype=object)
@@ -258,7 +258,7 @@ def test_hf_custom_code_never_runs_even_if_the_user_says_yes(tmp_path, monkeypat
 def test_onnx_external_data_outside_its_folder_is_refused(tmp_path, location):
     from onnx import TensorProto, helper, numpy_helper
 
-    from vcon_fx.bench import validate_onnx
+    from vcon_fx.bench.compare import validate_onnx
 
     (tmp_path / "secret.bin").write_bytes(np.ones(4, np.float32).tobytes())
     (tmp_path / "model").mkdir()
@@ -282,8 +282,8 @@ def test_onnx_external_data_outside_its_folder_is_refused(tmp_path, location):
 
 
 def test_vcon_fx_load_stays_the_artifact_loader():
-    """The submodule vcon_fx/load.py must not shadow the function once someone imports it."""
-    import vcon_fx.load  # noqa: F401  (what the CLI and artifact.load do)
+    """Importing the model-source loader (vcon_fx/sources/load.py) leaves `vcon_fx.load` the artifact loader."""
+    import vcon_fx.sources.load  # noqa: F401  (what the CLI and artifact.load do)
 
     assert vcon_fx.load is artifact.load
 
@@ -295,7 +295,7 @@ def test_vcon_fx_load_stays_the_artifact_loader():
                                   {"kind": "pt2", "path": "x.pt2", "sha256": 1}],
                          ids=["none-path", "no-path", "bool-path", "int-sha"])
 def test_rebuild_model_rejects_malformed_specs(spec, tmp_path):
-    from vcon_fx.load import rebuild_model
+    from vcon_fx.sources.load import rebuild_model
 
     if spec.get("path") == "x.pt2":
         spec = {**spec, "path": str(tmp_path / "x.pt2")}

@@ -366,8 +366,8 @@ def test_a_bare_string_target_is_one_pattern():
 
 
 def test_find_sites_reuses_the_capture_check_shapes_only_for_the_same_inputs():
-    from vcon_fx.capture import capture
-    from vcon_fx.passes.select import find_sites
+    from vcon_fx.graph.capture import capture
+    from vcon_fx.graph.select import find_sites
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()

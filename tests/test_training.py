@@ -15,7 +15,7 @@ from torch import nn
 
 import vcon_fx
 from vcon_fx import BetaSchedule, LowRankConfig
-from vcon_fx.passes.blend import blend_modules
+from vcon_fx.graph.blend import blend_modules
 
 from helpers import assert_close_outputs, assert_params_promised, assert_vanish_parity, run
 from zoo import MLP, make

@@ -24,7 +24,7 @@ from torch import nn
 
 import vcon_fx
 from vcon_fx import LowRankConfig, MethodConfig
-from vcon_fx.load import load_model
+from vcon_fx.sources.load import load_model
 
 from helpers import (
     ONNX_TOL,

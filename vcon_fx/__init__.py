@@ -6,25 +6,23 @@
     vcon_fx.export_onnx(small, "model.onnx", (x,))
 """
 
-# The submodule `vcon_fx.load` (model sources) is imported first, on purpose: the function
-# `load` (artifacts) bound below then keeps the name, and later `from .load import …` finds
-# the module in sys.modules without rebinding the package attribute.
-from . import load as _sources  # noqa: F401  (must precede `from .artifact import load`)
-from .api import Plan, plan, transform, vanish
-from .artifact import load, save
-from .finetune import FinetuneResult, finetune
 from .data import load_data
-from .load import load_model, rebuild_model
 from .errors import VconError
 from .export import check_onnx, export_onnx
+from .graph.blend import Blend, get_betas, set_beta
+from .graph.pipeline import Plan, plan, transform, vanish
+from .graph.select import SelectionConfig
+from .io.artifact import load, save
 from .methods import ComposeConfig, LowRankConfig, MethodConfig, PruneConfig, QuantConfig, registered_methods
-from .passes.blend import Blend, get_betas, set_beta
-from .schedule import BetaSchedule, default_transition, make_schedule
+from .schedules import BetaSchedule, default_transition, make_schedule
+from .sources import load_model, rebuild_model
+from .training import FinetuneResult, finetune
 
 __all__ = [
     "transform",
     "plan",
     "Plan",
+    "SelectionConfig",
     "vanish",
     "save",
     "load",

@@ -107,8 +107,8 @@ def test_a_float_model_is_left_as_it_is(tmp_path):
 
 
 def test_weight_only_int8_convolutions_get_the_constant_folding_session_option(tmp_path):
-    from vcon_fx.bench import bench_onnx
-    from vcon_fx.bench_worker import make_session, session_config
+    from vcon_fx.bench.compare import bench_onnx
+    from vcon_fx.bench.worker import make_session, session_config
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
@@ -129,7 +129,7 @@ def test_weight_only_int8_convolutions_get_the_constant_folding_session_option(t
 
 
 def test_float_and_matmul_only_models_get_no_session_options(vanished_int8, tmp_path):
-    from vcon_fx.bench_worker import session_config
+    from vcon_fx.bench.worker import session_config
 
     _, _, path = vanished_int8
     assert session_config(path) == {}

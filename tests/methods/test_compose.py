@@ -15,7 +15,7 @@ from vcon_fx.methods.base import LayerSite, method_for
 from vcon_fx.methods.compose import compose_config
 from vcon_fx.methods.lowrank import LowRank
 from vcon_fx.methods.quant import QuantizedLayer, QuantTwin
-from vcon_fx.passes.blend import Blend
+from vcon_fx.graph.blend import Blend
 
 from zoo import make
 

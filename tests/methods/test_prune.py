@@ -13,7 +13,7 @@ from vcon_fx.errors import ConfigError
 from vcon_fx.methods import PruneConfig, config_from_dict
 from vcon_fx.methods.base import LayerSite, method_for
 from vcon_fx.methods.prune import PrunedLayer, magnitude_mask, nm_mask
-from vcon_fx.passes.blend import Blend
+from vcon_fx.graph.blend import Blend
 
 from zoo import make
 

@@ -14,7 +14,7 @@ from vcon_fx.errors import ConfigError
 from vcon_fx.methods import QuantConfig, config_from_dict
 from vcon_fx.methods.base import LayerSite, method_for
 from vcon_fx.methods.quant import QuantizedLayer, QuantTwin, quantize_weight
-from vcon_fx.passes.blend import Blend
+from vcon_fx.graph.blend import Blend
 
 from zoo import make
 

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..bench import validate_onnx
-from ..bench_worker import _one_line, make_session, model_size_bytes, time_runs
+from ..bench.compare import validate_onnx
+from ..bench.worker import _one_line, make_session, model_size_bytes, time_runs
 from ..errors import LoadError, ParityError, UsageError
 from .onnx import _as_args, eval_mode, flatten_inputs, flatten_outputs, run_model
 

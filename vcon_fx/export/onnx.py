@@ -24,7 +24,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from ..errors import ExportError, UsageError
-from ..fileio import atomic_path, check_output
+from ..io.atomic import atomic_path, check_output
 
 __all__ = ["export_onnx", "flatten_inputs", "flatten_outputs", "eval_mode", "run_model"]
 

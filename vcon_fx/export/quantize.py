@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ExportError, UsageError
-from ..fileio import atomic_path, check_output
+from ..io.atomic import atomic_path, check_output
 from .dynamic_int8 import to_dynamic_int8
 
 __all__ = ["compress_onnx_weights", "CompressReport", "find_grid", "QMAX_CANDIDATES"]

@@ -37,7 +37,7 @@ class LowRankConfig(MethodConfig):
             (sketch + power iterations), or "auto": randomized when the rank is at most a quarter of
             the layer's smaller side (≥ 256), 3-6× faster and within ~0.7 % of the optimal error.
         activation_aware: factorize W·diag(s), s = RMS of each input feature on the example
-            inputs, then undo the scaling (passes/calibrate.py): the truncation keeps what the
+            inputs, then undo the scaling (graph/calibrate.py): the truncation keeps what the
             layer's real inputs use. Needs example inputs that are real data.
     """
 

@@ -1,6 +1,6 @@
-"""Loaders behind `vcon_fx.load`, one file per kind of model source.
+"""Model sources: what a user hands over (.pt2, torchvision:NAME, a Hugging Face folder, a pickled
+module, a state dict + --arch), one file per kind; `load_model` picks the kind."""
 
-`load.load_model` is the public entry point; these modules are its helpers.
-"""
+from .load import LoadedModel, load_model, parse_shape, rebuild_model
 
-__all__: list[str] = []
+__all__ = ["LoadedModel", "load_model", "rebuild_model", "parse_shape"]

@@ -1,0 +1,150 @@
+"""`vcon-fx finetune`: fine-tune a blended artifact while β falls 1 → 0 (part of the CLI: it prints).
+
+    vcon-fx finetune model.vcon --data train.npz --steps 1000 [--transition 200] [-o model.tuned]
+    torchrun --nproc-per-node 2 -m vcon_fx finetune model.vcon --data train.npz --steps 1000
+
+cli.py wires it in with `add_finetune_parser(subparsers)` and `cmd_finetune(args)`. Under
+torchrun only rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..errors import StageError, UsageError
+from ..training.finetune import LOSSES
+from ..schedules.schedule import SCHEDULES
+from .render import console, errors
+
+__all__ = ["add_finetune_parser", "cmd_finetune"]
+
+
+
+def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `finetune` sub-command to an argparse sub-parsers object; returns its parser."""
+    p = subparsers.add_parser("finetune", help="fine-tune while β falls 1 → 0 (task loss or distillation)")
+    p.add_argument("model", help="a blended vcon artifact folder (from `vcon-fx transform`)")
+    p.add_argument("--data", required=True, help=".safetensors/.npz (inputs, labels), an image folder, or a text file")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps in all")
+    p.add_argument("--transition", help="Q: steps over which β falls, or a share like 20%% (default 20%%; 0 = abrupt)")
+    p.add_argument("--schedule", default="linear", choices=SCHEDULES, help="shape of β over the transition")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per step and process (default 32)")
+    p.add_argument("--loss", default="auto", choices=LOSSES,
+                   help="auto: cross-entropy with labels, else distillation from the model at β = 1")
+    p.add_argument("--eval", dest="eval_data", help="evaluation data (default: up to 1024 training examples)")
+    p.add_argument("--eval-every", type=int, help="evaluate every K steps (always before and after)")
+    p.add_argument("--save-every", type=int, help="checkpoint every K steps")
+    p.add_argument("--checkpoint-dir", help="checkpoint folder (default: OUT.ckpt)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="data order and dropout seed")
+    p.add_argument("--log", help="JSON-lines log, one object per step")
+    p.add_argument("--seq-len", type=int, help="tokens per text example (default: the model's example length)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each rank's own GPU)")
+    p.add_argument("-o", "--output", help="tuned artifact folder (default: MODEL with suffix .tuned)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    return p
+
+
+def _transition(value: str | None, steps: int) -> int | None:
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if not 0 <= share <= 100:
+                raise ValueError
+            return round(steps * share / 100)
+        return int(text)
+    except ValueError:
+        raise UsageError(f"--transition must be a number of steps (e.g. 200) or a share of --steps (e.g. 20%), "
+                         f"got {value!r}") from None
+
+
+def default_output(model: str) -> Path:
+    """MODEL with the suffix .tuned, beside it (model.vcon → model.tuned)."""
+    path = Path(model.rstrip("/"))
+    return path.with_suffix(".tuned") if path.suffix else path.with_name(path.name + ".tuned")
+
+
+def cmd_finetune(args) -> int:
+    """Load the artifact, fine-tune it with a progress bar, save the tuned artifact."""
+    from ..io.artifact import is_artifact, load, read_recipe, save
+    from ..data.readers import load_data_for
+    from ..io.atomic import check_output
+    from ..training.finetune import finetune
+
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    model_path = Path(args.model)
+    if model_path.exists() and not is_artifact(model_path):
+        raise StageError(f"{model_path} is not a vcon artifact (no recipe.json): run `vcon-fx transform {args.model} "
+                         f"-o {model_path.stem}.vcon` first, then fine-tune that folder")
+    recipe = read_recipe(model_path)
+    if recipe.stage != "blended":
+        raise StageError(f"{model_path} is already {recipe.stage} (no β left to schedule): fine-tune the blended "
+                         "artifact, before `vcon-fx vanish`")
+    out = Path(args.output) if args.output else default_output(args.model)
+    if main_rank:
+        check_output(out, force=args.force, inputs=(args.model, args.data, args.eval_data))
+    transition = _transition(args.transition, args.steps)
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.name + ".ckpt")
+
+    with console.status("loading the model and data…") if main_rank else contextlib.nullcontext():
+        vm = load(model_path)
+        train = load_data_for(vm, args.data, seq_len=args.seq_len)
+        evaluation = load_data_for(vm, args.eval_data, seq_len=args.seq_len) if args.eval_data else None
+
+    progress = _progress() if main_rank else None
+    task = progress.add_task("fine-tuning", total=args.steps, info="") if progress else None
+
+    def on_step(info: dict) -> None:
+        if progress is None:
+            return
+        text = f"β {info['beta']:.3f}  loss {info['loss']:.4g}"
+        if info.get("gap"):
+            gaps = list(info["gap"].values())
+            text += f"  gap {sum(gaps) / len(gaps):.3f} (max {max(gaps):.3f})"
+        if info.get("eval"):
+            text += "  " + "  ".join(f"{k} {v:.4f}" for k, v in info["eval"].items())
+        progress.update(task, completed=info["step"], info=text)
+
+    try:
+        if progress:
+            progress.start()
+        result = finetune(vm, train, steps=args.steps, transition=transition, schedule=args.schedule, lr=args.lr,
+                          batch_size=args.batch_size, loss=args.loss, eval_data=evaluation,
+                          eval_every=args.eval_every, seed=args.seed, save_every=args.save_every,
+                          checkpoint_dir=checkpoint_dir, resume=args.resume, log_path=args.log, on_step=on_step,
+                          device=args.device)
+    except KeyboardInterrupt as exc:
+        if progress:
+            progress.stop()  # before the message, so the bar does not overwrite it
+        if main_rank:
+            errors.print(f"[yellow]{exc or 'interrupted'}[/]; continue with the same command plus --resume")
+        raise
+    finally:
+        if progress:
+            progress.stop()
+    if not main_rank:
+        return 0
+    save(vm, out, force=args.force)
+    m = result.metrics
+    mean_beta = sum(result.betas.values()) / max(len(result.betas), 1)
+    where = " (on training data)" if result.eval_on == "train" else ""
+    resumed = f", resumed from step {result.resumed_from}" if result.resumed_from else ""
+    console.print(f"{result.metric}{where}: original {m.get('before', float('nan')):.4f} · compressed untrained "
+                  f"{m.get('before_compressed', float('nan')):.4f} → after {m['after']:.4f} "
+                  f"({result.steps} steps, {result.loss} loss, β {mean_beta:.3f}{resumed}); [green]wrote[/] {out}",
+                  soft_wrap=True)
+    return 0
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    TextColumn("{task.fields[info]}"), console=console, transient=False)

@@ -1,0 +1,84 @@
+"""`vcon-fx inspect`: what transform would do (the plan), or what an artifact holds."""
+
+from __future__ import annotations
+
+import json
+
+from rich.table import Table
+
+from ..errors import CaptureError
+from .options import add_method, add_source, load_source, method_config, selection_kwargs
+from .render import console, describe, fmt_count, plan_table
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub) -> None:
+    """Add the `inspect` sub-command to an argparse sub-parsers object."""
+    p = sub.add_parser("inspect", help="matched layers, parameters, FLOPs and the plan")
+    p.add_argument("model", help="model source: .pt2, torchvision:NAME, HF folder, .pt, or a vcon artifact")
+    add_source(p)
+    add_method(p, required=False)
+    p.add_argument("--graph", action="store_true", help="print the captured graph")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def run(args) -> int:
+    from ..graph.pipeline import plan
+    from ..io.artifact import is_artifact, read_recipe
+
+    if is_artifact(args.model):
+        recipe = read_recipe(args.model)
+        console.print(f"[bold]{args.model}[/]: vcon artifact, stage [bold]{recipe.stage}[/], method {describe(recipe.config)}")
+        console.print(f"capture path: {recipe.capture}; {len(recipe.groups)} group(s)")
+        plan_table(recipe.plans, recipe.excluded)
+        return 0
+    loaded = load_source(args, args.model)
+    from ..methods.lowrank import LowRankConfig
+
+    config = method_config(args) if args.method else LowRankConfig(ratio=0.25)
+    try:
+        the_plan = plan(loaded.module, config, example_inputs=loaded.example_args,
+                        example_kwargs=loaded.example_kwargs, seq_inputs=loaded.seq_inputs, **selection_kwargs(args))
+    except CaptureError:
+        _uncaptured_layers(args, loaded.module)  # what the module tree alone tells, then the error
+        raise
+    if args.json:
+        console.print_json(json.dumps({
+            "capture": the_plan.capture, "notes": the_plan.notes, "method": config.to_dict(),
+            "groups": [g.to_dict() for g in the_plan.groups],
+            "layers": {p: pl.to_dict() for p, pl in the_plan.plans.items()},
+            "excluded": the_plan.selection.excluded,
+            "params_before": the_plan.total_params, "params_after": the_plan.params_after,
+        }))
+        return 0
+    console.print(f"[bold]{args.model}[/] ({type(loaded.module).__name__}): captured with [bold]{the_plan.capture}[/]")
+    for note in the_plan.notes:
+        console.print(f"  [dim]{note}[/]")
+    if args.graph:
+        console.print(str(the_plan.extra["gm"].graph))
+    plan_table(the_plan.plans, the_plan.selection.excluded, title=f"plan: {describe(config)}")
+    console.print(f"{len(the_plan.groups)} group(s) ({the_plan.selection.granularity}); parameters "
+                  f"{fmt_count(the_plan.total_params)} → {fmt_count(the_plan.params_after)} "
+                  f"({the_plan.params_after / max(the_plan.total_params, 1):.1%})")
+    return 0
+
+
+def _uncaptured_layers(args, model) -> None:
+    """The compressible layers a walk of the module tree finds, for a model no tracer captured."""
+    from ..methods.base import COMPRESSIBLE
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, COMPRESSIBLE)}
+    if args.json:
+        console.print_json(json.dumps({"capture": None, "layers_found": {
+            n: {"type": type(m).__name__, "shape": list(m.weight.shape), "params": m.weight.numel()}
+            for n, m in layers.items()}}))
+        return
+    table = Table(title=f"{type(model).__name__}: not captured; its module tree holds {len(layers)} compressible layer(s)")
+    for col in ("layer", "type", "weight shape", "params"):
+        table.add_column(col, justify="left" if col in ("layer", "type") else "right")
+    for name, m in layers.items():
+        table.add_row(name, type(m).__name__, "×".join(map(str, m.weight.shape)), fmt_count(m.weight.numel()))
+    console.print(table)
+    console.print("[yellow]no plan:[/] the graph could not be captured (reason below); layers inside a "
+                  "submodule that does trace can be reached by keeping the failing part whole (--ignore it)")

@@ -1,0 +1,481 @@
+"""The embedded demo: the whole pipeline on real handwritten digits, abrupt compression against VCON.
+
+    vcon-fx demo [--out demo_out] [--fast] [--methods lowrank,prune,...] [--seed 0]
+
+A tiny vision transformer (`demo.model.TinyViT`) is trained on scikit-learn's digits. Then,
+for every registered method that has a demo setting, two runs start from that same dense model
+with the same fine-tuning budget (steps, learning rate, batch size, seed, data order):
+
+    abrupt:  transform → fine-tune with Q = 0 (β = 0 from the first step)
+    VCON:    transform → fine-tune with β falling linearly 1 → 0 over Q = 20% of the steps
+
+The VCON model is vanished, exported to ONNX (weights of ≤ 4-bit methods repacked as INT4),
+and checked in onnxruntime against PyTorch. The result is one row per method, a JSON file, and
+a plot of test accuracy over the fine-tuning steps with β on a second axis.
+
+Seeds are not chosen: whichever run wins is what the table shows (see benchmarks/ACCURACY.md
+for means over seeds). This module does not print; `vcon_fx/cli/demo.py` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import OutputExistsError, UsageError
+
+__all__ = [
+    "DemoSettings",
+    "DemoRow",
+    "DemoResult",
+    "FULL",
+    "FAST",
+    "FAST_METHODS",
+    "DEMO_FORMAT",
+    "demo_configs",
+    "run_demo",
+    "plot_histories",
+]
+
+log = logging.getLogger(__name__)
+
+DEMO_FORMAT = "vcon-fx-demo"
+RESULTS_NAME = "results.json"
+PLOT_NAME = "accuracy.png"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes of one demo run (FULL for `vcon-fx demo`, FAST for `--fast` and the tests)."""
+
+    pretrain_steps: int = 600     # dense training, AdamW, one-cycle lr
+    pretrain_lr: float = 3e-3
+    steps: int = 300              # the fine-tuning budget of every run, abrupt and VCON alike
+    transition: float = 0.2       # Q as a share of `steps` (the authors' 20%)
+    lr: float = 1e-3              # Adam, constant (vcon_fx.finetune)
+    batch_size: int = 64
+    eval_every: int = 10          # test accuracy every this many steps, for the plot
+    depth: int = 4
+    dim: int = 64
+    hidden: int = 128
+    latency_batch: int = 64       # onnxruntime latency is measured on this many test images
+    latency_runs: int = 50
+    latency_threads: int = 1
+    threads: int = 1              # torch threads while the demo runs (restored after): tiny models run
+                                  # fastest on one, and one thread keeps the numbers repeatable
+
+    @property
+    def q(self) -> int:
+        return round(self.steps * self.transition)
+
+
+FULL = DemoSettings()
+FAST = DemoSettings(pretrain_steps=200, steps=30, eval_every=10, latency_runs=5)
+# --fast runs one method of each ONNX route (float factors, integer weights) unless --methods says otherwise:
+# each export costs seconds, and the fast mode has to stay under half a minute
+FAST_METHODS = ("lowrank", "quant")
+
+
+def demo_configs() -> dict[str, tuple[Any, str]]:
+    """Method name → (config, readable setting) for every method the demo knows how to run.
+
+    Each is a strong compression on this model (every Linear inside the transformer blocks):
+    abrupt compression loses accuracy, which is where the paper says VCON can help.
+    """
+    from ..methods import ComposeConfig, LowRankConfig, PruneConfig, QuantConfig
+
+    return {
+        "lowrank": (LowRankConfig(rank=4), "rank 4"),
+        "prune": (PruneConfig(sparsity=0.95), "95% zeros"),
+        "quant": (QuantConfig(bits=1), "binary (1 bit)"),
+        "compose": (ComposeConfig((LowRankConfig(rank=8), QuantConfig(bits=2))), "rank 8, 2-bit"),
+    }
+
+
+@dataclass
+class DemoRow:
+    """One method's results: sizes, onnxruntime check, accuracies, and the curves for the plot."""
+
+    method: str
+    setting: str
+    config: dict
+    params: int                   # parameters after compression (prune: non-zero weights)
+    onnx: str                     # file name inside the output folder
+    onnx_bytes: int
+    latency_ms: float
+    onnx_ok: bool
+    onnx_max_abs_diff: float
+    transition: int
+    acc_compressed: float         # abrupt compression, before any fine-tuning
+    acc_abrupt: float             # abrupt compression + fine-tuning
+    acc_vcon: float               # VCON + the same fine-tuning, after vanish (PyTorch)
+    acc_vcon_onnx: float          # the exported file, run by onnxruntime
+    seconds: float
+    history_abrupt: list = field(default_factory=list)  # [step, β, test accuracy]
+    history_vcon: list = field(default_factory=list)
+    beta_vcon: list = field(default_factory=list)       # VCON's mean β after every step 0..steps
+
+    @property
+    def gain(self) -> float:
+        """VCON minus abrupt, in accuracy (fraction); negative when abrupt won."""
+        return self.acc_vcon - self.acc_abrupt
+
+
+@dataclass
+class DemoResult:
+    """What a demo run made: the dense baseline, one row per method, and where the files are."""
+
+    out: str
+    seed: int
+    fast: bool
+    settings: dict
+    train_size: int
+    test_size: int
+    dense_params: int
+    dense_accuracy: float
+    dense_onnx: str
+    dense_onnx_bytes: int
+    dense_latency_ms: float
+    rows: list[DemoRow]
+    skipped: dict[str, str]       # registered methods the demo did not run, with the reason
+    plot: str
+    results: str
+    seconds: float
+    machine: dict
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["format"] = DEMO_FORMAT
+        data["version"] = 1
+        for row, d in zip(self.rows, data["rows"]):
+            d["gain"] = row.gain
+        return data
+
+
+# ── the run ────────────────────────────────────────────────────────────────────────────────
+
+
+def run_demo(
+    out: str | os.PathLike = "demo_out",
+    *,
+    methods: list[str] | tuple[str, ...] | None = None,
+    seed: int = 0,
+    fast: bool = False,
+    settings: DemoSettings | None = None,
+    force: bool = False,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+) -> DemoResult:
+    """Train the digits model, compress it abruptly and with VCON per method, export and check (writes `out`).
+
+    The output folder is written whole, atomically: the plot, `dense.onnx`, one `METHOD.onnx`
+    per method and `results.json`. A folder left by an earlier demo is replaced; anything else
+    only with `force`.
+
+    Args:
+        out: the output folder.
+        methods: method names (default: every registered method with a demo setting; in fast mode
+            only FAST_METHODS, one per ONNX route).
+        seed: model initialization, data order and dropout of every run.
+        fast: the reduced sizes of `FAST` (for tests), else `FULL`.
+        settings: explicit sizes (overrides `fast`).
+        force: replace an output folder that is not an earlier demo's.
+        on_event: called with progress dicts (`stage`: pretrain | finetune | export | done, …).
+
+    Returns:
+        A DemoResult (also written to `out/results.json`).
+
+    Raises:
+        UsageError: an unknown method name, or one without a demo setting.
+        OutputExistsError: `out` exists, is not an earlier demo's output, and `force` is false.
+        ImportError: scikit-learn or matplotlib is missing (`pip install 'vcon-fx[demo]'`).
+
+    Example:
+        >>> result = run_demo("demo_out", fast=True, methods=["lowrank"])  # doctest: +SKIP
+        >>> result.rows[0].acc_abrupt, result.rows[0].acc_vcon  # doctest: +SKIP
+    """
+    from ..io.atomic import atomic_dir
+
+    settings = settings or (FAST if fast else FULL)
+    chosen, skipped = _choose_methods(methods, fast=fast and settings is FAST)
+    out = _check_out(Path(out), force)
+    emit = on_event or (lambda _event: None)
+    started = time.monotonic()
+    # fork_rng: the demo seeds torch's global generator, the caller's stays as it was
+    with atomic_dir(out) as tmp, _torch_threads(settings.threads), torch.random.fork_rng():
+        result = _run(tmp, out, chosen, skipped, seed, fast, settings, emit, started)
+    emit({"stage": "done", "seconds": result.seconds})
+    return result
+
+
+def _run(tmp: Path, out: Path, chosen, skipped, seed, fast, settings: DemoSettings, emit, started) -> DemoResult:
+    from ..export import check_onnx, export_onnx
+    from .model import TinyViT, accuracy, example_inputs, load_digits_data, pretrain
+
+    data = load_digits_data()
+    configs = demo_configs()
+    torch.manual_seed(seed)
+    dense = TinyViT(dim=settings.dim, depth=settings.depth, hidden=settings.hidden)
+    emit({"stage": "pretrain", "steps": settings.pretrain_steps})
+    pretrain(dense, data.train, steps=settings.pretrain_steps, lr=settings.pretrain_lr,
+             batch_size=settings.batch_size, seed=seed)
+    dense_acc = accuracy(dense, data.test)
+    log.info("dense model: test accuracy %.4f", dense_acc)
+    examples = example_inputs()
+    check_inputs = (data.test.tensors[0][:settings.latency_batch],)
+
+    emit({"stage": "export", "method": "dense"})
+    dense_path = export_onnx(dense, tmp / "dense.onnx", examples)
+    dense_report = check_onnx(dense, dense_path, check_inputs, runs=settings.latency_runs,
+                              threads=settings.latency_threads)
+    dense_params = sum(p.numel() for p in dense.parameters())
+
+    rows = []
+    for name in chosen:
+        config, setting = configs[name]
+        rows.append(_run_method(name, config, setting, dense, data, examples, check_inputs, tmp, dense_path,
+                                settings, seed, emit))
+
+    plot_path = tmp / PLOT_NAME
+    plot_histories(rows, plot_path, dense_accuracy=dense_acc, title=f"digits, tiny ViT, seed {seed}")
+    result = DemoResult(
+        out=str(out), seed=seed, fast=fast, settings=dataclasses.asdict(settings),
+        train_size=len(data.train), test_size=len(data.test), dense_params=dense_params,
+        dense_accuracy=dense_acc, dense_onnx=dense_path.name, dense_onnx_bytes=dense_report.size_bytes,
+        dense_latency_ms=dense_report.latency_ms, rows=rows, skipped=skipped, plot=PLOT_NAME, results=RESULTS_NAME,
+        seconds=round(time.monotonic() - started, 1), machine=machine_info(),
+    )
+    (tmp / RESULTS_NAME).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    return result
+
+
+def _run_method(name, config, setting, dense, data, examples, check_inputs, tmp, dense_path, settings, seed,
+                emit) -> DemoRow:
+    """Abrupt and VCON fine-tuning of one method from the same dense model; vanish, export, check the VCON one."""
+    from ..graph import pipeline as api
+    from .model import accuracy
+    from ..export import check_onnx, export_onnx
+    from ..training.finetune import finetune
+
+    started = time.monotonic()
+    runs = {}
+    for run, q in (("abrupt", 0), ("vcon", settings.q)):
+        vm = api.transform(dense, config, example_inputs=examples)
+
+        def on_step(info, run=run):
+            emit({"stage": "finetune", "method": name, "run": run, "step": info["step"], "steps": settings.steps,
+                  "beta": info["beta"], "accuracy": (info.get("eval") or {}).get("accuracy")})
+
+        result = finetune(vm, data.train, steps=settings.steps, transition=q, lr=settings.lr,
+                          batch_size=settings.batch_size, eval_data=data.test, eval_every=settings.eval_every,
+                          seed=seed, on_step=on_step)
+        runs[run] = (vm, result)
+        log.info("%s %s: test accuracy %.4f", name, run, result.metrics["after"])
+
+    vm, result = runs["vcon"]
+    emit({"stage": "export", "method": name})
+    small = api.vanish(vm)
+    acc_vcon = accuracy(small, data.test)
+    path = export_onnx(small, tmp / f"{name}.onnx", examples)
+    bits = _weight_bits(config)
+    if bits is not None and bits <= 4:
+        # the exporter stores quantized weights as INT8; ≤ 4-bit grids fit in INT4 (half the bytes)
+        from ..export.quantize import compress_onnx_weights
+
+        # fold_transposes=False: with it onnxruntime fuses MatMulNBits, which quantizes the
+        # activations to int8 at its default accuracy level (logits then differ by ~1e-2)
+        packed = compress_onnx_weights(path, tmp / f"{name}.int4.onnx", bits=4, fold_transposes=False)
+        os.replace(packed.path, path)
+    report = check_onnx(small, path, check_inputs, atol=1e-4, runs=settings.latency_runs,
+                        threads=settings.latency_threads, reference_onnx=dense_path)
+    plan = api.plan(dense, config, example_inputs=examples)
+    return DemoRow(
+        method=name, setting=setting, config=config.to_dict(), params=plan.params_after, onnx=path.name,
+        onnx_bytes=report.size_bytes, latency_ms=report.latency_ms, onnx_ok=report.ok,
+        onnx_max_abs_diff=max((o.max_abs_diff for o in report.outputs), default=float("nan")),
+        transition=settings.q,
+        acc_compressed=runs["abrupt"][1].metrics["before_compressed"],
+        acc_abrupt=runs["abrupt"][1].metrics["after"], acc_vcon=acc_vcon,
+        acc_vcon_onnx=onnx_accuracy(path, data.test),
+        seconds=round(time.monotonic() - started, 1),
+        history_abrupt=_curve(runs["abrupt"][1]), history_vcon=_curve(runs["vcon"][1]),
+        beta_vcon=_betas(runs["vcon"][1]),
+    )
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _curve(result) -> list[list[float]]:
+    """[step, β, test accuracy] at every evaluated step; step 0 at the run's own starting β."""
+    beta_used = {h["step"]: h["beta"] for h in result.history}  # β during step t (before the schedule moved)
+    final_beta = sum(result.betas.values()) / max(len(result.betas), 1)
+    points = []
+    for h in result.history:
+        ev = h.get("eval") or {}
+        if "accuracy" not in ev:
+            continue
+        acc = ev["accuracy"]
+        if h["step"] == 0 and h["beta"] <= 0.0:  # abrupt: the model starts compressed
+            acc = ev.get("accuracy_compressed", acc)
+        # β of the weights evaluated: after step t the schedule has moved to step t
+        beta = h["beta"] if h["step"] == 0 else beta_used.get(h["step"] + 1, final_beta)
+        points.append([h["step"], beta, acc])
+    return points
+
+
+def _betas(result) -> list[float]:
+    """Mean β of the model after each step 0..steps (the schedule moves right after each optimizer step)."""
+    used = {h["step"]: h["beta"] for h in result.history}
+    final = sum(result.betas.values()) / max(len(result.betas), 1)
+    return [round(used.get(t + 1, final) if t else used.get(0, 1.0), 6) for t in range(result.steps + 1)]
+
+
+def _weight_bits(config) -> int | None:
+    """The weight bits of a quantizing config (also inside a composition), else None."""
+    found = getattr(config, "bits", None)
+    if isinstance(found, int):
+        return found
+    for inner in getattr(config, "configs", ()) or ():
+        bits = _weight_bits(inner)
+        if bits is not None:
+            return bits
+    return None
+
+
+def onnx_accuracy(path: str | os.PathLike, data) -> float:
+    """Top-1 accuracy of an ONNX classifier on a TensorDataset, run by onnxruntime (pure)."""
+    from ..bench.worker import make_session
+
+    session = make_session(path, threads=1)
+    images, labels = data.tensors
+    logits = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
+    return float((logits.argmax(-1) == labels.numpy()).mean())
+
+
+def _choose_methods(methods, fast: bool = False) -> tuple[list[str], dict[str, str]]:
+    from ..methods import registered_methods
+
+    registered = list(registered_methods())
+    configs = demo_configs()
+    skipped = {m: "no demo setting for this method yet" for m in registered if m not in configs}
+    if methods is None:
+        chosen = [m for m in registered if m in configs and (not fast or m in FAST_METHODS)]
+        skipped.update({m: "not run in --fast mode (give --methods to add it)" for m in registered
+                        if m in configs and m not in chosen})
+        return chosen, skipped
+    chosen = []
+    for m in methods:
+        if m not in registered:
+            raise UsageError(f"unknown method {m!r}; the demo runs: {', '.join(x for x in registered if x in configs)}")
+        if m not in configs:
+            raise UsageError(f"method {m!r} has no demo setting; the demo runs: {', '.join(configs)}")
+        if m not in chosen:
+            chosen.append(m)
+    if not chosen:
+        raise UsageError("no method chosen: give at least one, e.g. --methods lowrank")
+    skipped.update({m: "not chosen (--methods)" for m in registered if m in configs and m not in chosen})
+    return chosen, skipped
+
+
+def _check_out(out: Path, force: bool) -> Path:
+    if out.exists() and not force:
+        if not out.is_dir() or not _is_demo_output(out):
+            raise OutputExistsError(f"{out} exists and is not an earlier demo's output: pass --force to replace it, "
+                                    "or choose another --out folder")
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise UsageError(f"the folder {parent} for --out {out} does not exist: create it first")
+    return out
+
+
+def _is_demo_output(folder: Path) -> bool:
+    try:
+        return json.loads((folder / RESULTS_NAME).read_text()).get("format") == DEMO_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return not any(folder.iterdir())  # an empty folder is fine too
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the numbers came from: CPU, cores, torch and onnxruntime versions (pure)."""
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError:  # pragma: no cover
+        ort_version = None
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "onnxruntime": ort_version, "python": platform.python_version(), "platform": platform.platform()}
+
+
+# ── the plot ───────────────────────────────────────────────────────────────────────────────
+
+
+def plot_histories(rows: list[DemoRow], path: str | os.PathLike, *, dense_accuracy: float | None = None,
+                   title: str = "") -> Path:
+    """Test accuracy over fine-tuning steps, abrupt vs VCON, β on a second axis: one panel per method (writes `path`).
+
+    Uses matplotlib's object API with the Agg canvas, so no global backend is changed.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = max(len(rows), 1)
+    cols = min(n, 2)
+    nrows = (n + cols - 1) // cols
+    fig = Figure(figsize=(6.2 * cols, 3.8 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, row in enumerate(rows):
+        ax = fig.add_subplot(nrows, cols, i + 1)
+        for key, label, color in (("history_abrupt", f"abrupt  → {row.acc_abrupt:.3f}", "tab:red"),
+                                  ("history_vcon", f"VCON  → {row.acc_vcon:.3f}", "tab:blue")):
+            pts = getattr(row, key)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[2] for p in pts], color=color, label=label, lw=1.6)
+        if dense_accuracy is not None:
+            ax.axhline(dense_accuracy, color="grey", ls=":", lw=1, label=f"dense {dense_accuracy:.3f}")
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylabel("test accuracy")
+        ax.set_ylim(0.0, 1.02)
+        ax.set_title(f"{row.method}: {row.setting}, Q = {row.transition}")
+        twin = ax.twinx()
+        betas = row.beta_vcon or [p[1] for p in row.history_vcon]
+        steps = range(len(betas)) if row.beta_vcon else [p[0] for p in row.history_vcon]
+        if betas:
+            twin.plot(list(steps), betas, color="tab:green", ls="--", lw=1.2, label="β (VCON)")
+        twin.set_ylabel("β", color="tab:green")
+        twin.set_ylim(-0.02, 1.02)
+        handles, labels = ax.get_legend_handles_labels()
+        h2, l2 = twin.get_legend_handles_labels()
+        ax.legend(handles + h2, labels + l2, loc="lower right", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    from ..io.atomic import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return path
