@@ -35,7 +35,7 @@ def run(args) -> int:
     from ..export.check import check_onnx
     from ..export.onnx import export_onnx
     from ..io.atomic import check_output
-    from ..io.recipe import inputs_from_spec
+    from ..graph.recipe import inputs_from_spec
 
     if args.int4 and args.dynamic_int8:
         raise UsageError("--int4 and --dynamic-int8 exclude each other: the integer GEMMs take INT8 weights")

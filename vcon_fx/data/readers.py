@@ -143,7 +143,7 @@ def load_data_for(model: torch.nn.Module, path: str | Path, *, seq_len: int | No
         DataError: as `load_data`.
         StageError: `model` is not a vcon model.
     """
-    from ..io.recipe import recipe_of
+    from ..graph.recipe import recipe_of
 
     recipe = recipe_of(model)
     return load_data(path, model_task=model_task(recipe), tokenizer_path=tokenizer_folder(recipe), seq_len=seq_len,

@@ -1,4 +1,5 @@
 """The graph passes, in pipeline order: capture → normalize → select → calibrate → duplicate
-(blend) → vanish, and `pipeline`, which runs them as `transform` / `plan` / `vanish`."""
+(blend) → vanish; `pipeline` runs them as `transform` / `plan` / `vanish`, and `recipe` is the
+record of what a transform did (`gm.meta["vcon"]`)."""
 
 __all__: list[str] = []

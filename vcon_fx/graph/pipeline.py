@@ -21,7 +21,7 @@ from .duplicate import duplicate, plan_blocks
 from .normalize import normalize
 from .select import Group, Selection, SelectionConfig, find_sites, select
 from .vanish import vanish_graph
-from ..io.recipe import Recipe, input_spec, recipe_of
+from .recipe import Recipe, input_spec, recipe_of
 
 __all__ = ["transform", "plan", "vanish", "Plan", "rebuild"]
 

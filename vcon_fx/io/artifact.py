@@ -19,7 +19,7 @@ from torch import fx, nn
 from ..graph.pipeline import rebuild
 from ..errors import ArtifactError, OutputError, VconError
 from .atomic import _umask, atomic_dir, check_output
-from .recipe import Recipe, inputs_from_spec, recipe_of
+from ..graph.recipe import Recipe, inputs_from_spec, recipe_of
 
 __all__ = ["save", "load", "read_recipe", "is_artifact", "RECIPE_FILE", "WEIGHTS_FILE"]
 

@@ -43,7 +43,7 @@ from .distributed import Distributed
 from ..errors import ConfigError, DataError, StageError, TrainingError
 from .evaluate import LOSSES, GapProbe, at_beta, choose_loss, eval_mode, evaluate, prediction, training_loss
 from ..graph.blend import blend_modules, get_betas
-from ..io.recipe import recipe_of
+from ..graph.recipe import recipe_of
 from ..schedules.schedule import SCHEDULES, default_transition, make_schedule
 
 __all__ = ["finetune", "FinetuneResult", "LOSSES", "latest_checkpoint", "CHECKPOINT_FORMAT"]

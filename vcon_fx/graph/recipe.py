@@ -16,7 +16,7 @@ from torch import fx
 
 from ..errors import ArtifactError, StageError
 from ..methods.base import LayerPlan, MethodConfig, config_from_dict
-from ..graph.select import Group
+from .select import Group
 
 __all__ = ["Recipe", "recipe_of", "input_spec", "inputs_from_spec", "FORMAT", "FORMAT_VERSION"]
 
