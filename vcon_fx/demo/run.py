@@ -24,15 +24,17 @@ import dataclasses
 import json
 import logging
 import os
-import platform
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from ..errors import OutputExistsError, UsageError
+from ..errors import UsageError
+from .history import accuracy_curve, beta_curve
+from .output import check_out, machine_info
+from .plot import plot_histories
+from .results import DEMO_FORMAT, FAST, FULL, PLOT_NAME, RESULTS_NAME, DemoResult, DemoRow, DemoSettings
 
 __all__ = [
     "DemoSettings",
@@ -49,38 +51,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEMO_FORMAT = "vcon-fx-demo"
-RESULTS_NAME = "results.json"
-PLOT_NAME = "accuracy.png"
-
-
-@dataclass(frozen=True)
-class DemoSettings:
-    """Sizes of one demo run (FULL for `vcon-fx demo`, FAST for `--fast` and the tests)."""
-
-    pretrain_steps: int = 600     # dense training, AdamW, one-cycle lr
-    pretrain_lr: float = 3e-3
-    steps: int = 300              # the fine-tuning budget of every run, abrupt and VCON alike
-    transition: float = 0.2       # Q as a share of `steps` (the authors' 20%)
-    lr: float = 1e-3              # Adam, constant (vcon_fx.finetune)
-    batch_size: int = 64
-    eval_every: int = 10          # test accuracy every this many steps, for the plot
-    depth: int = 4
-    dim: int = 64
-    hidden: int = 128
-    latency_batch: int = 64       # onnxruntime latency is measured on this many test images
-    latency_runs: int = 50
-    latency_threads: int = 1
-    threads: int = 1              # torch threads while the demo runs (restored after): tiny models run
-                                  # fastest on one, and one thread keeps the numbers repeatable
-
-    @property
-    def q(self) -> int:
-        return round(self.steps * self.transition)
-
-
-FULL = DemoSettings()
-FAST = DemoSettings(pretrain_steps=200, steps=30, eval_every=10, latency_runs=5)
 # --fast runs one method of each ONNX route (float factors, integer weights) unless --methods says otherwise:
 # each export costs seconds, and the fast mode has to stay under half a minute
 FAST_METHODS = ("lowrank", "quant")
@@ -100,66 +70,6 @@ def demo_configs() -> dict[str, tuple[Any, str]]:
         "quant": (QuantConfig(bits=1), "binary (1 bit)"),
         "compose": (ComposeConfig((LowRankConfig(rank=8), QuantConfig(bits=2))), "rank 8, 2-bit"),
     }
-
-
-@dataclass
-class DemoRow:
-    """One method's results: sizes, onnxruntime check, accuracies, and the curves for the plot."""
-
-    method: str
-    setting: str
-    config: dict
-    params: int                   # parameters after compression (prune: non-zero weights)
-    onnx: str                     # file name inside the output folder
-    onnx_bytes: int
-    latency_ms: float
-    onnx_ok: bool
-    onnx_max_abs_diff: float
-    transition: int
-    acc_compressed: float         # abrupt compression, before any fine-tuning
-    acc_abrupt: float             # abrupt compression + fine-tuning
-    acc_vcon: float               # VCON + the same fine-tuning, after vanish (PyTorch)
-    acc_vcon_onnx: float          # the exported file, run by onnxruntime
-    seconds: float
-    history_abrupt: list = field(default_factory=list)  # [step, β, test accuracy]
-    history_vcon: list = field(default_factory=list)
-    beta_vcon: list = field(default_factory=list)       # VCON's mean β after every step 0..steps
-
-    @property
-    def gain(self) -> float:
-        """VCON minus abrupt, in accuracy (fraction); negative when abrupt won."""
-        return self.acc_vcon - self.acc_abrupt
-
-
-@dataclass
-class DemoResult:
-    """What a demo run made: the dense baseline, one row per method, and where the files are."""
-
-    out: str
-    seed: int
-    fast: bool
-    settings: dict
-    train_size: int
-    test_size: int
-    dense_params: int
-    dense_accuracy: float
-    dense_onnx: str
-    dense_onnx_bytes: int
-    dense_latency_ms: float
-    rows: list[DemoRow]
-    skipped: dict[str, str]       # registered methods the demo did not run, with the reason
-    plot: str
-    results: str
-    seconds: float
-    machine: dict
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["format"] = DEMO_FORMAT
-        data["version"] = 1
-        for row, d in zip(self.rows, data["rows"]):
-            d["gain"] = row.gain
-        return data
 
 
 # ── the run ────────────────────────────────────────────────────────────────────────────────
@@ -207,7 +117,7 @@ def run_demo(
 
     settings = settings or (FAST if fast else FULL)
     chosen, skipped = _choose_methods(methods, fast=fast and settings is FAST)
-    out = _check_out(Path(out), force)
+    out = check_out(Path(out), force)
     emit = on_event or (lambda _event: None)
     started = time.monotonic()
     # fork_rng: the demo seeds torch's global generator, the caller's stays as it was
@@ -307,8 +217,8 @@ def _run_method(name, config, setting, dense, data, examples, check_inputs, tmp,
         acc_abrupt=runs["abrupt"][1].metrics["after"], acc_vcon=acc_vcon,
         acc_vcon_onnx=onnx_accuracy(path, data.test),
         seconds=round(time.monotonic() - started, 1),
-        history_abrupt=_curve(runs["abrupt"][1]), history_vcon=_curve(runs["vcon"][1]),
-        beta_vcon=_betas(runs["vcon"][1]),
+        history_abrupt=accuracy_curve(runs["abrupt"][1]), history_vcon=accuracy_curve(runs["vcon"][1]),
+        beta_vcon=beta_curve(runs["vcon"][1]),
     )
 
 
@@ -321,31 +231,6 @@ def _torch_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _curve(result) -> list[list[float]]:
-    """[step, β, test accuracy] at every evaluated step; step 0 at the run's own starting β."""
-    beta_used = {h["step"]: h["beta"] for h in result.history}  # β during step t (before the schedule moved)
-    final_beta = sum(result.betas.values()) / max(len(result.betas), 1)
-    points = []
-    for h in result.history:
-        ev = h.get("eval") or {}
-        if "accuracy" not in ev:
-            continue
-        acc = ev["accuracy"]
-        if h["step"] == 0 and h["beta"] <= 0.0:  # abrupt: the model starts compressed
-            acc = ev.get("accuracy_compressed", acc)
-        # β of the weights evaluated: after step t the schedule has moved to step t
-        beta = h["beta"] if h["step"] == 0 else beta_used.get(h["step"] + 1, final_beta)
-        points.append([h["step"], beta, acc])
-    return points
-
-
-def _betas(result) -> list[float]:
-    """Mean β of the model after each step 0..steps (the schedule moves right after each optimizer step)."""
-    used = {h["step"]: h["beta"] for h in result.history}
-    final = sum(result.betas.values()) / max(len(result.betas), 1)
-    return [round(used.get(t + 1, final) if t else used.get(0, 1.0), 6) for t in range(result.steps + 1)]
 
 
 def _weight_bits(config) -> int | None:
@@ -393,89 +278,3 @@ def _choose_methods(methods, fast: bool = False) -> tuple[list[str], dict[str, s
         raise UsageError("no method chosen: give at least one, e.g. --methods lowrank")
     skipped.update({m: "not chosen (--methods)" for m in registered if m in configs and m not in chosen})
     return chosen, skipped
-
-
-def _check_out(out: Path, force: bool) -> Path:
-    if out.exists() and not force:
-        if not out.is_dir() or not _is_demo_output(out):
-            raise OutputExistsError(f"{out} exists and is not an earlier demo's output: pass --force to replace it, "
-                                    "or choose another --out folder")
-    parent = out.absolute().parent
-    if not parent.is_dir():
-        raise UsageError(f"the folder {parent} for --out {out} does not exist: create it first")
-    return out
-
-
-def _is_demo_output(folder: Path) -> bool:
-    try:
-        return json.loads((folder / RESULTS_NAME).read_text()).get("format") == DEMO_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return not any(folder.iterdir())  # an empty folder is fine too
-
-
-def machine_info() -> dict[str, Any]:
-    """Where the numbers came from: CPU, cores, torch and onnxruntime versions (pure)."""
-    try:
-        import onnxruntime
-
-        ort_version = onnxruntime.__version__
-    except ImportError:  # pragma: no cover
-        ort_version = None
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "onnxruntime": ort_version, "python": platform.python_version(), "platform": platform.platform()}
-
-
-# ── the plot ───────────────────────────────────────────────────────────────────────────────
-
-
-def plot_histories(rows: list[DemoRow], path: str | os.PathLike, *, dense_accuracy: float | None = None,
-                   title: str = "") -> Path:
-    """Test accuracy over fine-tuning steps, abrupt vs VCON, β on a second axis: one panel per method (writes `path`).
-
-    Uses matplotlib's object API with the Agg canvas, so no global backend is changed.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    n = max(len(rows), 1)
-    cols = min(n, 2)
-    nrows = (n + cols - 1) // cols
-    fig = Figure(figsize=(6.2 * cols, 3.8 * nrows), layout="constrained")
-    FigureCanvasAgg(fig)
-    for i, row in enumerate(rows):
-        ax = fig.add_subplot(nrows, cols, i + 1)
-        for key, label, color in (("history_abrupt", f"abrupt  → {row.acc_abrupt:.3f}", "tab:red"),
-                                  ("history_vcon", f"VCON  → {row.acc_vcon:.3f}", "tab:blue")):
-            pts = getattr(row, key)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[2] for p in pts], color=color, label=label, lw=1.6)
-        if dense_accuracy is not None:
-            ax.axhline(dense_accuracy, color="grey", ls=":", lw=1, label=f"dense {dense_accuracy:.3f}")
-        ax.set_xlabel("fine-tuning step")
-        ax.set_ylabel("test accuracy")
-        ax.set_ylim(0.0, 1.02)
-        ax.set_title(f"{row.method}: {row.setting}, Q = {row.transition}")
-        twin = ax.twinx()
-        betas = row.beta_vcon or [p[1] for p in row.history_vcon]
-        steps = range(len(betas)) if row.beta_vcon else [p[0] for p in row.history_vcon]
-        if betas:
-            twin.plot(list(steps), betas, color="tab:green", ls="--", lw=1.2, label="β (VCON)")
-        twin.set_ylabel("β", color="tab:green")
-        twin.set_ylim(-0.02, 1.02)
-        handles, labels = ax.get_legend_handles_labels()
-        h2, l2 = twin.get_legend_handles_labels()
-        ax.legend(handles + h2, labels + l2, loc="lower right", fontsize=8)
-    if title:
-        fig.suptitle(title)
-    from ..io.atomic import atomic_path
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    return path
