@@ -111,9 +111,9 @@ def check_onnx(
     onnx_path: str | os.PathLike,
     example_inputs: tuple,
     *,
-    example_kwargs: dict | None = None,
     rtol: float = FLOAT_RTOL,
     atol: float | None = None,
+    example_kwargs: dict | None = None,
     reference_onnx: str | os.PathLike | None = None,
     runs: int = 20,
     threads: int | None = None,
@@ -127,9 +127,9 @@ def check_onnx(
         model: the PyTorch model the file was exported from (run in eval mode, flags restored).
         onnx_path: the exported .onnx file.
         example_inputs: positional inputs.
-        example_kwargs: keyword inputs.
         rtol: tolerance relative to the output's largest magnitude (at least 1).
         atol: absolute tolerance added to it (quantized models: about two steps).
+        example_kwargs: keyword inputs.
         reference_onnx: the dense model exported the same way, to compare size and latency.
         runs: timed runs for the median latency, after a few untimed ones.
         threads: onnxruntime intra-op threads; None uses every core.
