@@ -121,3 +121,21 @@ def test_bad_arguments_are_usage_errors(tmp_path):
     for kwargs in ({"batch": 0}, {"runs": 0}, {"seq": -1}, {"threads": 0}, {"batch": 1.5}):
         with pytest.raises(UsageError):
             bench_onnx(path, **kwargs)
+
+
+def test_the_worker_measures_without_torch_or_the_package(tmp_path):
+    """The worker runs by path in a bare process: its numbers must be onnxruntime's alone."""
+    import subprocess
+    import sys
+
+    from vcon_fx.bench import compare
+
+    path = save(matmul_model(), tmp_path / "m.onnx")
+    probe = ("import json, runpy, sys; worker = runpy.run_path(sys.argv[1]); "
+             "row = worker['measure'](sys.argv[2], runs=1, warmup=0); "
+             "print(json.dumps([row, sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'vcon_fx'))]))")
+    proc = subprocess.run([sys.executable, "-c", probe, str(compare._WORKER), str(path)], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    row, loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert loaded == [] and row["session_config"] == {} and row["input_shapes"] == {"x": [1, 8]}

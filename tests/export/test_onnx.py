@@ -11,7 +11,8 @@ from torch import nn
 
 from vcon_fx.errors import ExportError, OutputExistsError, UsageError
 from vcon_fx.export import onnx as onnx_export
-from vcon_fx.export.onnx import export_onnx, flatten_inputs, flatten_outputs
+from vcon_fx.export.naming import flatten_inputs, flatten_outputs
+from vcon_fx.export.onnx import export_onnx
 
 
 def io_dims(path) -> dict:

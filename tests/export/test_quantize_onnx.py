@@ -12,7 +12,8 @@ from torch import nn
 
 import vcon_fx
 from vcon_fx.errors import OutputExistsError, UsageError
-from vcon_fx.export.quantize import compress_onnx_weights, find_grid
+from vcon_fx.export.grid import find_grid
+from vcon_fx.export.quantize import compress_onnx_weights
 from vcon_fx.methods import QuantConfig
 from vcon_fx.methods.quant import _dequantize, quantize_weight
 

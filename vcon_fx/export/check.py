@@ -17,13 +17,16 @@ from torch import nn
 from ..bench.compare import validate_onnx
 from ..bench.worker import _one_line, make_session, model_size_bytes, time_runs
 from ..errors import LoadError, ParityError, UsageError
-from .onnx import _as_args, eval_mode, flatten_inputs, flatten_outputs, run_model
+from .naming import flatten_inputs, flatten_outputs
+from .onnx import _as_args, eval_mode, run_model
 
-__all__ = ["check_onnx", "CheckReport", "OutputParity"]
+__all__ = ["check_onnx", "CheckReport", "OutputParity", "FLOAT_RTOL"]
 
 log = logging.getLogger(__name__)
 
 _WARMUP = 3
+# A float export differs from PyTorch by float rounding only; integer kernels declare their own.
+FLOAT_RTOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -108,9 +111,9 @@ def check_onnx(
     onnx_path: str | os.PathLike,
     example_inputs: tuple,
     *,
-    example_kwargs: dict | None = None,
-    rtol: float = 1e-4,
+    rtol: float = FLOAT_RTOL,
     atol: float | None = None,
+    example_kwargs: dict | None = None,
     reference_onnx: str | os.PathLike | None = None,
     runs: int = 20,
     threads: int | None = None,
@@ -124,9 +127,9 @@ def check_onnx(
         model: the PyTorch model the file was exported from (run in eval mode, flags restored).
         onnx_path: the exported .onnx file.
         example_inputs: positional inputs.
-        example_kwargs: keyword inputs.
         rtol: tolerance relative to the output's largest magnitude (at least 1).
         atol: absolute tolerance added to it (quantized models: about two steps).
+        example_kwargs: keyword inputs.
         reference_onnx: the dense model exported the same way, to compare size and latency.
         runs: timed runs for the median latency, after a few untimed ones.
         threads: onnxruntime intra-op threads; None uses every core.
@@ -154,6 +157,20 @@ def check_onnx(
 
     session = _session(onnx_path, threads)
     feeds = _feeds(session, inputs, onnx_path)
+    outputs, problems = _parity(session, feeds, expected, onnx_path, shapes, rtol, atol)
+    latency = float(np.median(time_runs(session, feeds, warmup=_WARMUP, runs=runs)))
+    size = model_size_bytes(onnx_path)
+
+    ref = _against_reference(reference_onnx, inputs, threads, runs, size, latency) if reference_onnx is not None else {}
+    report = CheckReport(onnx_path=str(onnx_path), outputs=outputs, rtol=rtol, atol=atol, size_bytes=size,
+                         latency_ms=latency, runs=runs, threads=threads, input_shapes=shapes, problems=problems, **ref)
+    log.info("checked %s: %s, worst max|Δ| %.3g, median %.3f ms", onnx_path, "ok" if report.ok else "MISMATCH",
+             max((o.max_abs_diff for o in outputs), default=0.0), latency)
+    return report
+
+
+def _parity(session, feeds: dict, expected: list, onnx_path, shapes: dict, rtol: float, atol: float):
+    """Run the session once; (each output's OutputParity, problems beyond the numbers)."""
     try:
         got = session.run(None, feeds)
     except Exception as e:
@@ -164,23 +181,17 @@ def check_onnx(
     if len(got) != len(expected):
         problems = (f"ONNX has {len(got)} outputs {names}, PyTorch {len(expected)} "
                     f"{[n for n, _ in expected]}",)
-    outputs = tuple(_compare(name, g, t, rtol, atol) for name, g, (_, t) in zip(names, got, expected))
-    latency = float(np.median(time_runs(session, feeds, warmup=_WARMUP, runs=runs)))
-    size = model_size_bytes(onnx_path)
+    return tuple(_compare(name, g, t, rtol, atol) for name, g, (_, t) in zip(names, got, expected)), problems
 
-    ref = {}
-    if reference_onnx is not None:
-        ref_session = _session(reference_onnx, threads)
-        ref_feeds = _feeds(ref_session, inputs, reference_onnx)
-        ref_latency = float(np.median(time_runs(ref_session, ref_feeds, warmup=_WARMUP, runs=runs)))
-        ref_size = model_size_bytes(reference_onnx)
-        ref = dict(reference_path=str(reference_onnx), reference_size_bytes=ref_size, reference_latency_ms=ref_latency,
-                   size_ratio=size / ref_size, latency_ratio=latency / ref_latency if ref_latency > 0 else None)
-    report = CheckReport(onnx_path=str(onnx_path), outputs=outputs, rtol=rtol, atol=atol, size_bytes=size,
-                         latency_ms=latency, runs=runs, threads=threads, input_shapes=shapes, problems=problems, **ref)
-    log.info("checked %s: %s, worst max|Δ| %.3g, median %.3f ms", onnx_path, "ok" if report.ok else "MISMATCH",
-             max((o.max_abs_diff for o in outputs), default=0.0), latency)
-    return report
+
+def _against_reference(reference_onnx, inputs, threads, runs: int, size: int, latency: float) -> dict:
+    """The reference's size and median latency, and the model's ratios to them (CheckReport fields)."""
+    ref_session = _session(reference_onnx, threads)
+    ref_feeds = _feeds(ref_session, inputs, reference_onnx)
+    ref_latency = float(np.median(time_runs(ref_session, ref_feeds, warmup=_WARMUP, runs=runs)))
+    ref_size = model_size_bytes(reference_onnx)
+    return dict(reference_path=str(reference_onnx), reference_size_bytes=ref_size, reference_latency_ms=ref_latency,
+                size_ratio=size / ref_size, latency_ratio=latency / ref_latency if ref_latency > 0 else None)
 
 
 def _session(path, threads):

@@ -22,12 +22,40 @@ this is opt-in (`kernel="dynamic"`), not the default.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-__all__ = ["to_dynamic_int8"]
+from ...bench.worker import session_config
+from ..proto import attribute, consumers, fresh_name
+from .registry import ACTIVATION_ROUNDING_NOTE, ACTIVATION_ROUNDING_RTOL, register_kernel
+
+if TYPE_CHECKING:
+    from ..quantize import CompressReport
+
+__all__ = ["to_dynamic_int8", "lower_to_dynamic_int8"]
 
 _MS_DOMAIN = "com.microsoft"
+
+
+@register_kernel(
+    name="dynamic",
+    bits=(8,),
+    why_bits="runs int8 GEMMs: use bits=8 (INT4 weights have no dynamic kernel)",
+    rtol=ACTIVATION_ROUNDING_RTOL,
+    check_note=ACTIVATION_ROUNDING_NOTE,
+    flag="--dynamic-int8",
+    flag_bits=8,
+    flag_help="run int8 matmuls as onnxruntime's DynamicQuantizeMatMul (activations quantized at run time: "
+              "integer GEMMs, faster on CPU)",
+    conflict="the integer GEMMs take INT8 weights",
+    session_options=session_config,  # its convolutions stay weight-only
+)
+def lower_to_dynamic_int8(model, report: "CompressReport") -> None:
+    """Run the stored int8 matmuls as integer GEMMs (in place on `model`; counted and noted in `report`)."""
+    report.dynamic_matmuls = to_dynamic_int8(model)
+    report.notes.append(f"{report.dynamic_matmuls} int8 matmul(s) run as DynamicQuantizeMatMul "
+                        "(activations quantized at run time)")
 
 
 @dataclass
@@ -48,10 +76,7 @@ def to_dynamic_int8(model) -> int:
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for slot, name in enumerate(node.input):
-            readers.setdefault(name, []).append((node, slot))
+    readers = consumers(graph)
     sites = [s for s in (_match(dq, graph, inits, readers) for dq in list(graph.node)
                          if dq.op_type == "DequantizeLinear") if s is not None]
     if not sites:
@@ -65,12 +90,12 @@ def to_dynamic_int8(model) -> int:
     for x, group in by_input.items():
         shared = len(group) > 1
         if shared:
-            xq, xs, xz = (_fresh(f"{x}_{suffix}", taken) for suffix in ("u8", "scale", "zero_point"))
+            xq, xs, xz = (fresh_name(f"{x}_{suffix}", taken) for suffix in ("u8", "scale", "zero_point"))
             first = min(group, key=lambda s: order[id(s.anchor)]).anchor
             inserts.append((first, helper.make_node("DynamicQuantizeLinear", [x], [xq, xs, xz],
-                                                    name=_fresh(f"{x}_dynamic_quantize", taken))))
+                                                    name=fresh_name(f"{x}_dynamic_quantize", taken))))
         for site in group:
-            zero = _fresh(f"{site.weight}_zero_point", taken)
+            zero = fresh_name(f"{site.weight}_zero_point", taken)
             graph.initializer.append(_array(np.zeros(site.scale_shape, np.int8), zero))
             bias = [site.bias] if site.bias else []
             if shared:
@@ -108,12 +133,12 @@ def _match(dq, graph, inits: dict, readers: dict) -> _Site | None:
         return None  # asymmetric weights: the fused kernels take a zero point, but ours are always 0
     op, slot = users[0]
     scale = numpy_helper.to_array(inits[dq.input[1]])
-    axis = _attr(dq, "axis", 1) % 2
+    axis = attribute(dq, "axis", 1) % 2
     weight, bias, remove = dq.input[0], None, [dq, op]
     if op.op_type == "MatMul" and slot == 1 and (scale.ndim == 0 or axis == 1):
         n_out = q.dims[1]
-    elif (op.op_type == "Gemm" and slot == 1 and _attr(op, "transB", 0) == 1 and _attr(op, "transA", 0) == 0
-          and _attr(op, "alpha", 1.0) == 1.0 and _attr(op, "beta", 1.0) == 1.0 and (scale.ndim == 0 or axis == 0)):
+    elif (op.op_type == "Gemm" and slot == 1 and attribute(op, "transB", 0) == 1 and attribute(op, "transA", 0) == 0
+          and attribute(op, "alpha", 1.0) == 1.0 and attribute(op, "beta", 1.0) == 1.0 and (scale.ndim == 0 or axis == 0)):
         n_out = q.dims[0]  # W is [N, K]: store Wᵀ, whose columns keep the per-N scales
         weight = f"{q.name}_transposed"
         if weight not in inits:
@@ -135,21 +160,7 @@ def _match(dq, graph, inits: dict, readers: dict) -> _Site | None:
     return _Site(op.input[0], weight, dq.input[1], tuple(scale.shape), bias, out, remove, op)
 
 
-def _attr(node, name: str, default):
-    from onnx import helper
-
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
 def _array(value: np.ndarray, name: str):
     from onnx import numpy_helper
 
     return numpy_helper.from_array(value, name)
-
-
-def _fresh(name: str, taken: set[str]) -> str:
-    out, i = name, 1
-    while out in taken:
-        out, i = f"{name}_{i}", i + 1
-    taken.add(out)
-    return out

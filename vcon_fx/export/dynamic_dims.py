@@ -1,0 +1,159 @@
+"""Which dims of an export are dynamic, and the checks that they really came out dynamic.
+
+Every tensor input gets a dynamic dim 0 ("batch"); inputs named in `seq_inputs` also a dynamic
+dim 1 ("seq"). A dim that the model pins to one size is an error, not a file that only looks
+dynamic.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+import torch.utils._pytree as pytree
+
+from ..errors import ExportError, UsageError
+from .naming import _key_str, _positional_names
+
+__all__: list[str] = []  # used by export_onnx only
+
+log = logging.getLogger(__name__)
+
+
+def _wanted_dims(inputs, dynamic_batch: bool, seq_inputs) -> list[tuple[int, int, str]]:
+    """(input index, axis, axis name) for every dim the caller asked to be dynamic (pure)."""
+    wanted = []
+    for i, (name, t) in enumerate(inputs):
+        if dynamic_batch and t.dim() >= 1:
+            wanted.append((i, 0, "batch"))
+        if name in seq_inputs and t.dim() >= 2:
+            wanted.append((i, 1, "seq"))
+    return wanted
+
+
+def _refuse_static_capture(model, inputs, wanted) -> None:
+    """Raise when a torch.export GraphModule was captured with a dim static that should be dynamic.
+
+    Its placeholders carry the capture's fake tensors: an int where we want a symbol means the
+    module guards on that size (it refuses other sizes, in PyTorch too), and re-exporting it
+    gives an ONNX signature that only looks dynamic.
+    """
+    if not isinstance(model, torch.fx.GraphModule):
+        return
+    fakes = [n.meta.get("val") for n in model.graph.nodes if n.op == "placeholder"]
+    fakes = [v for v in fakes if isinstance(v, torch.Tensor)]
+    if len(fakes) != len(inputs):  # symbolic_trace placeholders carry no "val"
+        return
+    static = [f"{inputs[i][0]} dim {axis} ({axis_name}) is {fakes[i].shape[axis]}"
+              for i, axis, axis_name in wanted if isinstance(fakes[i].shape[axis], int)]
+    if static:
+        raise ExportError(
+            f"{type(model).__name__} was captured by torch.export with static shapes: {'; '.join(static)}. "
+            "Fix: capture it with dynamic_shapes (torch.export.Dim.AUTO on the batch and seq dims), or "
+            "export static shapes on purpose (dynamic_batch=False, --static-shapes)"
+        )
+
+
+def _dynamic_shapes(model, args, kwargs, dynamic_batch: bool, seq_inputs) -> dict:
+    """dynamic_shapes keyed by forward parameter name, mirroring each input's structure (pure).
+
+    Dim.AUTO, neither named Dims nor Dim.DYNAMIC: when the model pins a size (a branch on
+    x.shape, a literal reshape), a named Dim makes the ONNX exporter quietly retry with that
+    dim static, and DYNAMIC fails with torch.export's long message; AUTO keeps the symbol and
+    records the pin as a range [2, 2], which `_check_and_name_axes` turns into a clear error.
+    Named Dims shared by inputs also force their sizes equal, an error when they are not.
+    """
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as e:
+        raise UsageError(f"example inputs do not fit {type(model).__name__}.forward: {e}") from None
+    params = inspect.signature(model.forward).parameters
+    positional = _positional_names(model)
+    auto = torch.export.Dim.AUTO
+
+    def spec(head: str, value):
+        def leaf(path, t):
+            if not isinstance(t, torch.Tensor) or t.dim() == 0:
+                return None
+            dims = {0: auto} if dynamic_batch else {}
+            if "_".join([head, *(_key_str(k) for k in path)]) in seq_inputs and t.dim() >= 2:
+                dims[1] = auto
+            return dims or None
+        return pytree.tree_map_with_path(leaf, value)
+
+    shapes = {}
+    for pname, value in bound.arguments.items():
+        kind = params[pname].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            shapes[pname] = tuple(spec(f"input_{len(positional) + i}", v) for i, v in enumerate(value))
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            shapes[pname] = {k: spec(k, v) for k, v in value.items()}
+        else:
+            shapes[pname] = spec(pname, value)
+    return shapes
+
+
+def _check_and_name_axes(program, wanted: list[tuple[int, int, str]], model_name: str) -> None:
+    """Raise if a requested dynamic dim came out static; rename the symbols to batch/seq (in place).
+
+    Static shows two ways: a fixed number in the ONNX signature, or (more often) a symbol that
+    torch.export's range constraints pin to one value, e.g. after `if x.shape[0] == 2` or a
+    reshape with literal sizes. The ONNX file keeps the symbol but drops the range, so it
+    would run other sizes and compute the wrong thing; hence the error.
+    """
+    import onnx_ir as ir
+
+    model = program.model
+    ranges = _input_ranges(program)
+    mapping: dict[str, str] = {}
+    static = []
+    for i, axis, axis_name in wanted:
+        value = model.graph.inputs[i]
+        dim = value.shape[axis] if value.shape is not None else None
+        low, high = ranges.get((i, axis), (None, None))
+        if not isinstance(dim, ir.SymbolicDim) or not isinstance(dim.value, str):
+            static.append(f"{value.name} dim {axis} ({axis_name}) is fixed to {dim}")
+            continue
+        if low is not None and low == high:
+            static.append(f"{value.name} dim {axis} ({axis_name}) is fixed to {low}")
+            continue
+        if high is not None:
+            log.info("%s: input %s dim %d (%s) accepts only sizes %s..%s", model_name, value.name, axis, axis_name, low, high)
+        # Every batch dim is called "batch" and every seq dim "seq", as optimum does, even where
+        # torch.export kept two symbols (a mask that could broadcast from batch 1): the names
+        # document the intended use, and onnxruntime does not hold inputs to equal sizes.
+        mapping.setdefault(dim.value, axis_name)
+    if static:
+        raise ExportError(
+            f"ONNX export of {model_name} made dims static that should be dynamic: {'; '.join(static)}. "
+            "The model pins that size (a branch on x.shape, a reshape/view or a constant with literal "
+            "sizes). Fix: use -1 or x.shape[0] in the model, or export static shapes on purpose "
+            "(dynamic_batch=False, --static-shapes)"
+        )
+    if mapping:
+        # also rewrites shape expressions (8*s77 -> 8*batch) in outputs and inner values
+        program.rename_axes(mapping)
+
+
+def _input_ranges(program) -> dict[tuple[int, int], tuple[int, int | None]]:
+    """(input index, axis) -> (lowest, highest or None) allowed by torch.export's constraints (pure)."""
+    ep = getattr(program, "exported_program", None)
+    if ep is None:
+        return {}
+    users = set(ep.graph_signature.user_inputs)
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in users]
+    fakes = [n.meta.get("val") for n in placeholders]
+    fakes = [v for v in fakes if isinstance(v, torch.Tensor)]
+    ranges = {}
+    for i, fake in enumerate(fakes):
+        for axis, size in enumerate(fake.shape):
+            if not isinstance(size, torch.SymInt):
+                continue
+            vr = ep.range_constraints.get(size.node.expr)
+            if vr is None:
+                continue
+            # the unbounded upper end is torch's int_oo, which int() refuses
+            high = None if bool(vr.upper > 2**62) else int(vr.upper)
+            ranges[(i, axis)] = (int(vr.lower), high)
+    return ranges

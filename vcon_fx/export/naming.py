@@ -1,0 +1,147 @@
+"""Stable ONNX names for a model's inputs and outputs.
+
+Inputs are named from the forward signature (`x`, `input_ids`, `pair_0` for a list argument),
+outputs from the output's pytree path (`output`, `output_0`, `logits`, `hidden_states_1`).
+`check.py` feeds onnxruntime by these same names.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+__all__ = ["flatten_inputs", "flatten_outputs"]
+
+log = logging.getLogger(__name__)
+
+
+def flatten_inputs(model: nn.Module, args: tuple, kwargs: dict | None = None) -> list[tuple[str, torch.Tensor]]:
+    """List the tensor inputs in the order the exporter flattens them, each with its ONNX name (pure).
+
+    Args:
+        model: the model whose `forward` signature names the positional inputs.
+        args: positional inputs.
+        kwargs: keyword inputs.
+
+    Returns:
+        `(name, tensor)` pairs; non-tensor inputs (None, ints, flags) are left out, as the
+        exporter bakes them into the graph.
+    """
+    params = _positional_names(model)
+    named = []
+    for path, leaf in pytree.tree_flatten_with_path((tuple(args), dict(kwargs or {})))[0]:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        top, *rest = path[1:]
+        if path[0].idx == 0:
+            head = params[top.idx] if top.idx < len(params) else f"input_{top.idx}"
+        else:
+            head = str(top.key)
+        named.append(("_".join([head, *(_key_str(k) for k in rest)]), leaf))
+    return _unique(named)
+
+
+def flatten_outputs(output: Any) -> list[tuple[str, torch.Tensor]]:
+    """List the tensor leaves of a model output (tensor, tuple, dict, ModelOutput), each named (pure).
+
+    Args:
+        output: what the model's forward returned.
+
+    Returns:
+        `(name, tensor)` pairs in pytree order: `output` for a lone tensor, `output_0`, ... for
+        a sequence, the key (`logits`, `hidden_states_0`) for a mapping or ModelOutput.
+    """
+    named = []
+    for path, leaf in pytree.tree_flatten_with_path(output)[0]:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        parts = [_key_str(k) for k in path]
+        if not path or not isinstance(path[0], (pytree.MappingKey, pytree.GetAttrKey)):
+            parts.insert(0, "output")
+        named.append(("_".join(parts), leaf))
+    return _unique(named)
+
+
+def _positional_names(model: nn.Module) -> list[str]:
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _key_str(key) -> str:
+    if isinstance(key, pytree.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, pytree.MappingKey):
+        return re.sub(r"\W", "_", str(key.key))
+    if isinstance(key, pytree.GetAttrKey):
+        return key.name
+    return re.sub(r"\W", "_", str(key))
+
+
+def _unique(named: list) -> list:
+    # two leaves can flatten to one name (`x_0` the argument, `x` a list); number the later one
+    seen: set[str] = set()
+    result = []
+    for name, value in named:
+        new, k = name, 0
+        while new in seen:
+            k += 1
+            new = f"{name}_{k}"
+        seen.add(new)
+        result.append((new, value))
+    return result
+
+
+def _output_names(outputs: list, input_names: list[str]) -> list[str]:
+    # ONNX value names are global: an output may not reuse an input's name.
+    taken = set(input_names)
+    names = []
+    for name, _ in outputs:
+        while name in taken:
+            name += "_out"
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def _name_values(model, input_names: list[str], output_names: list[str], model_name: str) -> None:
+    """Give graph inputs and outputs our stable names, moving aside any value holding one (in place)."""
+    graph = model.graph
+    if len(graph.inputs) != len(input_names) or len(graph.outputs) != len(output_names):
+        log.warning(
+            "ONNX graph of %s has %d inputs and %d outputs, PyTorch %d and %d: keeping the exporter's names",
+            model_name, len(graph.inputs), len(graph.outputs), len(input_names), len(output_names),
+        )
+        return
+    import onnx_ir as ir
+
+    by_name = {}
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for v in node.outputs:
+            by_name[v.name] = v
+    for v in [*graph.inputs, *graph.initializers.values()]:
+        by_name[v.name] = v
+    renamed = set()
+    for value, new in [*zip(graph.inputs, input_names), *zip(graph.outputs, output_names)]:
+        if value.name == new or id(value) in renamed:
+            continue  # an output that is an input unchanged keeps the input's name
+        holder = by_name.get(new)
+        if holder is not None and holder is not value:
+            k = 0
+            while f"{new}__{k}" in by_name:
+                k += 1
+            by_name.pop(new)
+            holder.name = f"{new}__{k}"
+            by_name[holder.name] = holder
+        by_name.pop(value.name, None)
+        value.name = new
+        by_name[new] = value
+        renamed.add(id(value))
