@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from torch import fx, nn
 
 from ..errors import CaptureError, UsageError
-from . import capture_export, capture_fx
+from . import capture_export, capture_fx, contracts
 from .capture_failure import TraceFailure, describe_failure, failure_message
 
 __all__ = ["Captured", "capture", "CAPTURE_MODES", "describe_failure"]
@@ -79,7 +79,10 @@ def capture(
         return Captured(model, path, [f"model is already a GraphModule ({path} graph); used as is"])
     notes: list[str] = []
     with _kv_cache_off(model, notes):
-        return _capture(model, example_args, example_kwargs, mode, tuple(seq_inputs), tuple(leaf_modules), notes)
+        captured = _capture(model, example_args, example_kwargs, mode, tuple(seq_inputs), tuple(leaf_modules), notes)
+    if contracts.active():
+        contracts.ensure_lint(captured.gm)
+    return captured
 
 
 def _capture(model, args, kwargs, mode, seq_inputs, leaf_modules, notes) -> Captured:
