@@ -134,12 +134,7 @@ def transform(
     selection = SelectionConfig.of(selection, **select_options)
     compression_plan = plan(model, config, example_inputs=example_inputs, example_kwargs=example_kwargs,
                             selection=selection, capture=capture, seq_inputs=seq_inputs)
-    if not compression_plan.groups:
-        first = next(iter(compression_plan.plans.values()))
-        raise ConfigError(
-            f"{config.method} would leave every matched layer dense (e.g. {first.path}: {first.skip_reason}); "
-            "choose a stronger compression"
-        )
+    _refuse_all_skipped(compression_plan, config)
     gm, sites = compression_plan.extra["gm"], compression_plan.extra["sites"]
     if uses_input_statistics(config):
         layers = [p for g in compression_plan.groups for p in g.layers if not compression_plan.plans[p].skipped]
@@ -152,6 +147,15 @@ def transform(
     log.info("transformed %d group(s) with %s (capture: %s)", len(compression_plan.groups), config.method,
              compression_plan.capture)
     return gm
+
+
+def _refuse_all_skipped(compression_plan: CompressionPlan, config: MethodConfig) -> None:
+    if not compression_plan.groups:
+        first = next(iter(compression_plan.plans.values()))
+        raise ConfigError(
+            f"{config.method} would leave every matched layer dense (e.g. {first.path}: {first.skip_reason}); "
+            "choose a stronger compression"
+        )
 
 
 def _recipe(compression_plan: CompressionPlan, config: MethodConfig, selection: SelectionConfig,
