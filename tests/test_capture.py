@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 import vcon_fx
 from vcon_fx import LowRankConfig
@@ -20,7 +19,7 @@ from vcon_fx.errors import CaptureError, UsageError
 from vcon_fx.graph.normalize import normalize
 from vcon_fx.graph.select import find_sites, select
 
-from helpers import assert_close_outputs, assert_identity_at_beta_one, assert_vanish_parity, run
+from helpers import assert_close_outputs, assert_identity_at_beta_one, assert_vanish_parity
 from zoo import MLP, FunctionalLinear, SharedLinear
 
 
@@ -344,8 +343,8 @@ def test_gpt2_tied_lm_head_is_refused_even_with_include_head():
                                            bos_token_id=0, eos_token_id=0)).eval()
     assert model.lm_head.weight is model.transformer.wte.weight
     kwargs = {"input_ids": torch.randint(0, 100, (2, 6))}
-    compression_plan = vcon_fx.plan(model, LowRankConfig(ratio=0.25), example_kwargs=kwargs, seq_inputs=("input_ids",),
-                            include_head=True)
+    compression_plan = vcon_fx.plan(model, LowRankConfig(ratio=0.25), example_kwargs=kwargs,
+                                    seq_inputs=("input_ids",), include_head=True)
     assert compression_plan.capture == "export"
     reason = compression_plan.selection.excluded["lm_head"]
     assert reason.startswith("refused:") and "tied" in reason and "transformer.wte (Embedding)" in reason, reason
