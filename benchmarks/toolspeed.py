@@ -54,8 +54,8 @@ class Phases:
     # module binds some names at import, so patch them there
     TARGETS = [
         ("vcon_fx.graph.pipeline", "capture_graph", "capture (torch.fx / torch.export)"),
-        ("vcon_fx.graph.capture", "_fx_trace", "  torch.fx trace + check run"),
-        ("vcon_fx.graph.capture", "_export", "  torch.export"),
+        ("vcon_fx.graph.capture_fx", "trace_with_fx", "  torch.fx trace + check run"),
+        ("vcon_fx.graph.capture_export", "trace_with_export", "  torch.export"),
         ("vcon_fx.graph.pipeline", "normalize", "normalize"),
         ("vcon_fx.graph.pipeline", "find_sites", "find_sites (a forward with hooks)"),
         ("vcon_fx.graph.pipeline", "select", "select"),

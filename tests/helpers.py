@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import vcon_fx
+from vcon_fx.graph import contracts
 from vcon_fx.graph.blend import Blend
 from vcon_fx.graph.vanish import dense_nodes
 
@@ -90,6 +91,8 @@ def assert_identity_at_beta_one(model: nn.Module, vm: nn.Module, inputs: Inputs)
     assert betas, "the blended model has no Blend groups"
     assert all(b == 1.0 for b in betas.values()), f"expected β = 1 everywhere, got {betas}"
     assert_close_outputs(run(model, inputs), run(vm, inputs), IDENTITY_TOL, "β = 1 vs original")
+    contracts.after_duplicate(vm)  # the pass contracts, checked in every test whatever VCON_DEBUG_CONTRACTS says
+    contracts.ensure_blend_branches_agree(vm, *inputs)
 
 
 # ── invariant 2: vanish at β = 0 equals the blended model at β = 0 ────────────────────────
@@ -99,7 +102,10 @@ def assert_vanish_parity(vm: nn.Module, inputs: Inputs) -> nn.Module:
     """Set β = 0 on `vm` (in place), vanish, and compare (≤ 1e-6 relative). Returns the vanished model."""
     vcon_fx.set_beta(vm, 0.0)
     blended = run(vm, inputs)
+    contracts.require_blend_groups(vm)  # vanish requires blends, all at β = 0 (set_beta ensures it)
+    contracts.ensure_betas_at(vm, 0.0)
     small = vcon_fx.vanish(vm)
+    contracts.after_vanish(small)
     assert_close_outputs(blended, run(small, inputs), VANISH_TOL, "vanished vs blended at β = 0")
     # vanish is pure: the blended model keeps its Blends.
     assert any(isinstance(m, Blend) for m in vm.modules()), "vanish changed its input"

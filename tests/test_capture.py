@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 import vcon_fx
 from vcon_fx import LowRankConfig
@@ -20,7 +19,7 @@ from vcon_fx.errors import CaptureError, UsageError
 from vcon_fx.graph.normalize import normalize
 from vcon_fx.graph.select import find_sites, select
 
-from helpers import assert_close_outputs, assert_identity_at_beta_one, assert_vanish_parity, run
+from helpers import assert_close_outputs, assert_identity_at_beta_one, assert_vanish_parity
 from zoo import MLP, FunctionalLinear, SharedLinear
 
 
@@ -244,9 +243,9 @@ def test_failing_submodule_is_kept_whole_and_the_rest_is_compressed():
     assert any("x.sum() > 0" in n for n in captured.notes)
     assert [n.target for n in captured.gm.graph.nodes if n.op == "call_module"] == ["stem", "fc1", "gate", "fc2", "head"]
 
-    the_plan = vcon_fx.plan(model, LowRankConfig(ratio=0.25), example_inputs=(x,))
-    assert [g.name for g in the_plan.groups] == ["fc1", "fc2"]
-    assert any("kept whole" in n for n in the_plan.notes)
+    compression_plan = vcon_fx.plan(model, LowRankConfig(ratio=0.25), example_inputs=(x,))
+    assert [g.name for g in compression_plan.groups] == ["fc1", "fc2"]
+    assert any("kept whole" in n for n in compression_plan.notes)
     vm = vcon_fx.transform(model, LowRankConfig(ratio=0.25), example_inputs=(x,))
     assert_identity_at_beta_one(model, vm, ((x,), {}))
     assert_vanish_parity(vm, ((x,), {}))
@@ -329,11 +328,11 @@ def test_layer_called_twice_is_one_group_and_stays_one_layer():
 def test_tied_modules_are_refused_with_the_reason():
     torch.manual_seed(0)
     model, x = TiedPair().eval(), torch.randn(4, 8)
-    the_plan = vcon_fx.plan(model, LowRankConfig(ratio=0.5), example_inputs=(x,), include_stem=True)
-    excluded = the_plan.selection.excluded
+    compression_plan = vcon_fx.plan(model, LowRankConfig(ratio=0.5), example_inputs=(x,), include_stem=True)
+    excluded = compression_plan.selection.excluded
     assert "a" in excluded and "b" in excluded
     assert "tied" in excluded["a"] and "b.weight" in excluded["a"]
-    assert [g.name for g in the_plan.groups] == ["stem"]
+    assert [g.name for g in compression_plan.groups] == ["stem"]
 
 
 def test_gpt2_tied_lm_head_is_refused_even_with_include_head():
@@ -344,13 +343,13 @@ def test_gpt2_tied_lm_head_is_refused_even_with_include_head():
                                            bos_token_id=0, eos_token_id=0)).eval()
     assert model.lm_head.weight is model.transformer.wte.weight
     kwargs = {"input_ids": torch.randint(0, 100, (2, 6))}
-    the_plan = vcon_fx.plan(model, LowRankConfig(ratio=0.25), example_kwargs=kwargs, seq_inputs=("input_ids",),
-                            include_head=True)
-    assert the_plan.capture == "export"
-    reason = the_plan.selection.excluded["lm_head"]
+    compression_plan = vcon_fx.plan(model, LowRankConfig(ratio=0.25), example_kwargs=kwargs,
+                                    seq_inputs=("input_ids",), include_head=True)
+    assert compression_plan.capture == "export"
+    reason = compression_plan.selection.excluded["lm_head"]
     assert reason.startswith("refused:") and "tied" in reason and "transformer.wte (Embedding)" in reason, reason
     # the Conv1D layers (addmm) are lifted and compressed: four per block
-    assert sorted(g.name for g in the_plan.groups) == sorted(
+    assert sorted(g.name for g in compression_plan.groups) == sorted(
         f"transformer.h.0.{p}" for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
     vm = vcon_fx.transform(model, LowRankConfig(ratio=0.25), example_kwargs=kwargs, seq_inputs=("input_ids",),
                            include_head=True)

@@ -337,13 +337,13 @@ def test_zero_and_rank_deficient_layers_through_the_pipeline():
 
 def test_plan_changes_nothing_and_promises_the_vanished_size():
     case = make("mlp")
-    the_plan = vcon_fx.plan(case.model, CFG, example_inputs=case.args)
-    assert [g.name for g in the_plan.groups] == ["fc1", "fc2", "fc3"]
+    compression_plan = vcon_fx.plan(case.model, CFG, example_inputs=case.args)
+    assert [g.name for g in compression_plan.groups] == ["fc1", "fc2", "fc3"]
     assert not any(isinstance(m, vcon_fx.Blend) for m in case.model.modules())
     vm = vcon_fx.transform(case.model, CFG, example_inputs=case.args)
     vcon_fx.set_beta(vm, 0.0)
     small = vcon_fx.vanish(vm)
-    assert the_plan.params_after == sum(p.numel() for p in small.parameters())
+    assert compression_plan.params_after == sum(p.numel() for p in small.parameters())
 
 
 # ── error messages ───────────────────────────────────────────────────────────────────────

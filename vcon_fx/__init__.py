@@ -10,7 +10,7 @@ from .data import load_data
 from .errors import VconError
 from .export import check_onnx, export_onnx
 from .graph.blend import Blend, get_betas, set_beta
-from .graph.pipeline import Plan, plan, transform, vanish
+from .graph.pipeline import CompressionPlan, Plan, plan, transform, vanish
 from .graph.select import SelectionConfig
 from .io.artifact import load, save
 from .methods import ComposeConfig, LowRankConfig, MethodConfig, PruneConfig, QuantConfig, registered_methods
@@ -21,7 +21,8 @@ from .training import FinetuneResult, finetune
 __all__ = [
     "transform",
     "plan",
-    "Plan",
+    "CompressionPlan",
+    "Plan",  # the old name of CompressionPlan, kept so existing code works
     "SelectionConfig",
     "vanish",
     "save",

@@ -22,6 +22,7 @@ __all__ = [
     "ExportError",
     "ParityError",
     "TrainingError",
+    "ContractError",
 ]
 
 
@@ -116,3 +117,9 @@ class TrainingError(VconError, RuntimeError):
     """Fine-tuning diverged (NaN/Inf loss) or could not continue."""
 
     exit_code = 12
+
+
+class ContractError(VconError, AssertionError):
+    """A graph pass broke its own contract (a bug in vcon-fx, not in the input); names the node or module."""
+
+    exit_code = 1

@@ -38,30 +38,37 @@ def run(args) -> int:
 
     config = method_config(args) if args.method else LowRankConfig(ratio=0.25)
     try:
-        the_plan = plan(loaded.module, config, example_inputs=loaded.example_args,
-                        example_kwargs=loaded.example_kwargs, seq_inputs=loaded.seq_inputs, **selection_kwargs(args))
+        compression_plan = plan(loaded.module, config, example_inputs=loaded.example_args,
+                                example_kwargs=loaded.example_kwargs, seq_inputs=loaded.seq_inputs,
+                                **selection_kwargs(args))
     except CaptureError:
         _uncaptured_layers(args, loaded.module)  # what the module tree alone tells, then the error
         raise
     if args.json:
-        console.print_json(json.dumps({
-            "capture": the_plan.capture, "notes": the_plan.notes, "method": config.to_dict(),
-            "groups": [g.to_dict() for g in the_plan.groups],
-            "layers": {p: pl.to_dict() for p, pl in the_plan.plans.items()},
-            "excluded": the_plan.selection.excluded,
-            "params_before": the_plan.total_params, "params_after": the_plan.params_after,
-        }))
+        console.print_json(json.dumps(_plan_json(compression_plan, config)))
         return 0
-    console.print(f"[bold]{args.model}[/] ({type(loaded.module).__name__}): captured with [bold]{the_plan.capture}[/]")
-    for note in the_plan.notes:
+    console.print(f"[bold]{args.model}[/] ({type(loaded.module).__name__}): captured with "
+                  f"[bold]{compression_plan.capture}[/]")
+    for note in compression_plan.notes:
         console.print(f"  [dim]{note}[/]")
     if args.graph:
-        console.print(str(the_plan.extra["gm"].graph))
-    plan_table(the_plan.plans, the_plan.selection.excluded, title=f"plan: {describe(config)}")
-    console.print(f"{len(the_plan.groups)} group(s) ({the_plan.selection.granularity}); parameters "
-                  f"{fmt_count(the_plan.total_params)} → {fmt_count(the_plan.params_after)} "
-                  f"({the_plan.params_after / max(the_plan.total_params, 1):.1%})")
+        console.print(str(compression_plan.extra["gm"].graph))
+    plan_table(compression_plan.plans, compression_plan.selection.excluded, title=f"plan: {describe(config)}")
+    before, after = compression_plan.total_params, compression_plan.params_after
+    console.print(f"{len(compression_plan.groups)} group(s) ({compression_plan.selection.granularity}); parameters "
+                  f"{fmt_count(before)} → {fmt_count(after)} ({after / max(before, 1):.1%})")
     return 0
+
+
+def _plan_json(compression_plan, config) -> dict:
+    """`inspect --json`: the plan as plain data."""
+    return {
+        "capture": compression_plan.capture, "notes": compression_plan.notes, "method": config.to_dict(),
+        "groups": [g.to_dict() for g in compression_plan.groups],
+        "layers": {p: pl.to_dict() for p, pl in compression_plan.plans.items()},
+        "excluded": compression_plan.selection.excluded,
+        "params_before": compression_plan.total_params, "params_after": compression_plan.params_after,
+    }
 
 
 def _uncaptured_layers(args, model) -> None:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from . import contracts
 
 __all__ = ["Blend", "set_beta", "get_betas", "blend_modules"]
 
@@ -106,6 +107,8 @@ def set_beta(model: nn.Module, beta: float | Mapping[str, float]) -> None:
         blend._beta = value
         if value == 0.0:
             _release_dense_grads(blend)
+    if contracts.active():
+        contracts.ensure_betas_in_unit_interval(model)
 
 
 def _release_dense_grads(blend: Blend) -> None:

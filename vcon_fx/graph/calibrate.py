@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 
 from ..methods.base import LayerSite
+from . import contracts
 
 __all__ = ["input_rms", "with_input_rms"]
 
@@ -60,6 +61,8 @@ def input_rms(gm: fx.GraphModule, paths: list[str], example_args: tuple,
             handle.remove()
     out = {p: (sums[p] / max(counts[p], 1)).sqrt() for p in sums}
     log.info("calibrated %d layer(s) on the example inputs", len(out))
+    if contracts.active():
+        contracts.ensure_input_rms(gm, out)
     return out
 
 

@@ -18,6 +18,7 @@ from torch.fx.passes.utils.fuser_utils import validate_partition
 
 from ..errors import SelectionError
 from ..methods.base import LayerPlan, LayerSite, Method
+from . import contracts
 from .blend import Blend
 from .select import Group
 
@@ -50,6 +51,8 @@ def duplicate(
     """
     method_name = method.config.method
     method.check_groups(groups)
+    if contracts.active():
+        contracts.require_group_layers(gm, groups)
     for order, group in enumerate(groups):
         if group.kind == "layer":
             _duplicate_layer(gm, group, method, plans, sites, init, order)
@@ -71,6 +74,8 @@ def duplicate(
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
+    if contracts.active():
+        contracts.after_duplicate(gm)
     return gm
 
 

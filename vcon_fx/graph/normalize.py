@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["normalize"]
+from . import contracts
+
+__all__ = ["normalize", "unlifted_layers"]
 
 _aten = torch.ops.aten
 _LINEAR = {_aten.linear.default, F.linear, torch._C._nn.linear}
@@ -88,7 +90,18 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     gm.meta["vcon_tied"] = tied
     gm.graph.lint()
     gm.recompile()
+    if contracts.active():
+        contracts.ensure_normalized(gm)
     return gm
+
+
+def unlifted_layers(gm: fx.GraphModule) -> list[fx.Node]:
+    """Functional linear/conv calls on parameters that `normalize` always lifts (pure).
+
+    An addmm is left out: normalize keeps it functional when its weight is read elsewhere.
+    """
+    return [n for n in gm.graph.nodes
+            if n.op == "call_function" and (spec := _layer_spec(gm, n)) is not None and not spec[-1]]
 
 
 def _layer_spec(gm: fx.GraphModule, node: fx.Node):

@@ -1,6 +1,8 @@
 """The public pipeline, one call a step: transform → (fine-tune) → vanish.
 
-These entry points copy once at the boundary: the caller's model is never changed.
+These entry points copy once at the boundary: the caller's model is never changed. `plan` is
+`transform` without the compression: it returns a `CompressionPlan` holding one `LayerPlan`
+per selected layer.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import fx, nn
 from .capture import capture as capture_graph
 from ..errors import ArtifactError, ConfigError, LoadError
 from ..methods.base import LayerPlan, LayerSite, MethodConfig, method_for
+from . import contracts
 from .blend import set_beta
 from .calibrate import input_rms, with_input_rms
 from .duplicate import duplicate, plan_blocks
@@ -23,14 +26,18 @@ from .select import Group, Selection, SelectionConfig, find_sites, select
 from .vanish import vanish_graph
 from .recipe import Recipe, input_spec, recipe_of
 
-__all__ = ["transform", "plan", "vanish", "Plan", "rebuild"]
+__all__ = ["transform", "plan", "vanish", "CompressionPlan", "Plan", "rebuild"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Plan:
-    """What `transform` would do, without doing it: for `inspect`."""
+class CompressionPlan:
+    """What `transform` would do to a whole model, without doing it (for `inspect`).
+
+    `plans` maps each selected layer path to its `LayerPlan`; `groups` are the blend groups
+    that compress at least one layer; `extra` holds the captured graph and its sites.
+    """
 
     capture: str
     notes: list[str]
@@ -46,6 +53,10 @@ class Plan:
         return self.total_params - saved
 
 
+# The class was called `Plan` before 0.2; user code that names it keeps working.
+Plan = CompressionPlan
+
+
 def plan(
     model: nn.Module,
     config: MethodConfig,
@@ -56,7 +67,7 @@ def plan(
     capture: str = "auto",
     seq_inputs: tuple[str, ...] = (),
     **select_options,
-) -> Plan:
+) -> CompressionPlan:
     """Capture, select and plan every layer (pure: nothing is compressed).
 
     `selection` (or its fields as keyword options: targets=…, ignore=…) says which layers.
@@ -76,18 +87,17 @@ def plan(
     plan_blocks(gm, selection.groups, method, plans, sites)  # methods that couple layers refine block plans
     groups = [g for g in selection.groups if any(not plans[p].skipped for p in g.layers)]
     total = sum(p.numel() for p in gm.parameters())
-    result = Plan(path, notes, selection, plans, groups, total, {"gm": gm, "sites": sites})
-    return result
+    return CompressionPlan(path, notes, selection, plans, groups, total, {"gm": gm, "sites": sites})
 
 
 def transform(
     model: nn.Module,
     config: MethodConfig,
     *,
+    freeze_dense: bool = False,
     example_inputs: tuple = (),
     example_kwargs: dict | None = None,
     selection: SelectionConfig | None = None,
-    freeze_dense: bool = False,
     capture: str = "auto",
     seq_inputs: tuple[str, ...] = (),
     source: dict | None = None,
@@ -120,39 +130,51 @@ def transform(
         >>> sorted(vcon_fx.get_betas(vm))
         ['2']
     """
-    example_kwargs = dict(example_kwargs or {})
+    example_inputs, example_kwargs = tuple(example_inputs), dict(example_kwargs or {})
     selection = SelectionConfig.of(selection, **select_options)
-    the_plan = plan(model, config, example_inputs=example_inputs, example_kwargs=example_kwargs, selection=selection,
-                    capture=capture, seq_inputs=seq_inputs)
-    if not the_plan.groups:
-        first = next(iter(the_plan.plans.values()))
+    compression_plan = plan(model, config, example_inputs=example_inputs, example_kwargs=example_kwargs,
+                            selection=selection, capture=capture, seq_inputs=seq_inputs)
+    _refuse_all_skipped(compression_plan, config)
+    gm, sites = compression_plan.extra["gm"], compression_plan.extra["sites"]
+    if uses_input_statistics(config):
+        layers = [p for g in compression_plan.groups for p in g.layers if not compression_plan.plans[p].skipped]
+        sites = with_input_rms(sites, input_rms(gm, layers, example_inputs, example_kwargs))
+    duplicate(gm, compression_plan.groups, method_for(config), compression_plan.plans, sites, freeze_dense=freeze_dense)
+    if contracts.active() and (example_inputs or example_kwargs):
+        contracts.ensure_blend_branches_agree(gm, example_inputs, example_kwargs)
+    gm.meta["vcon"] = _recipe(compression_plan, config, selection, seq_inputs, freeze_dense, source,
+                              input_spec(example_inputs, example_kwargs))
+    log.info("transformed %d group(s) with %s (capture: %s)", len(compression_plan.groups), config.method,
+             compression_plan.capture)
+    return gm
+
+
+def _refuse_all_skipped(compression_plan: CompressionPlan, config: MethodConfig) -> None:
+    if not compression_plan.groups:
+        first = next(iter(compression_plan.plans.values()))
         raise ConfigError(
             f"{config.method} would leave every matched layer dense (e.g. {first.path}: {first.skip_reason}); "
             "choose a stronger compression"
         )
-    gm = the_plan.extra["gm"]
-    method = method_for(config)
-    sites = the_plan.extra["sites"]
-    if uses_input_statistics(config):
-        layers = [p for g in the_plan.groups for p in g.layers if not the_plan.plans[p].skipped]
-        sites = with_input_rms(sites, input_rms(gm, layers, tuple(example_inputs), example_kwargs))
-    duplicate(gm, the_plan.groups, method, the_plan.plans, sites, freeze_dense=freeze_dense)
-    excluded = dict(the_plan.selection.excluded)
-    excluded.update({p: pl.skip_reason for p, pl in the_plan.plans.items() if pl.skipped})
-    gm.meta["vcon"] = Recipe(
+
+
+def _recipe(compression_plan: CompressionPlan, config: MethodConfig, selection: SelectionConfig,
+            seq_inputs: tuple[str, ...], freeze_dense: bool, source: dict | None, inputs: dict) -> Recipe:
+    """The recipe `transform` records: the plan, plus everything `load` needs to redo it."""
+    excluded = dict(compression_plan.selection.excluded)
+    excluded.update({p: pl.skip_reason for p, pl in compression_plan.plans.items() if pl.skipped})
+    return Recipe(
         config=config,
-        groups=the_plan.groups,
-        plans={p: pl for p, pl in the_plan.plans.items()},
-        capture=the_plan.capture,
+        groups=compression_plan.groups,
+        plans=dict(compression_plan.plans),
+        capture=compression_plan.capture,
         selection={**selection.to_dict(), "seq_inputs": list(seq_inputs)},
         freeze_dense=freeze_dense,
         source=source,
-        inputs=input_spec(tuple(example_inputs), example_kwargs),
+        inputs=inputs,
         excluded=excluded,
-        notes=the_plan.notes,
+        notes=compression_plan.notes,
     )
-    log.info("transformed %d group(s) with %s (capture: %s)", len(the_plan.groups), config.method, the_plan.capture)
-    return gm
 
 
 def vanish(model: fx.GraphModule, *, force: bool = False) -> fx.GraphModule:

@@ -19,6 +19,7 @@ from torch import fx, nn
 
 from ..errors import SelectionError, UsageError
 from ..methods.base import COMPRESSIBLE, LayerSite
+from . import contracts
 
 __all__ = ["Group", "Selection", "SelectionConfig", "find_sites", "select", "matches", "module_paths", "DEFAULT_TARGETS", "GRANULARITIES"]
 
@@ -209,6 +210,8 @@ def select(gm: fx.GraphModule, sites: dict[str, LayerSite], selection: Selection
             + (f" (e.g. {list(sites)[:3]})" if sites else "")
             + "; check --targets / --ignore / --blocks with `vcon-fx inspect`"
         )
+    if contracts.active():
+        contracts.require_group_layers(gm, groups)
     return Selection(groups, sites, excluded, granularity)
 
 

@@ -13,6 +13,7 @@ from torch import fx, nn
 
 from ..errors import StageError
 from ..methods.base import Method
+from . import contracts
 from .blend import Blend, get_betas
 
 __all__ = ["vanish_graph", "dense_nodes"]
@@ -38,6 +39,8 @@ def vanish_graph(gm: fx.GraphModule, method: Method, *, force: bool = False) -> 
         )
     if open_groups:
         log.warning("vanishing %d group(s) with β > 0: outputs change", len(open_groups))
+    if contracts.active():
+        contracts.require_blend_groups(gm)
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
@@ -51,6 +54,8 @@ def vanish_graph(gm: fx.GraphModule, method: Method, *, force: bool = False) -> 
     gm.recompile()
     if dense_nodes(gm):
         raise StageError(f"vanish left dense nodes behind: {dense_nodes(gm)[:3]} (a bug: please report it)")
+    if contracts.active():
+        contracts.after_vanish(gm)
     return gm
 
 
