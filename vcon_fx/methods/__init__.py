@@ -2,11 +2,14 @@
 
 from .base import (
     COMPRESSIBLE,
+    CliOption,
     LayerPlan,
     LayerSite,
     Method,
     MethodConfig,
+    MethodExamples,
     config_from_dict,
+    declared_options,
     method_for,
     register_method,
     registered_methods,
@@ -18,11 +21,14 @@ from .compose import ComposeConfig
 
 __all__ = [
     "COMPRESSIBLE",
+    "CliOption",
     "LayerPlan",
     "LayerSite",
     "Method",
     "MethodConfig",
+    "MethodExamples",
     "config_from_dict",
+    "declared_options",
     "method_for",
     "register_method",
     "registered_methods",
