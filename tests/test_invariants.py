@@ -169,6 +169,19 @@ def test_matrix_covers_every_method_and_model():
     assert {"resnet18", "mobilenet_v3_small", "bert_tiny"}.isdisjoint(SLOW)
 
 
+@dataclass(frozen=True)
+class _Undeclared(vcon_fx.MethodConfig):
+    method = "undeclared"
+
+
+def test_a_method_without_examples_fails_the_matrix_check(monkeypatch):
+    from vcon_fx.methods import base
+
+    monkeypatch.setitem(base._BY_NAME, "undeclared", _Undeclared)
+    with pytest.raises(AssertionError, match="undeclared"):
+        test_matrix_covers_every_method_and_model()
+
+
 # ── block blend vs per-layer blend: same endpoints, different paths ───────────────────────
 
 
