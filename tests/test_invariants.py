@@ -11,6 +11,7 @@ round-trips blended and vanished models.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -55,6 +56,8 @@ def method_config(method: str, name: str):
 
 
 METHODS = sorted(m for m, ex in _declared_examples().items() if ex is not None)
+# method → (zoo model name → config), the shape tests/test_zoo.py imports
+METHOD_CONFIGS = {m: functools.partial(method_config, m) for m in METHODS}
 # Methods other than low-rank run on the fast set's real architectures (resnet18, the tiny
 # BERT) and the hand-written zoo; their mobilenet / ViT cases join the slow sweep.
 SLOW_FOR_OTHER_METHODS = {"mobilenet_v3_small"}

@@ -1,4 +1,5 @@
-"""Compression methods. Adding one = one file here + one import line below."""
+"""Compression methods. Adding one = one file here (its config, with CLI flags and examples, and its
+builder) + one import line below."""
 
 from .base import (
     COMPRESSIBLE,
