@@ -12,20 +12,15 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import vcon_fx
-from vcon_fx import ComposeConfig, LowRankConfig, PruneConfig, QuantConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-CONFIGS = {
-    "lowrank": LowRankConfig(rank=8),
-    "prune": PruneConfig(sparsity=0.8),
-    "quant": QuantConfig(bits=4),
-    "compose": ComposeConfig((LowRankConfig(rank=8), QuantConfig(bits=8))),
-}
+# Each method's GPU config is declared in its own file (`examples().cuda`).
+CONFIGS = {name: ex.cuda for name, cls in vcon_fx.registered_methods().items() if (ex := cls.examples()) is not None}
 
 
 def test_every_registered_method_has_a_cuda_case():
-    assert set(vcon_fx.registered_methods()) <= set(CONFIGS)
+    assert set(vcon_fx.registered_methods()) <= set(CONFIGS), "declare examples() on every method's config"
 
 
 def _conv_net() -> nn.Module:

@@ -11,6 +11,7 @@ round-trips blended and vanished models.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,9 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import vcon_fx
-from vcon_fx import ComposeConfig, LowRankConfig, PruneConfig, QuantConfig
+from vcon_fx import LowRankConfig
 
 from helpers import (
+    VANISH_TOL,
     assert_close_outputs,
     assert_identity_at_beta_one,
     assert_onnx_parity,
@@ -35,17 +37,30 @@ from helpers import (
 )
 from zoo import SLOW, ZOO, ZooCase, make
 
-# One config factory per registered method (the model decides what "compresses" means for it).
-METHOD_CONFIGS = {
-    "lowrank": lambda name: LowRankConfig(rank=16) if name in ("resnet18", "vit_b_16") else LowRankConfig(ratio=0.25),
-    "prune": lambda name: PruneConfig(sparsity=0.5),
-    "quant": lambda name: QuantConfig(bits=8),
-    "compose": lambda name: ComposeConfig((LowRankConfig(ratio=0.25), QuantConfig(bits=8))),
-}
+# Every registered method runs at the test strength its own file declares (`examples().test`).
+# One model-dependent exception: resnet18 and ViT-B/16 keep low-rank at a fixed rank 16 (their
+# wide layers would get ranks near 100 at ratio 0.25: slower SVDs and exports for no more coverage).
+FIXED_RANK_MODELS = ("resnet18", "vit_b_16")
+PENDING_METHODS: dict[str, str] = {}  # method → why it has no examples yet (then it is not tested here)
+
+
+def _declared_examples():
+    return {name: cls.examples() for name, cls in vcon_fx.registered_methods().items()}
+
+
+def method_config(method: str, name: str):
+    """The config the matrix runs `method` with on zoo model `name`."""
+    if method == "lowrank" and name in FIXED_RANK_MODELS:
+        return LowRankConfig(rank=16)
+    return vcon_fx.registered_methods()[method].examples().test
+
+
+METHODS = sorted(m for m, ex in _declared_examples().items() if ex is not None)
+# method → (zoo model name → config), the shape tests/test_zoo.py imports
+METHOD_CONFIGS = {m: functools.partial(method_config, m) for m in METHODS}
 # Methods other than low-rank run on the fast set's real architectures (resnet18, the tiny
 # BERT) and the hand-written zoo; their mobilenet / ViT cases join the slow sweep.
 SLOW_FOR_OTHER_METHODS = {"mobilenet_v3_small"}
-PENDING_METHODS: dict[str, str] = {}
 
 BLOCKS = {
     "residual": ("layer1.*",),
@@ -56,7 +71,7 @@ BLOCKS = {
 
 def _case_params():
     out = []
-    for method in sorted(METHOD_CONFIGS):
+    for method in METHODS:
         for name in ZOO:
             slow = name in SLOW or (method != "lowrank" and name in SLOW_FOR_OTHER_METHODS)
             marks = [pytest.mark.slow] if slow else []
@@ -83,7 +98,10 @@ class Pipeline:
 
     @cached_property
     def small(self):
-        return assert_vanish_parity(copy.deepcopy(self.vm), self.inputs)
+        """The vanished model, shared by the checks after vanish; test_vanish_parity checks it is faithful."""
+        vm = copy.deepcopy(self.vm)
+        vcon_fx.set_beta(vm, 0.0)
+        return vcon_fx.vanish(vm)
 
 
 _PIPELINES: dict[tuple[str, str, str], Pipeline] = {}
@@ -99,7 +117,7 @@ def pipeline(method: str, name: str, granularity: str) -> Pipeline:
     key = (method, name, granularity)
     if key not in _PIPELINES:
         case = make(name)
-        _PIPELINES[key] = Pipeline(case, transform_case(case, METHOD_CONFIGS[method](name), granularity))
+        _PIPELINES[key] = Pipeline(case, transform_case(case, method_config(method, name), granularity))
     return _PIPELINES[key]
 
 
@@ -115,8 +133,11 @@ def test_identity_at_beta_one(method, name, granularity):
 @pytest.mark.parametrize("method,name,granularity", CASES)
 def test_vanish_parity(method, name, granularity):
     p = pipeline(method, name, granularity)
-    assert p.small.meta["vcon"].stage == "vanished"
-    p.small.graph.lint()
+    small = assert_vanish_parity(copy.deepcopy(p.vm), p.inputs)  # every run, whatever ran before
+    assert small.meta["vcon"].stage == "vanished"
+    small.graph.lint()
+    # the shared vanished model the other checks use is the same model
+    assert_close_outputs(run(small, p.inputs), run(p.small, p.inputs), VANISH_TOL, "cached vs fresh vanish")
 
 
 @pytest.mark.parametrize("method,name,granularity", CASES)
@@ -133,16 +154,35 @@ def test_onnx_parity(method, name, granularity, tmp_path):
 
 
 def test_matrix_covers_every_method_and_model():
-    """A registered method or a zoo model missing from the matrix is a failure, not a silent gap."""
-    registered = set(vcon_fx.registered_methods())
-    missing = registered - set(METHOD_CONFIGS) - set(PENDING_METHODS)
-    assert not missing, f"add a config for {sorted(missing)} to METHOD_CONFIGS"
-    assert set(METHOD_CONFIGS) <= registered
-    stale = set(PENDING_METHODS) & set(METHOD_CONFIGS)
-    assert not stale, f"{sorted(stale)} are in the matrix now: remove them from PENDING_METHODS"
+    """A registered method without declared examples, or a zoo model missing from the matrix, is a failure."""
+    examples = _declared_examples()
+    missing = sorted(m for m, ex in examples.items() if ex is None and m not in PENDING_METHODS)
+    assert not missing, f"declare examples() on the config of {missing} (see MethodConfig.examples)"
+    stale = sorted(m for m in PENDING_METHODS if examples.get(m) is not None)
+    assert not stale, f"{stale} declare examples now: remove them from PENDING_METHODS"
+    for method, ex in examples.items():
+        if ex is not None:
+            for role in ("test", "cuda", "demo"):
+                config = getattr(ex, role)
+                assert type(config) is vcon_fx.registered_methods()[method], f"{method}.examples().{role}"
+            assert ex.demo_setting
     covered = {(p.values[0], p.values[1]) for p in CASES if p.values[2] == "layer"}
-    assert {(m, n) for m in METHOD_CONFIGS for n in ZOO} <= covered
+    assert {(m, n) for m in METHODS for n in ZOO} <= covered
+    assert set(METHODS) | set(PENDING_METHODS) == set(examples)
     assert {"resnet18", "mobilenet_v3_small", "bert_tiny"}.isdisjoint(SLOW)
+
+
+@dataclass(frozen=True)
+class _Undeclared(vcon_fx.MethodConfig):
+    method = "undeclared"
+
+
+def test_a_method_without_examples_fails_the_matrix_check(monkeypatch):
+    from vcon_fx.methods import base
+
+    monkeypatch.setitem(base._BY_NAME, "undeclared", _Undeclared)
+    with pytest.raises(AssertionError, match="undeclared"):
+        test_matrix_covers_every_method_and_model()
 
 
 # ── block blend vs per-layer blend: same endpoints, different paths ───────────────────────

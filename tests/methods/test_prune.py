@@ -174,15 +174,34 @@ def test_pipeline(name, config):
         assert nonzero == plan.params_after
 
 
+def _stored(model: nn.Module) -> tuple[int, int]:
+    """(values in distinct storages, parameter references): counted without parameters()' de-duplication."""
+    refs = [p for _, p in model.named_parameters(remove_duplicate=False)]
+    storages = {p.untyped_storage().data_ptr(): p.numel() for p in refs}
+    return sum(storages.values()), len(refs)
+
+
+@pytest.mark.parametrize("separate", [False, True], ids=["shared", "separate"])
+def test_shared_weights_are_one_storage(separate):
+    case = make("mlp")
+    config = PruneConfig(sparsity=0.5, separate_weights=separate)
+    vm = vcon_fx.transform(case.model, config, example_inputs=case.args)
+    pruned = [m for m in vm.modules() if isinstance(m, Blend)]
+    twin_values = sum(p.numel() for b in pruned for p in b.dense.parameters())
+    dense_values, dense_refs = _stored(case.model)
+    values, refs = _stored(vm)
+    assert refs == dense_refs + sum(len(list(b.dense.parameters())) for b in pruned)  # the twin lists its weights
+    # shared: the twins add no storage; separate: each twin stores its layer's weight and bias again
+    assert values == dense_values + (twin_values if separate else 0)
+
+
 def test_shared_weights_train_one_tensor():
     case = make("mlp")
     vm = vcon_fx.transform(case.model, PruneConfig(sparsity=0.5), example_inputs=case.args)
     vcon_fx.set_beta(vm, 0.5)
     blend = vm.get_submodule("fc1")
     before = blend.dense.weight.detach().clone()
-    params = list(vm.parameters())  # de-duplicated: one copy of each shared weight
-    assert len(params) == len({id(p) for p in vm.parameters()})
-    assert sum(p.numel() for p in params) == sum(p.numel() for p in case.model.parameters())
+    params = list(vm.parameters())
     optimizer = torch.optim.SGD(params, lr=0.1)
     vm(*case.args).square().mean().backward()
     optimizer.step()

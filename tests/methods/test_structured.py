@@ -21,7 +21,7 @@ import vcon_fx
 from vcon_fx.errors import ConfigError
 from vcon_fx.methods import PruneConfig, config_from_dict
 from vcon_fx.methods.base import method_for
-from vcon_fx.methods.prune import ChannelPrunedLayer, MaskedBatchNorm, channel_mask
+from vcon_fx.methods.structured import ChannelPrunedLayer, MaskedBatchNorm, channel_mask
 from vcon_fx.graph.duplicate import plan_blocks
 from vcon_fx.graph.vanish import dense_nodes
 

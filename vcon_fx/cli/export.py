@@ -96,9 +96,4 @@ def _load_model(args):
 
 def _speed_note(config) -> str | None:
     """What the method does not buy on onnxruntime's CPU provider, said plainly."""
-    configs = getattr(config, "configs", None) or (config,)
-    for c in configs:
-        if c.method == "prune" and not getattr(c, "structured", False):
-            return ("unstructured and N:M sparsity keep a dense weight store: onnxruntime on CPU runs it "
-                    "no faster and the file is no smaller (use --structured for smaller layers)")
-    return None
+    return config.deployment_note()

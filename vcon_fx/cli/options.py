@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..methods import CliOption, declared_options
+
 __all__ = ["add_source", "add_method", "method_config", "load_source", "selection_kwargs", "default_output"]
 
 
@@ -22,21 +24,8 @@ def add_method(p: argparse.ArgumentParser, required: bool) -> None:
     g = p.add_argument_group("compression")
     g.add_argument("--method", required=required,
                    help="compression method: lowrank, prune, quant, or two joined by '+' (lowrank+quant)")
-    g.add_argument("--rank", type=int, help="low-rank: singular values kept per layer")
-    g.add_argument("--energy", type=float, help="low-rank: share of singular-value energy kept (0-1]")
-    g.add_argument("--ratio", type=float, help="low-rank: parameter budget per layer (0-1)")
-    g.add_argument("--rank-multiple", type=int, help="low-rank: round ranks up to a multiple (16 suits CPU kernels)")
-    g.add_argument("--activation-aware", action="store_true", default=None,
-                   help="low-rank: weight the SVD by each input's RMS on the example inputs (give real ones)")
-    g.add_argument("--svd", choices=("auto", "exact", "randomized"),
-                   help="low-rank: factor initialization (auto: randomized when rank ≤ ¼ of the layer's size)")
-    g.add_argument("--sparsity", type=float, help="prune: share of weights zeroed per layer (0-1)")
-    g.add_argument("--pattern", help="prune: N:M semi-structured sparsity, e.g. 2:4")
-    g.add_argument("--structured", action="store_true", default=None, help="prune: remove whole neurons/channels")
-    g.add_argument("--fixed-mask", action="store_true", default=None, help="prune: keep the first mask (default: re-chosen every step)")
-    g.add_argument("--bits", help="quant: weight bits 8, 4, 2, 1 or ternary")
-    g.add_argument("--act-bits", type=int, help="quant: fake-quantize layer inputs to 8 bits")
-    g.add_argument("--separate-weights", action="store_true", default=None, help="prune/quant: the twin gets its own weight copy")
+    for option, owners in declared_options():  # each method declares its own flags (methods/*.py)
+        g.add_argument(option.flag, **_argparse_kwargs(option, owners))
     s = p.add_argument_group("selection")
     s.add_argument("--targets", action="append", help="layer type, name glob or re:regex (repeatable)")
     s.add_argument("--ignore", action="append", default=[], help="layers to leave dense (same syntax)")
@@ -46,14 +35,21 @@ def add_method(p: argparse.ArgumentParser, required: bool) -> None:
     s.add_argument("--include-head", action="store_true", help="compress the last layer too")
 
 
-_METHOD_OPTIONS = ("rank", "energy", "ratio", "rank_multiple", "svd", "activation_aware", "sparsity", "pattern", "structured", "fixed_mask", "bits", "act_bits",
-                   "separate_weights")
+def _argparse_kwargs(option: CliOption, owners: tuple[str, ...]) -> dict:
+    kwargs = {"help": f"{'/'.join(owners)}: {option.help}"}
+    if option.switch:  # unset stays None: the config's default applies, and compose passes it to no one
+        kwargs.update(action="store_true", default=None)
+    if option.type is not None:
+        kwargs["type"] = option.type
+    if option.choices is not None:
+        kwargs["choices"] = option.choices
+    return kwargs
 
 
 def method_config(args):
     from ..methods.compose import compose_config
 
-    return compose_config(args.method, {k: getattr(args, k, None) for k in _METHOD_OPTIONS})
+    return compose_config(args.method, {o.field: getattr(args, o.field, None) for o, _ in declared_options()})
 
 
 def load_source(args, source: str):

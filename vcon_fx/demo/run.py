@@ -60,16 +60,13 @@ def demo_configs() -> dict[str, tuple[Any, str]]:
     """Method name → (config, readable setting) for every method the demo knows how to run.
 
     Each is a strong compression on this model (every Linear inside the transformer blocks):
-    abrupt compression loses accuracy, which is where the paper says VCON can help.
+    abrupt compression loses accuracy, which is where the paper says VCON can help. A method
+    declares its setting next to itself (`MethodConfig.examples`); one without is not demoed.
     """
-    from ..methods import ComposeConfig, LowRankConfig, PruneConfig, QuantConfig
+    from ..methods import registered_methods
 
-    return {
-        "lowrank": (LowRankConfig(rank=4), "rank 4"),
-        "prune": (PruneConfig(sparsity=0.95), "95% zeros"),
-        "quant": (QuantConfig(bits=1), "binary (1 bit)"),
-        "compose": (ComposeConfig((LowRankConfig(rank=8), QuantConfig(bits=2))), "rank 8, 2-bit"),
-    }
+    examples = {name: config_type.examples() for name, config_type in registered_methods().items()}
+    return {name: (ex.demo, ex.demo_setting) for name, ex in examples.items() if ex is not None}
 
 
 # ── the run ────────────────────────────────────────────────────────────────────────────────

@@ -211,7 +211,7 @@ def rebuild(model: nn.Module, recipe: Recipe, example_args: tuple, example_kwarg
 
 def uses_input_statistics(config: MethodConfig) -> bool:
     """True when the config (or a part of a composed one) initializes from input statistics."""
-    return any(getattr(c, "activation_aware", False) for c in (config, *getattr(config, "configs", ())))
+    return config.uses_input_statistics
 
 
 def _refuse_non_finite(site: LayerSite, method: str) -> None:

@@ -1,12 +1,16 @@
-"""Compression methods. Adding one = one file here + one import line below."""
+"""Compression methods. Adding one = one file here (its config, with CLI flags and examples, and its
+builder) + one import line below."""
 
 from .base import (
     COMPRESSIBLE,
+    CliOption,
     LayerPlan,
     LayerSite,
     Method,
     MethodConfig,
+    MethodExamples,
     config_from_dict,
+    declared_options,
     method_for,
     register_method,
     registered_methods,
@@ -18,11 +22,14 @@ from .compose import ComposeConfig
 
 __all__ = [
     "COMPRESSIBLE",
+    "CliOption",
     "LayerPlan",
     "LayerSite",
     "Method",
     "MethodConfig",
+    "MethodExamples",
     "config_from_dict",
+    "declared_options",
     "method_for",
     "register_method",
     "registered_methods",

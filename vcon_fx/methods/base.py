@@ -18,6 +18,8 @@ from torch import nn
 from ..errors import ConfigError
 
 __all__ = [
+    "CliOption",
+    "MethodExamples",
     "MethodConfig",
     "LayerSite",
     "LayerPlan",
@@ -26,6 +28,7 @@ __all__ = [
     "method_for",
     "registered_methods",
     "config_from_dict",
+    "declared_options",
     "layer_params",
     "COMPRESSIBLE",
 ]
@@ -35,11 +38,68 @@ COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 @dataclass(frozen=True)
+class CliOption:
+    """One command-line flag a method declares; its value goes to the config field of the same name.
+
+    Args:
+        flag: e.g. "--rank-multiple", which fills the field `rank_multiple`.
+        help: the help text; the CLI puts the owning methods' `cli_label` in front ("low-rank: …").
+        type: int or float to convert the value; None keeps the string.
+        choices: the values allowed, or None for any.
+        switch: a flag without a value (store_true). Left out it stays None, so the config's own
+            default applies and a composed method does not receive an option it never asked for.
+    """
+
+    flag: str
+    help: str
+    type: type | None = None
+    choices: tuple[str, ...] | None = None
+    switch: bool = False
+
+    def __post_init__(self):
+        if not self.flag.startswith("--") or not self.field.isidentifier():
+            raise ConfigError(f"a method's CLI flag looks like --name-with-dashes, got {self.flag!r}")
+        if self.switch and (self.type is not None or self.choices is not None):
+            raise ConfigError(f"{self.flag} is a switch: it takes no type or choices")
+
+    @property
+    def field(self) -> str:
+        """The config field the flag fills: "--rank-multiple" → "rank_multiple"."""
+        return self.flag[2:].replace("-", "_")
+
+
+@dataclass(frozen=True)
+class MethodExamples:
+    """A method's representative configs: what the tests, the CUDA run and the demo use.
+
+    Declared next to the method (`MethodConfig.examples`), so a new method is tested, run on a
+    GPU and demoed by declaring them in its own file.
+
+    Args:
+        test: moderate strength, for the invariant tests on the model zoo.
+        cuda: for the GPU pipeline test (small models, a few fine-tuning steps).
+        demo: a strong compression, where abrupt compression loses accuracy.
+        demo_setting: the demo's readable name of `demo`, e.g. "rank 4".
+    """
+
+    test: "MethodConfig"
+    cuda: "MethodConfig"
+    demo: "MethodConfig"
+    demo_setting: str
+
+
+@dataclass(frozen=True)
 class MethodConfig:
-    """Base of every compression config: JSON round-trip with method name and version."""
+    """Base of every compression config: JSON round-trip with method name and version.
+
+    A subclass also declares its CLI flags (`cli_options`, shown with `cli_label` in front of
+    their help) and may answer the hooks below; callers ask the config, never its method name.
+    """
 
     method: ClassVar[str] = ""
     version: ClassVar[int] = 1
+    cli_label: ClassVar[str] = ""  # the method's name in help texts (default: `method`)
+    cli_options: ClassVar[tuple[CliOption, ...]] = ()
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -48,6 +108,20 @@ class MethodConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":
         return config_from_dict(data)
+
+    @property
+    def uses_input_statistics(self) -> bool:
+        """True when building the twin reads statistics of the example inputs (they must be real data)."""
+        return False
+
+    def deployment_note(self) -> str | None:
+        """What the exported model does not gain on onnxruntime's CPU provider, said plainly (or None)."""
+        return None
+
+    @classmethod
+    def examples(cls) -> MethodExamples | None:
+        """The method's representative configs (None: not declared, which the tests refuse)."""
+        return None
 
 
 def _jsonable(value):
@@ -113,6 +187,8 @@ class Method:
     """Builder for one config type. Subclasses implement plan / build / materialize."""
 
     config_type: ClassVar[type[MethodConfig]]
+    # Plan detail keys worth showing at the top of a composed plan (e.g. "rank", "bits").
+    summary_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: MethodConfig):
         self.config = config
@@ -212,6 +288,26 @@ def config_from_dict(data: dict[str, Any]) -> MethodConfig:
             value = tuple(config_from_dict(v) if isinstance(v, dict) else v for v in value)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def declared_options() -> list[tuple[CliOption, tuple[str, ...]]]:
+    """Every registered method's CLI flags, each once, with the labels of the methods declaring it (pure).
+
+    Flags of a single method come in registry order; flags several methods share come last.
+
+    Raises:
+        ConfigError: two methods declare one flag differently.
+    """
+    owners: dict[str, list[type[MethodConfig]]] = {}
+    options: dict[str, CliOption] = {}
+    for config_type in _BY_NAME.values():
+        for option in config_type.cli_options:
+            if options.setdefault(option.flag, option) != option:
+                raise ConfigError(f"{config_type.__name__} declares {option.flag} unlike another method: "
+                                  "a shared flag must be declared the same way (one CliOption)")
+            owners.setdefault(option.flag, []).append(config_type)
+    ordered = sorted(options, key=lambda flag: len(owners[flag]) > 1)  # stable: registry order within each
+    return [(options[flag], tuple(c.cli_label or c.method for c in owners[flag])) for flag in ordered]
 
 
 def layer_params(module: nn.Module) -> int:

@@ -14,7 +14,17 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError
-from .base import COMPRESSIBLE, LayerPlan, LayerSite, Method, MethodConfig, method_for, register_method, registered_methods
+from .base import (
+    COMPRESSIBLE,
+    LayerPlan,
+    LayerSite,
+    Method,
+    MethodConfig,
+    MethodExamples,
+    method_for,
+    register_method,
+    registered_methods,
+)
 
 __all__ = ["ComposeConfig", "ComposeMethod", "compose_config"]
 
@@ -47,6 +57,22 @@ class ComposeConfig(MethodConfig):
     def name(self) -> str:
         """The CLI spelling, e.g. "lowrank+quant"."""
         return "+".join(c.method for c in self.configs)
+
+    @property
+    def uses_input_statistics(self) -> bool:
+        return any(c.uses_input_statistics for c in self.configs)
+
+    def deployment_note(self) -> str | None:
+        return next((note for c in self.configs if (note := c.deployment_note())), None)
+
+    @classmethod
+    def examples(cls) -> MethodExamples:
+        from .lowrank import LowRankConfig  # the composition worth showing: factorize, then quantize the factors
+        from .quant import QuantConfig
+
+        return MethodExamples(test=cls((LowRankConfig(ratio=0.25), QuantConfig(bits=8))),
+                              cuda=cls((LowRankConfig(rank=8), QuantConfig(bits=8))),
+                              demo=cls((LowRankConfig(rank=8), QuantConfig(bits=2))), demo_setting="rank 8, 2-bit")
 
 
 def compose_config(names: str, options: dict[str, Any]) -> MethodConfig:
@@ -115,7 +141,7 @@ class ComposeMethod(Method):
             nbytes += sub.bytes_before if sub.skipped else sub.bytes_after
         plan.params_after = params
         plan.bytes_after = nbytes
-        for key in ("rank", "bits", "act_bits", "sparsity", "pattern"):  # a readable summary
+        for key in (*self.first.summary_keys, *self.second.summary_keys):  # a readable summary
             for d in (first.detail, *(s["detail"] for s in plan.detail["second"].values())):
                 if key in d:
                     plan.detail.setdefault(key, d[key])

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import LayerPlan, LayerSite, Method, MethodConfig, layer_params, register_method
+from .base import CliOption, LayerPlan, LayerSite, Method, MethodConfig, MethodExamples, layer_params, register_method
 from .svd import truncated_svd
 
 __all__ = ["LowRankConfig", "LowRank", "LowRankMethod", "choose_rank", "truncated_svd"]
@@ -43,6 +43,17 @@ class LowRankConfig(MethodConfig):
 
     method = "lowrank"
     version = 1
+    cli_label = "low-rank"
+    cli_options = (
+        CliOption("--rank", "singular values kept per layer", type=int),
+        CliOption("--energy", "share of singular-value energy kept (0-1]", type=float),
+        CliOption("--ratio", "parameter budget per layer (0-1)", type=float),
+        CliOption("--rank-multiple", "round ranks up to a multiple (16 suits CPU kernels)", type=int),
+        CliOption("--activation-aware", "weight the SVD by each input's RMS on the example inputs (give real ones)",
+                  switch=True),
+        CliOption("--svd", "factor initialization (auto: randomized when rank ≤ ¼ of the layer's size)",
+                  choices=("auto", "exact", "randomized")),
+    )
     rank: int | None = None
     energy: float | None = None
     ratio: float | None = None
@@ -65,6 +76,14 @@ class LowRankConfig(MethodConfig):
             raise ConfigError(f"--rank-multiple must be a positive integer, got {self.rank_multiple!r}")
         if self.svd not in ("auto", "exact", "randomized"):
             raise ConfigError(f"--svd must be auto, exact or randomized, got {self.svd!r}")
+
+    @property
+    def uses_input_statistics(self) -> bool:
+        return bool(self.activation_aware)
+
+    @classmethod
+    def examples(cls) -> MethodExamples:
+        return MethodExamples(test=cls(ratio=0.25), cuda=cls(rank=8), demo=cls(rank=4), demo_setting="rank 4")
 
 
 class LowRank(nn.Sequential):
@@ -108,6 +127,7 @@ def _base_rank(config: LowRankConfig, layer: nn.Module) -> int:
 @register_method
 class LowRankMethod(Method):
     config_type = LowRankConfig
+    summary_keys = ("rank",)
 
     def plan(self, site: LayerSite) -> LayerPlan:
         layer = site.module

@@ -24,8 +24,8 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.
 from torch import nn
 
 from ..errors import ConfigError
-from .base import LayerPlan, LayerSite, Method, MethodConfig, layer_params, register_method
-from .prune import WeightTwin
+from .base import CliOption, LayerPlan, LayerSite, Method, MethodConfig, MethodExamples, layer_params, register_method
+from .twin import SEPARATE_WEIGHTS, WeightTwin
 
 __all__ = [
     "QuantConfig",
@@ -57,6 +57,11 @@ class QuantConfig(MethodConfig):
 
     method = "quant"
     version = 1
+    cli_options = (
+        CliOption("--bits", "weight bits 8, 4, 2, 1 or ternary"),
+        CliOption("--act-bits", "fake-quantize layer inputs to 8 bits", type=int),
+        SEPARATE_WEIGHTS,
+    )
     bits: int | str = 8
     act_bits: int | None = None
     separate_weights: bool = False
@@ -82,6 +87,10 @@ class QuantConfig(MethodConfig):
     def qmax(self) -> int:
         """Largest integer magnitude: 127, 7, 1 (for 2 bits, binary and ternary)."""
         return 2 ** (self.bits - 1) - 1 if isinstance(self.bits, int) and self.bits > 1 else 1
+
+    @classmethod
+    def examples(cls) -> MethodExamples:
+        return MethodExamples(test=cls(bits=8), cuda=cls(bits=4), demo=cls(bits=1), demo_setting="binary (1 bit)")
 
 
 # ── weight quantization (pure) ──────────────────────────────────────────────────────────────
@@ -255,6 +264,7 @@ def _refresh_act_mirror(module: QuantizedLayer, _incompatible) -> None:
 @register_method
 class QuantMethod(Method):
     config_type = QuantConfig
+    summary_keys = ("bits", "act_bits")
 
     def share_dense_weights(self) -> bool:
         return not self.config.separate_weights
