@@ -1,7 +1,7 @@
 """Typed errors. Each names the layer or file, what was expected and found, and the fix.
 
 Every error also inherits the builtin it refines, so `except ValueError` keeps working, and
-carries an `exit_code` the CLI returns (listed in the README).
+carries an `exit_code` the CLI returns (listed in docs/cli.md).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ __all__ = [
     "ParityError",
     "TrainingError",
     "ContractError",
+    "first_line",
+    "message_line",
 ]
 
 
@@ -123,3 +125,18 @@ class ContractError(VconError, AssertionError):
     """A graph pass broke its own contract (a bug in vcon-fx, not in the input); names the node or module."""
 
     exit_code = 1
+
+
+def message_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's message, or its type name when it has none (pure).
+
+    What vcon-fx quotes of another library's error inside its own one-line messages.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """`TypeName: first line of the message` cut to `limit` characters, or the type name alone (pure)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0][:limit]}" if lines else type(exc).__name__

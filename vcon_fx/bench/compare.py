@@ -14,8 +14,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .worker import _one_line
-from ..errors import LoadError, UsageError
+from ..errors import LoadError, UsageError, message_line
 
 __all__ = ["bench_onnx", "BenchReport", "BenchRow", "validate_onnx"]
 
@@ -129,12 +128,12 @@ def validate_onnx(path: str | os.PathLike) -> Path:
     try:
         onnx.load(str(p), load_external_data=False)
     except Exception as e:
-        raise LoadError(f"{p} is not an ONNX model ({type(e).__name__}: {_one_line(e)}): export one with `vcon-fx export`") from None
+        raise LoadError(f"{p} is not an ONNX model ({type(e).__name__}: {message_line(e)}): export one with `vcon-fx export`") from None
     try:
         # the path form also checks external data and models over 2 GB
         onnx.checker.check_model(str(p))
     except Exception as e:
-        raise LoadError(f"{p} is not a valid ONNX model ({_one_line(e)}): re-export it with `vcon-fx export`") from None
+        raise LoadError(f"{p} is not a valid ONNX model ({message_line(e)}): re-export it with `vcon-fx export`") from None
     return p
 
 

@@ -206,6 +206,7 @@ def measure(path: str, *, threads: int | None = None, batch: int = 1, seq: int |
 
 
 def _one_line(e: BaseException) -> str:
+    # errors.message_line, repeated: this file runs by path in a bare process that must not import vcon_fx (torch)
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[0] if lines else type(e).__name__
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ..bench.compare import validate_onnx
-from ..bench.worker import _one_line, make_session, model_size_bytes, time_runs
-from ..errors import LoadError, ParityError, UsageError
+from ..bench.worker import make_session, model_size_bytes, time_runs
+from ..errors import LoadError, ParityError, UsageError, message_line
 from .naming import flatten_inputs, flatten_outputs
 from .onnx import _as_args, eval_mode, run_model
 
@@ -174,7 +174,7 @@ def _parity(session, feeds: dict, expected: list, onnx_path, shapes: dict, rtol:
     try:
         got = session.run(None, feeds)
     except Exception as e:
-        raise ParityError(f"onnxruntime could not run {onnx_path} on inputs {shapes}: {_one_line(e)}. Fix: "
+        raise ParityError(f"onnxruntime could not run {onnx_path} on inputs {shapes}: {message_line(e)}. Fix: "
                           "export with dynamic axes (the default) when these sizes differ from the export's") from None
     names = [o.name for o in session.get_outputs()]
     problems = ()
@@ -199,7 +199,7 @@ def _session(path, threads):
     try:
         return make_session(path, threads)
     except Exception as e:  # onnxruntime's errors are untyped
-        raise LoadError(f"onnxruntime cannot load {path}: {_one_line(e)}: re-export it, or check that "
+        raise LoadError(f"onnxruntime cannot load {path}: {message_line(e)}: re-export it, or check that "
                         "onnxruntime supports its opset and ops") from None
 
 

@@ -7,14 +7,11 @@ dynamic.
 
 from __future__ import annotations
 
-import inspect
 import logging
 
 import torch
-import torch.utils._pytree as pytree
 
-from ..errors import ExportError, UsageError
-from .naming import _key_str, _positional_names
+from ..errors import ExportError
 
 __all__: list[str] = []  # used by export_onnx only
 
@@ -53,45 +50,6 @@ def _refuse_static_capture(model, inputs, wanted) -> None:
             "Fix: capture it with dynamic_shapes (torch.export.Dim.AUTO on the batch and seq dims), or "
             "export static shapes on purpose (dynamic_batch=False, --static-shapes)"
         )
-
-
-def _dynamic_shapes(model, args, kwargs, dynamic_batch: bool, seq_inputs) -> dict:
-    """dynamic_shapes keyed by forward parameter name, mirroring each input's structure (pure).
-
-    Dim.AUTO, neither named Dims nor Dim.DYNAMIC: when the model pins a size (a branch on
-    x.shape, a literal reshape), a named Dim makes the ONNX exporter quietly retry with that
-    dim static, and DYNAMIC fails with torch.export's long message; AUTO keeps the symbol and
-    records the pin as a range [2, 2], which `_check_and_name_axes` turns into a clear error.
-    Named Dims shared by inputs also force their sizes equal, an error when they are not.
-    """
-    try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    except TypeError as e:
-        raise UsageError(f"example inputs do not fit {type(model).__name__}.forward: {e}") from None
-    params = inspect.signature(model.forward).parameters
-    positional = _positional_names(model)
-    auto = torch.export.Dim.AUTO
-
-    def spec(head: str, value):
-        def leaf(path, t):
-            if not isinstance(t, torch.Tensor) or t.dim() == 0:
-                return None
-            dims = {0: auto} if dynamic_batch else {}
-            if "_".join([head, *(_key_str(k) for k in path)]) in seq_inputs and t.dim() >= 2:
-                dims[1] = auto
-            return dims or None
-        return pytree.tree_map_with_path(leaf, value)
-
-    shapes = {}
-    for pname, value in bound.arguments.items():
-        kind = params[pname].kind
-        if kind is inspect.Parameter.VAR_POSITIONAL:
-            shapes[pname] = tuple(spec(f"input_{len(positional) + i}", v) for i, v in enumerate(value))
-        elif kind is inspect.Parameter.VAR_KEYWORD:
-            shapes[pname] = {k: spec(k, v) for k, v in value.items()}
-        else:
-            shapes[pname] = spec(pname, value)
-    return shapes
 
 
 def _check_and_name_axes(program, wanted: list[tuple[int, int, str]], model_name: str) -> None:

@@ -7,14 +7,14 @@ outputs from the output's pytree path (`output`, `output_0`, `logits`, `hidden_s
 
 from __future__ import annotations
 
-import inspect
 import logging
-import re
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
+
+from ..graph.dims import key_str, positional_names
 
 __all__ = ["flatten_inputs", "flatten_outputs"]
 
@@ -33,7 +33,7 @@ def flatten_inputs(model: nn.Module, args: tuple, kwargs: dict | None = None) ->
         `(name, tensor)` pairs; non-tensor inputs (None, ints, flags) are left out, as the
         exporter bakes them into the graph.
     """
-    params = _positional_names(model)
+    params = positional_names(model)
     named = []
     for path, leaf in pytree.tree_flatten_with_path((tuple(args), dict(kwargs or {})))[0]:
         if not isinstance(leaf, torch.Tensor):
@@ -43,7 +43,7 @@ def flatten_inputs(model: nn.Module, args: tuple, kwargs: dict | None = None) ->
             head = params[top.idx] if top.idx < len(params) else f"input_{top.idx}"
         else:
             head = str(top.key)
-        named.append(("_".join([head, *(_key_str(k) for k in rest)]), leaf))
+        named.append(("_".join([head, *(key_str(k) for k in rest)]), leaf))
     return _unique(named)
 
 
@@ -61,29 +61,11 @@ def flatten_outputs(output: Any) -> list[tuple[str, torch.Tensor]]:
     for path, leaf in pytree.tree_flatten_with_path(output)[0]:
         if not isinstance(leaf, torch.Tensor):
             continue
-        parts = [_key_str(k) for k in path]
+        parts = [key_str(k) for k in path]
         if not path or not isinstance(path[0], (pytree.MappingKey, pytree.GetAttrKey)):
             parts.insert(0, "output")
         named.append(("_".join(parts), leaf))
     return _unique(named)
-
-
-def _positional_names(model: nn.Module) -> list[str]:
-    try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
-        return []
-    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-
-
-def _key_str(key) -> str:
-    if isinstance(key, pytree.SequenceKey):
-        return str(key.idx)
-    if isinstance(key, pytree.MappingKey):
-        return re.sub(r"\W", "_", str(key.key))
-    if isinstance(key, pytree.GetAttrKey):
-        return key.name
-    return re.sub(r"\W", "_", str(key))
 
 
 def _unique(named: list) -> list:

@@ -21,7 +21,8 @@ from torch import nn
 
 from ..errors import ExportError, UsageError
 from ..io.atomic import atomic_path, check_output
-from .dynamic_dims import _check_and_name_axes, _dynamic_shapes, _refuse_static_capture, _wanted_dims
+from ..graph.dims import dynamic_shapes
+from .dynamic_dims import _check_and_name_axes, _refuse_static_capture, _wanted_dims
 from .naming import _name_values, _output_names, flatten_inputs, flatten_outputs
 
 __all__ = ["export_onnx", "eval_mode", "run_model"]
@@ -84,7 +85,7 @@ def export_onnx(
     unknown = [s for s in seq_inputs if s not in input_names]
     if unknown:
         raise UsageError(f"seq_inputs {unknown} are not inputs of {name}: its tensor inputs are {input_names}")
-    shapes = _dynamic_shapes(model, args, kwargs, dynamic_batch, seq_inputs)
+    shapes = dynamic_shapes(model, args, kwargs, dynamic_batch=dynamic_batch, seq_inputs=seq_inputs)
     wanted = _wanted_dims(inputs, dynamic_batch, seq_inputs)
     _refuse_static_capture(model, inputs, wanted)
     with eval_mode(model):
@@ -126,7 +127,7 @@ def run_model(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Any:
         shapes = [tuple(t.shape) for _, t in flatten_inputs(model, args, kwargs)]
         raise UsageError(
             f"{type(model).__name__} failed on the example inputs (tensor shapes {shapes}): "
-            f"{type(e).__name__}: {_first_line(e)}. Fix: pass inputs the model accepts (shape, dtype, device)"
+            f"{type(e).__name__}: {_exporter_error_line(e)}. Fix: pass inputs the model accepts (shape, dtype, device)"
         ) from e
 
 
@@ -174,7 +175,7 @@ def _run_exporter(model, args, kwargs, shapes, opset):
             )
     except Exception as e:
         raise ExportError(
-            f"could not export {type(model).__name__} to ONNX: {_first_line(e)}. Fix: capture the model "
+            f"could not export {type(model).__name__} to ONNX: {_exporter_error_line(e)}. Fix: capture the model "
             "with torch.export first (--capture export), or export static shapes (dynamic_batch=False, "
             "--static-shapes); VCON_DEBUG=1 shows the exporter's full message"
         ) from e
@@ -204,7 +205,7 @@ def _quiet_loggers() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _first_line(exc: BaseException) -> str:
+def _exporter_error_line(exc: BaseException) -> str:
     """The line of an exporter error that says what went wrong (not its boilerplate)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
     summary = text.split("## Exception summary", 1)

@@ -8,7 +8,6 @@ out and batch-norm statistics are frozen.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import logging
 
@@ -16,6 +15,7 @@ import torch
 from torch import fx, nn
 
 from .capture_failure import TraceFailure, first_sentence
+from .dims import dynamic_shapes
 
 __all__ = ["trace_with_export", "looks_exported"]
 
@@ -45,7 +45,7 @@ def trace_with_export(model: nn.Module, args: tuple, kwargs: dict, seq_inputs: t
         with _quiet(), _module_stack(model, stack):
             try:
                 ep = torch.export.export(model, args, kwargs, strict=False,
-                                         dynamic_shapes=_dynamic_shapes(model, args, kwargs, seq_inputs))
+                                         dynamic_shapes=dynamic_shapes(model, args, kwargs, seq_inputs=seq_inputs))
             except Exception as exc:
                 ep = torch.export.export(model, args, kwargs, strict=False)
                 notes.append(f"dynamic batch/sequence export failed ({first_sentence(exc)}); exported with static shapes")
@@ -68,30 +68,6 @@ def looks_exported(gm: fx.GraphModule) -> bool:
     return bool(getattr(gm, "meta", {}).get("vcon_exported")) or any(
         n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes
     )
-
-
-def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, seq_inputs: tuple[str, ...]):
-    """Dim 0 of every tensor input dynamic (batch), dim 1 too for sequence inputs."""
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    shapes = {}
-    for name, value in bound.arguments.items():
-        shapes[name] = _dims_for(name, value, seq_inputs)
-    return shapes
-
-
-def _dims_for(name: str, value, seq_inputs):
-    if isinstance(value, torch.Tensor):
-        if value.dim() == 0:
-            return None
-        dims = {0: torch.export.Dim.AUTO}
-        if name in seq_inputs and value.dim() > 1:
-            dims[1] = torch.export.Dim.AUTO
-        return dims
-    if isinstance(value, (tuple, list)):
-        return type(value)(_dims_for(name, v, seq_inputs) for v in value)
-    if isinstance(value, dict):
-        return {k: _dims_for(k, v, seq_inputs) for k, v in value.items()}
-    return None
 
 
 @contextlib.contextmanager

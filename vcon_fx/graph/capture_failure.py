@@ -13,6 +13,8 @@ import traceback
 import torch
 from torch import fx
 
+from ..errors import message_line
+
 __all__ = ["TraceFailure", "describe_failure", "failure_message", "first_sentence"]
 
 
@@ -92,8 +94,7 @@ def _short(filename: str) -> str:
 
 def first_sentence(exc: BaseException) -> str:
     """`TypeName: first sentence of the message` (tracer messages go on with generic advice)."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    text = lines[0] if lines else ""
+    text = message_line(exc) if str(exc).strip() else ""
     cut = text.find(". ", 20)
     text = text[: cut + 1] if cut > 0 else text
     text = text if len(text) <= 240 else text[:239] + "…"

@@ -17,7 +17,7 @@ from safetensors.torch import save_model as st_save_model
 from torch import fx, nn
 
 from ..graph.pipeline import rebuild
-from ..errors import ArtifactError, OutputError, VconError
+from ..errors import ArtifactError, OutputError, VconError, first_line
 from .atomic import _umask, atomic_dir, check_output
 from ..graph.recipe import Recipe, inputs_from_spec, recipe_of
 
@@ -71,7 +71,7 @@ def read_recipe(path: str | Path) -> Recipe:
     try:
         data = json.loads((folder / RECIPE_FILE).read_text(encoding="utf-8"))
     except (ValueError, OSError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
-        raise ArtifactError(f"{folder / RECIPE_FILE} is not valid JSON ({_first_line(exc)}); the artifact is corrupt: "
+        raise ArtifactError(f"{folder / RECIPE_FILE} is not valid JSON ({first_line(exc)}); the artifact is corrupt: "
                             "re-create it") from None
     # The recipe is untrusted input: any failure to read it is a corrupt artifact, never a traceback.
     try:
@@ -79,7 +79,7 @@ def read_recipe(path: str | Path) -> Recipe:
     except ArtifactError as exc:
         raise ArtifactError(f"{folder}: {exc}") from None
     except Exception as exc:
-        raise ArtifactError(f"{folder / RECIPE_FILE} is malformed ({_first_line(exc)}); the artifact is corrupt or "
+        raise ArtifactError(f"{folder / RECIPE_FILE} is malformed ({first_line(exc)}); the artifact is corrupt or "
                             "from another vcon-fx version: re-create it") from None
 
 
@@ -106,7 +106,7 @@ def load(path: str | Path, *, model: nn.Module | None = None, example_inputs: tu
     try:
         args, kwargs = inputs_from_spec(recipe.inputs)
     except Exception as exc:  # an edited "inputs" entry (unknown dtype, bad shape)
-        raise ArtifactError(f"{folder / RECIPE_FILE} has unusable example inputs ({_first_line(exc)}); re-create it") from None
+        raise ArtifactError(f"{folder / RECIPE_FILE} has unusable example inputs ({first_line(exc)}); re-create it") from None
     if example_inputs is not None:
         args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
     if model is None:
@@ -121,27 +121,22 @@ def load(path: str | Path, *, model: nn.Module | None = None, example_inputs: tu
         except VconError:
             raise
         except Exception as exc:  # an edited "source" entry: wrong types, missing keys
-            raise ArtifactError(f"{folder / RECIPE_FILE} records an unusable model source ({_first_line(exc)}); "
+            raise ArtifactError(f"{folder / RECIPE_FILE} records an unusable model source ({first_line(exc)}); "
                                 "re-create the artifact") from None
     try:
         gm = rebuild(model, recipe, args, kwargs)
     except VconError:
         raise
     except Exception as exc:  # a hand-edited or damaged recipe: wrong shapes, ranks, capture modes
-        raise ArtifactError(f"{folder / RECIPE_FILE} does not fit its source model ({_first_line(exc)}); the artifact "
+        raise ArtifactError(f"{folder / RECIPE_FILE} does not fit its source model ({first_line(exc)}); the artifact "
                             "is corrupt or the source changed: re-create it") from None
     try:
         missing, unexpected = st_load_model(gm, str(weights), strict=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise ArtifactError(f"{weights} is corrupt or does not fit the recipe ({_first_line(exc)}); re-create it") from None
+        raise ArtifactError(f"{weights} is corrupt or does not fit the recipe ({first_line(exc)}); re-create it") from None
     if missing or unexpected:
         raise ArtifactError(
             f"{weights} does not match the rebuilt model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); "
             "the source model changed since the artifact was written"
         )
     return gm
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
