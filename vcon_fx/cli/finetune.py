@@ -76,7 +76,7 @@ def default_output(model: str) -> Path:
 def cmd_finetune(args) -> int:
     """Load the artifact, fine-tune it with a progress bar, save the tuned artifact."""
     from ..io.artifact import is_artifact, load, read_recipe, save
-    from ..data.readers import load_data_for
+    from ..training.model_data import load_data_for
     from ..io.atomic import check_output
     from ..training.finetune import finetune
 

@@ -211,7 +211,7 @@ def _check_args(steps, transition, lr, batch_size, loss, eval_every, save_every,
 
 def _as_dataset(vm, data, what: str) -> Dataset:
     if isinstance(data, (str, os.PathLike)):
-        from ..data.readers import load_data_for
+        from .model_data import load_data_for
 
         return load_data_for(vm, data)
     if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
