@@ -3,7 +3,7 @@
     vcon-fx finetune model.vcon --data train.npz --steps 1000 [--transition 200] [-o model.tuned]
     torchrun --nproc-per-node 2 -m vcon_fx finetune model.vcon --data train.npz --steps 1000
 
-cli.py wires it in with `add_finetune_parser(subparsers)` and `cmd_finetune(args)`. Under
+cli/main.py wires it in with `add_finetune_parser(subparsers)` and `cmd_finetune(args)`. Under
 torchrun only rank 0 prints and writes.
 """
 
@@ -17,12 +17,11 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..errors import StageError, UsageError
-from ..training.finetune import LOSSES
 from ..schedules.schedule import SCHEDULES
+from ..training.evaluate import LOSSES
 from .render import console, errors
 
 __all__ = ["add_finetune_parser", "cmd_finetune"]
-
 
 
 def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
@@ -78,7 +77,7 @@ def cmd_finetune(args) -> int:
     from ..io.artifact import is_artifact, load, read_recipe, save
     from ..training.model_data import load_data_for
     from ..io.atomic import check_output
-    from ..training.finetune import finetune
+    from ..training import FinetuneConfig, finetune
 
     main_rank = int(os.environ.get("RANK", "0")) == 0
     model_path = Path(args.model)
@@ -117,11 +116,12 @@ def cmd_finetune(args) -> int:
     try:
         if progress:
             progress.start()
-        result = finetune(vm, train, steps=args.steps, transition=transition, schedule=args.schedule, lr=args.lr,
-                          batch_size=args.batch_size, loss=args.loss, eval_data=evaluation,
-                          eval_every=args.eval_every, seed=args.seed, save_every=args.save_every,
-                          checkpoint_dir=checkpoint_dir, resume=args.resume, log_path=args.log, on_step=on_step,
-                          device=args.device)
+        # Built here, inside the progress bar, where finetune() checked these settings before.
+        config = FinetuneConfig(steps=args.steps, transition=transition, schedule=args.schedule, lr=args.lr,
+                                batch_size=args.batch_size, loss=args.loss, eval_every=args.eval_every, seed=args.seed,
+                                save_every=args.save_every, checkpoint_dir=checkpoint_dir, resume=args.resume,
+                                log_path=args.log, device=args.device)
+        result = finetune(vm, train, config, eval_data=evaluation, on_step=on_step)
     except KeyboardInterrupt as exc:
         if progress:
             progress.stop()  # before the message, so the bar does not overwrite it
