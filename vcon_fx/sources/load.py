@@ -4,7 +4,8 @@ Sources, safest first: a torch.export archive (.pt2); a Hugging Face folder (con
 model.safetensors); `torchvision:NAME`; a state dict (.safetensors/.pt/.pth/.bin) with `arch`;
 a pickled nn.Module, only with `trust_pickle` because unpickling runs code from the file.
 Every LoadedModel carries a JSON-able `source` from which `rebuild_model` makes it again,
-checking the sha256 of every file it reads.
+checking the sha256 of every file it reads. Each kind lives in its own file and registers itself
+(`registry.py`); this module finds the path, asks the kinds, and checks recorded specs.
 
 Example:
     >>> lm = load_model("torchvision:resnet18")
