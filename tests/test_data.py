@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vcon_fx.data.readers import TensorData, dataset_labels, load_data, load_data_for
+from vcon_fx.data.readers import TensorData, dataset_labels, load_data
+from vcon_fx.data import load_data_for
 from vcon_fx.errors import DataError
 
 SPEC = {"args": [{"shape": [4, 8], "dtype": "float32"}], "kwargs": {}}
@@ -177,3 +178,39 @@ def test_load_data_for_reads_the_recipe(tmp_path):
     assert len(ds) == 3
     with pytest.raises(DataError, match="N×8"):
         load_data_for(vm, npz(tmp_path, "e.npz", inputs=np.zeros((3, 9), np.float32)))
+
+
+# ── the format registry ────────────────────────────────────────────────────────────────────
+
+
+def test_unknown_format_names_every_registered_reader(tmp_path):
+    path = tmp_path / "d.bin"
+    path.write_bytes(b"\0\1")
+    with pytest.raises(DataError, match=r"unknown format \(\.bin\): give a \.safetensors or \.npz file \(key "
+                                        r"'inputs', optional 'labels'\), an image folder \(one sub-folder per class\), "
+                                        r"or a text file with one example per line"):
+        load_data(path, input_spec=SPEC)
+
+
+def test_a_registered_reader_is_asked_before_the_catch_all_ones(tmp_path, monkeypatch):
+    """Adding a format is one decorated reader: load_data finds it, error messages list it."""
+    from vcon_fx.data import registry
+
+    monkeypatch.setattr(registry, "_READERS", dict(registry._READERS))  # the test's reader leaves with the test
+
+    @registry.register_reader("csv", describes="a .csv file of numbers",
+                              recognises=lambda path, task: path.suffix == ".csv")
+    def read_csv(request):
+        rows = [[float(v) for v in line.split(",")] for line in request.path.read_text().splitlines()]
+        return TensorData(torch.tensor(rows))
+
+    # a text model would send any unknown file to the text reader; the csv reader claims .csv first
+    path = tmp_path / "d.csv"
+    path.write_text("1,2\n3,4\n5,6\n")
+    ds = load_data(path, model_task="text")
+    assert len(ds) == 3 and ds[2].tolist() == [5.0, 6.0]
+    assert [r.name for r in registry.registered_readers()] == ["tensors", "csv", "image folder", "text lines"]
+    with pytest.raises(DataError, match=r"a text file with one example per line, or a \.csv file of numbers$"):
+        load_data(tmp_path / "missing.csv")
+    with pytest.raises(DataError, match="registered twice"):
+        registry.register_reader("csv", describes="", recognises=lambda path, task: False)(read_csv)

@@ -20,6 +20,7 @@ import vcon_fx
 from vcon_fx.io.artifact import load
 from vcon_fx.data.readers import TensorData
 from vcon_fx.errors import ConfigError, DataError, StageError, TrainingError
+from vcon_fx.training import FinetuneConfig
 from vcon_fx.training.finetune import _StepBatches, finetune, latest_checkpoint
 from vcon_fx.graph.blend import get_betas
 from vcon_fx.schedules.schedule import cosine_beta, default_transition, linear_beta
@@ -308,6 +309,43 @@ def test_bad_arguments_are_config_errors(kwargs, match):
     vm, _ = make_vm()
     with pytest.raises(ConfigError, match=match):
         finetune(vm, make_data(), **kwargs)
+
+
+def test_bad_config_fields_are_the_same_config_errors():
+    with pytest.raises(ConfigError, match=r"batch_size must be an integer ≥ 1, got 0"):
+        FinetuneConfig(steps=5, batch_size=0)
+    with pytest.raises(ConfigError, match="unknown schedule 'sawtooth'; choose one of linear, cosine, exp, step, "
+                                          "staggered"):
+        FinetuneConfig(steps=5, schedule="sawtooth")
+    with pytest.raises(ConfigError, match="schedule_options must be a dict"):
+        FinetuneConfig(steps=5, schedule_options=[("beta_end", 0.1)])
+
+
+def test_unknown_option_names_the_known_ones():
+    vm, _ = make_vm()
+    with pytest.raises(ConfigError, match=r"finetune has no option 'learning_rate'; its options are: steps, "
+                                          r"transition, schedule, lr, batch_size, .*num_workers"):
+        finetune(vm, make_data(), steps=2, learning_rate=0.1)
+    with pytest.raises(ConfigError, match="config must be a FinetuneConfig, got dict"):
+        finetune(vm, make_data(), {"steps": 2})
+
+
+def test_config_round_trips_through_json_and_options_replace_its_fields(tmp_path):
+    config = FinetuneConfig(steps=6, transition=3, schedule="exp", schedule_options={"beta_end": 0.01},
+                            checkpoint_dir=tmp_path / "ckpt", save_every=2, device=torch.device("cpu"))
+    data = json.loads(json.dumps(config.to_dict()))
+    assert FinetuneConfig(**data) == config
+    assert data["checkpoint_dir"] == str(tmp_path / "ckpt") and data["device"] == "cpu"
+    assert FinetuneConfig.of(config, lr=0.5) == FinetuneConfig(**{**data, "lr": 0.5})
+    assert FinetuneConfig.of(config) is config
+    # a config and the same settings as keyword options train the same weights
+    a, _ = make_vm()
+    b, _ = make_vm()
+    plain = FinetuneConfig(steps=4, transition=2, batch_size=8, lr=1e-2)
+    finetune(a, make_data(), plain)
+    finetune(b, make_data(), steps=4, transition=2, batch_size=8, lr=1e-2)
+    assert_same_weights(weights(a), weights(b))
+    assert get_betas(a) == get_betas(b) == {"fc1": 0.0, "fc2": 0.0}
 
 
 def test_labels_out_of_range_and_wrong_stage():

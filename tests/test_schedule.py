@@ -322,3 +322,47 @@ def test_state_for_other_groups_or_version_is_rejected():
 def test_errors_are_also_value_errors():
     with pytest.raises(ValueError):
         make_schedule("nope", blended_model(), transition=1)
+
+
+# ── the registry ───────────────────────────────────────────────────────────────────────────
+
+
+def test_state_dict_json_is_the_recorded_format():
+    """The exact JSON a checkpoint records, per kind (checkpoints written before stay readable)."""
+    sched = BetaSchedule(blended_model(2), "staggered", transition=10, curve="exp", beta_end=0.01)
+    sched.step()
+    assert json.dumps(sched.state_dict()) == (
+        '{"version": 1, "kind": "staggered", "transition": 10, "start": 0, '
+        '"options": {"overlap": 0.0, "curve": "exp", "beta_end": 0.01}, "groups": ["g0", "g1"], "t": 1}')
+    assert BetaSchedule(blended_model(1), "step", transition=8).state_dict()["options"] == {"n_steps": 4}
+
+
+def test_a_registered_curve_is_a_schedule_everywhere(monkeypatch):
+    """Adding a schedule is one decorated function: BetaSchedule, staggered and the checks all see it."""
+    from vcon_fx.schedules import registry
+
+    monkeypatch.setattr(registry, "_KINDS", dict(registry._KINDS))  # the test's curve leaves with the test
+
+    @registry.register_curve("square", defaults={"power": 2}, check=lambda o: {**o, "power": int(o["power"])})
+    def _square(u, q, power):
+        return (1.0 - u / q) ** power
+
+    assert registry.registered_schedules() == SCHEDULES + ("square",)
+    sched = BetaSchedule(blended_model(2), "square", transition=4, power=3.0)
+    assert sched.options == {"power": 3}
+    assert sequence(sched, 4) == [{"g0": b, "g1": b} for b in (0.421875, 0.125, 0.015625, 0.0)]
+    staggered = BetaSchedule(blended_model(2), "staggered", transition=4, curve="square")
+    assert staggered.beta_at(1) == {"g0": 0.25, "g1": 1.0}
+    with pytest.raises(ConfigError, match="'square' has no option 'beta_end'; its options are: power"):
+        BetaSchedule(blended_model(1), "square", transition=4, beta_end=0.1)
+    with pytest.raises(ConfigError, match="registered twice"):
+        registry.register_curve("linear")(lambda u, q: 0.0)
+
+
+def test_unknown_schedule_names_every_registered_one():
+    with pytest.raises(ConfigError, match="unknown schedule 'sawtooth'; choose one of linear, cosine, exp, step, "
+                                          "staggered"):
+        make_schedule("sawtooth", blended_model(1), transition=4)
+    with pytest.raises(ConfigError, match="unknown curve for staggered 'staggered'; choose one of linear, cosine, "
+                                          "exp, step"):
+        BetaSchedule(blended_model(2), "staggered", transition=4, curve="staggered")

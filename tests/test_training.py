@@ -199,26 +199,42 @@ def test_batchnorm_statistics_update_in_train_mode_only(granularity):
     assert all(torch.equal(b, fresh[n]) for n, b in case.model.named_buffers())
 
 
-@pytest.mark.parametrize("config", [LowRankConfig(ratio=0.25), vcon_fx.QuantConfig(bits=4)], ids=["lowrank", "quant"])
-def test_beta_zero_drops_the_dense_gradients_but_not_shared_weights(config):
+def _every(named, check, what: str) -> None:
+    """`check(name, param)` holds for every pair in `named`, which must not be empty (no vacuous pass)."""
+    assert named, f"no parameter to check that {what}: the assertion would pass over an empty set"
+    failed = [n for n, p in named if not check(n, p)]
+    assert not failed, f"{what} fails for {failed[:4]}"
+
+
+@pytest.mark.parametrize("config, shared_weights", [
+    (LowRankConfig(ratio=0.25), False),
+    (vcon_fx.QuantConfig(bits=4), True),  # the twin fake-quantizes the dense layer's own latent weight
+    (vcon_fx.QuantConfig(bits=4, separate_weights=True), False),
+], ids=["lowrank", "quant-shared", "quant-separate"])
+def test_beta_zero_drops_the_dense_gradients_but_not_shared_weights(config, shared_weights):
     case = make("mlp")
     vm = vcon_fx.transform(case.model, config, example_inputs=case.args)
     vcon_fx.set_beta(vm, 0.5)
     vm(torch.randn(case.args[0].shape)).pow(2).mean().backward()
     dense, comp = _split_params(vm)
-    assert all(p.grad is not None for _, p in dense)
-    shared = {id(p) for _, p in comp}
+    _every(dense, lambda n, p: p.grad is not None, "the dense branch gets gradients at β = 0.5")
+    twin = {id(p) for _, p in comp}
+    own = [(n, p) for n, p in dense if id(p) not in twin]
+    shared = [(n, p) for n, p in dense if id(p) in twin]
+    # either every dense weight is the twin's (shared quant) or none is: nothing in between
+    assert (not own, not shared) == (shared_weights, not shared_weights), ([n for n, _ in own], [n for n, _ in shared])
     vcon_fx.set_beta(vm, 0.0)
-    for name, p in dense:
-        if id(p) in shared:  # quant's latent weight is the twin's own: it keeps learning
-            assert p.grad is not None, name
-        else:
-            assert p.grad is None, f"{name} kept its gradient at β = 0"
-    assert all(p.grad is not None for _, p in comp if p.requires_grad)
-    # optimizers now skip them: a step with zero_grad(set_to_none=False) leaves them unchanged
+    _every(comp, lambda n, p: p.grad is not None or not p.requires_grad, "the twin keeps its gradients at β = 0")
+    before = {n: p.detach().clone() for n, p in dense}
+    # a step with zero_grad(set_to_none=False): optimizers skip the released dense weights
     opt = torch.optim.Adam([p for p in vm.parameters() if p.requires_grad], lr=1e-2)
-    before = {n: p.detach().clone() for n, p in dense if id(p) not in shared}
     opt.zero_grad(set_to_none=False)
     vm(torch.randn(case.args[0].shape)).pow(2).mean().backward()
     opt.step()
-    assert all(torch.equal(before[n], p) for n, p in dense if n in before)
+    if shared_weights:
+        # the latent weight is the twin's own: at β = 0 it still learns, through the compressed branch
+        _every(shared, lambda n, p: _nonzero_grad(p), "a shared weight gets a gradient at β = 0")
+        _every(shared, lambda n, p: not torch.equal(p, before[n]), "a shared weight changes at β = 0")
+    else:
+        _every(own, lambda n, p: p.grad is None, "a dense-only weight drops its gradient at β = 0")
+        _every(own, lambda n, p: torch.equal(p, before[n]), "a dense-only weight stays unchanged at β = 0")

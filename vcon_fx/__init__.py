@@ -16,7 +16,7 @@ from .io.artifact import load, save
 from .methods import ComposeConfig, LowRankConfig, MethodConfig, PruneConfig, QuantConfig, registered_methods
 from .schedules import BetaSchedule, default_transition, make_schedule
 from .sources import load_model, rebuild_model
-from .training import FinetuneResult, finetune
+from .training import FinetuneConfig, FinetuneResult, finetune
 
 __all__ = [
     "transform",
@@ -30,6 +30,7 @@ __all__ = [
     "load_model",
     "rebuild_model",
     "finetune",
+    "FinetuneConfig",
     "FinetuneResult",
     "load_data",
     "set_beta",

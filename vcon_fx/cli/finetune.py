@@ -3,7 +3,7 @@
     vcon-fx finetune model.vcon --data train.npz --steps 1000 [--transition 200] [-o model.tuned]
     torchrun --nproc-per-node 2 -m vcon_fx finetune model.vcon --data train.npz --steps 1000
 
-cli.py wires it in with `add_finetune_parser(subparsers)` and `cmd_finetune(args)`. Under
+cli/main.py wires it in with `add_finetune_parser(subparsers)` and `cmd_finetune(args)`. Under
 torchrun only rank 0 prints and writes.
 """
 
@@ -17,12 +17,11 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..errors import StageError, UsageError
-from ..training.finetune import LOSSES
 from ..schedules.schedule import SCHEDULES
+from ..training.evaluate import LOSSES
 from .render import console, errors
 
 __all__ = ["add_finetune_parser", "cmd_finetune"]
-
 
 
 def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
@@ -76,9 +75,9 @@ def default_output(model: str) -> Path:
 def cmd_finetune(args) -> int:
     """Load the artifact, fine-tune it with a progress bar, save the tuned artifact."""
     from ..io.artifact import is_artifact, load, read_recipe, save
-    from ..data.readers import load_data_for
+    from ..data import load_data_for
     from ..io.atomic import check_output
-    from ..training.finetune import finetune
+    from ..training import finetune
 
     main_rank = int(os.environ.get("RANK", "0")) == 0
     model_path = Path(args.model)
@@ -104,24 +103,15 @@ def cmd_finetune(args) -> int:
     task = progress.add_task("fine-tuning", total=args.steps, info="") if progress else None
 
     def on_step(info: dict) -> None:
-        if progress is None:
-            return
-        text = f"β {info['beta']:.3f}  loss {info['loss']:.4g}"
-        if info.get("gap"):
-            gaps = list(info["gap"].values())
-            text += f"  gap {sum(gaps) / len(gaps):.3f} (max {max(gaps):.3f})"
-        if info.get("eval"):
-            text += "  " + "  ".join(f"{k} {v:.4f}" for k, v in info["eval"].items())
-        progress.update(task, completed=info["step"], info=text)
+        if progress is not None:
+            progress.update(task, completed=info["step"], info=_step_text(info))
 
     try:
         if progress:
             progress.start()
-        result = finetune(vm, train, steps=args.steps, transition=transition, schedule=args.schedule, lr=args.lr,
-                          batch_size=args.batch_size, loss=args.loss, eval_data=evaluation,
-                          eval_every=args.eval_every, seed=args.seed, save_every=args.save_every,
-                          checkpoint_dir=checkpoint_dir, resume=args.resume, log_path=args.log, on_step=on_step,
-                          device=args.device)
+        # Built here, inside the progress bar, where finetune() checked these settings before.
+        config = _config(args, transition, checkpoint_dir)
+        result = finetune(vm, train, config, eval_data=evaluation, on_step=on_step)
     except KeyboardInterrupt as exc:
         if progress:
             progress.stop()  # before the message, so the bar does not overwrite it
@@ -134,15 +124,40 @@ def cmd_finetune(args) -> int:
     if not main_rank:
         return 0
     save(vm, out, force=args.force)
+    console.print(_summary(result, out), soft_wrap=True)
+    return 0
+
+
+def _config(args, transition: int | None, checkpoint_dir: Path):
+    """The FinetuneConfig the command line asks for."""
+    from ..training import FinetuneConfig
+
+    return FinetuneConfig(steps=args.steps, transition=transition, schedule=args.schedule, lr=args.lr,
+                          batch_size=args.batch_size, loss=args.loss, eval_every=args.eval_every, seed=args.seed,
+                          save_every=args.save_every, checkpoint_dir=checkpoint_dir, resume=args.resume,
+                          log_path=args.log, device=args.device)
+
+
+def _step_text(info: dict) -> str:
+    """The progress bar's text for one step: β, loss, gap, eval."""
+    text = f"β {info['beta']:.3f}  loss {info['loss']:.4g}"
+    if info.get("gap"):
+        gaps = list(info["gap"].values())
+        text += f"  gap {sum(gaps) / len(gaps):.3f} (max {max(gaps):.3f})"
+    if info.get("eval"):
+        text += "  " + "  ".join(f"{k} {v:.4f}" for k, v in info["eval"].items())
+    return text
+
+
+def _summary(result, out: Path) -> str:
+    """The closing line: the metric before, untrained-compressed and after, and where the artifact went."""
     m = result.metrics
     mean_beta = sum(result.betas.values()) / max(len(result.betas), 1)
     where = " (on training data)" if result.eval_on == "train" else ""
     resumed = f", resumed from step {result.resumed_from}" if result.resumed_from else ""
-    console.print(f"{result.metric}{where}: original {m.get('before', float('nan')):.4f} · compressed untrained "
-                  f"{m.get('before_compressed', float('nan')):.4f} → after {m['after']:.4f} "
-                  f"({result.steps} steps, {result.loss} loss, β {mean_beta:.3f}{resumed}); [green]wrote[/] {out}",
-                  soft_wrap=True)
-    return 0
+    return (f"{result.metric}{where}: original {m.get('before', float('nan')):.4f} · compressed untrained "
+            f"{m.get('before_compressed', float('nan')):.4f} → after {m['after']:.4f} "
+            f"({result.steps} steps, {result.loss} loss, β {mean_beta:.3f}{resumed}); [green]wrote[/] {out}")
 
 
 def _progress() -> Progress:

@@ -16,7 +16,8 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..errors import ConfigError
-from ..schedules.schedule import SCHEDULES, BetaSchedule, default_transition, make_schedule
+from ..schedules.registry import check_kind
+from ..schedules.schedule import BetaSchedule, default_transition, make_schedule
 
 __all__ = ["VconCallback"]
 
@@ -41,8 +42,7 @@ class VconCallback(TrainerCallback):
     """
 
     def __init__(self, transition: int | None = None, schedule: str = "linear", **options: Any):
-        if schedule not in SCHEDULES:
-            raise ConfigError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        check_kind(schedule)
         self.transition = transition
         self.kind = schedule
         self.options = options

@@ -1,29 +1,30 @@
 """β schedules: how the dense contribution vanishes, per optimizer step.
 
-Every curve is a pure function of the step t and the transition length Q (in steps), with
-β = 1 before the transition starts and β = 0 exactly once it has ended:
+Every schedule is a pure function of the step t and the transition length Q (in steps), with
+β = 1 before the transition starts and β = 0 exactly once it has ended (u = t − start):
 
-    linear      β = max(1 − u/Q, 0)                       (the paper)
-    cosine      β = ½·(1 + cos(π·u/Q))
-    exp         β = β_end^(u/Q)    (β(Q) = β_end, 1e-3 by default), then 0
-    step        β = 1 − ⌊n·u/Q⌋/n  (holds at 1, then n equal stairs down to 0 at Q)
-    staggered   groups take turns, input side first: group g of G runs its own
-                curve (linear by default) over [g·s, g·s + w], with w·(1 + (G−1)(1−overlap)) = Q
+    linear, cosine, exp, step    one curve for every group                 (curves.py)
+    staggered                    groups take turns, input side first      (staggered.py)
 
-where u = t − start. Q = 0 is abrupt compression (the baseline): β = 0 from step `start` on.
-`BetaSchedule` applies a curve to a model through `set_beta`, the only writer of β.
+Each kind registers itself by name (`registry.py`); Q = 0 is abrupt compression (the baseline):
+β = 0 from step `start` on. `BetaSchedule` applies a schedule to a model through `set_beta`, the
+only writer of β.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from torch import nn
 
 from ..errors import ConfigError, StageError
 from ..graph.blend import blend_modules, get_betas, set_beta
+from .checks import check_steps as _check_steps, check_t as _check_t
+from .registry import check_kind as _check_kind, registered_schedules, schedule_kind
+# Importing a schedule's file registers it: a new schedule is one file, imported here.
+from .curves import cosine_beta, exp_beta, linear_beta, step_beta
+from .staggered import staggered_betas
 
 __all__ = [
     "SCHEDULES",
@@ -39,213 +40,17 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SCHEDULES = ("linear", "cosine", "exp", "step", "staggered")
+# The registered names, in order (the CLI's --schedule choices).
+SCHEDULES = registered_schedules()
 
 # Fraction of the fine-tuning steps spent in transition, as in the authors' runs.
 _TRANSITION_FRACTION = 0.2
 _STATE_VERSION = 1
 
 
-# ── curve shapes on the open transition 0 ≤ u < q (q > 0); `_curve` handles the ends ──────
-
-
-def _linear(u: float, q: float) -> float:
-    return 1.0 - u / q
-
-
-def _cosine(u: float, q: float) -> float:
-    return 0.5 * (1.0 + math.cos(math.pi * u / q))
-
-
-def _exp(u: float, q: float, beta_end: float) -> float:
-    # β = exp(−λu) with λ = −ln(β_end)/Q, so that β(Q) = β_end
-    return beta_end ** (u / q)
-
-
-def _step(u: float, q: float, n_steps: int) -> float:
-    return (n_steps - math.floor(n_steps * u / q)) / n_steps
-
-
-_SHAPES: dict[str, Callable[..., float]] = {
-    "linear": _linear,
-    "cosine": _cosine,
-    "exp": _exp,
-    "step": _step,
-}
-
-# Options each kind accepts, with their defaults.
-_CURVE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "linear": {},
-    "cosine": {},
-    "exp": {"beta_end": 1e-3},
-    "step": {"n_steps": 4},
-}
-
-
-def _curve(kind: str, u: float, q: float, options: Mapping[str, Any]) -> float:
-    """β on local time u = t − start: 1 before the transition, exactly 0 from its end on."""
-    if u < 0:
-        return 1.0
-    if u >= q:  # also covers q = 0: abrupt
-        return 0.0
-    return min(1.0, max(0.0, _SHAPES[kind](u, q, **options)))
-
-
-def _staggered(
-    u: float, q: int, n_groups: int, overlap: float, curve: str, options: Mapping[str, Any]
-) -> list[float]:
-    # window width w and stride s = w·(1 − overlap); the last window ends at Q:
-    # (G − 1)·s + w = Q
-    width = q / ((n_groups - 1) * (1.0 - overlap) + 1.0)
-    stride = width * (1.0 - overlap)
-    betas = [_curve(curve, u - g * stride, width, options) for g in range(n_groups)]
-    # Every group is exactly 0 once the whole transition has ended, whatever the rounding.
-    return [0.0 if u >= q else b for b in betas]
-
-
-# ── validation ──────────────────────────────────────────────────────────────────────────────
-
-
-def _check_steps(name: str, value: Any) -> int:
-    """A non-negative whole number of steps (integral floats accepted)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{name} must be a whole number of steps ≥ 0, got {value!r}")
-    if not math.isfinite(value) or value != int(value) or value < 0:
-        hint = " (Q = 0 means abrupt compression)" if name == "transition" else ""
-        raise ConfigError(f"{name} must be a whole number of steps ≥ 0{hint}, got {value!r}")
-    return int(value)
-
-
-def _check_t(t: Any) -> float:
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-        raise ConfigError(f"step t must be a number ≥ 0, got {t!r}")
-    return t
-
-
-def _check_kind(kind: Any, valid: tuple[str, ...] = SCHEDULES, what: str = "schedule") -> str:
-    if kind not in valid:
-        raise ConfigError(f"unknown {what} {kind!r}; choose one of {', '.join(valid)}")
-    return kind
-
-
-def _check_curve_options(kind: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """The options of a single curve, defaults filled in; rejects unknown or invalid ones."""
-    defaults = _CURVE_DEFAULTS[kind]
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        valid = ", ".join(defaults) if defaults else "none"
-        raise ConfigError(
-            f"schedule {kind!r} has no option {unknown[0]!r}; its options are: {valid}"
-        )
-    resolved = {**defaults, **options}
-    if kind == "exp":
-        b = resolved["beta_end"]
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 < b < 1.0:
-            raise ConfigError(
-                f"beta_end (β reached at the end of an exp transition) must lie in (0, 1), "
-                f"got {b!r}; e.g. beta_end=1e-3"
-            )
-        resolved["beta_end"] = float(b)
-    if kind == "step":
-        n = resolved["n_steps"]
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigError(f"n_steps (stairs of a step schedule) must be an integer ≥ 1, got {n!r}")
-    return resolved
-
-
 def _check_options(kind: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """Options for any kind, defaults filled in (staggered: overlap, curve, curve's options)."""
-    if kind != "staggered":
-        return _check_curve_options(kind, options)
-    options = dict(options)
-    overlap = options.pop("overlap", 0.0)
-    curve = options.pop("curve", "linear")
-    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0.0 <= overlap < 1.0:
-        raise ConfigError(
-            f"overlap (fraction of a group's window shared with the next) must lie in [0, 1), "
-            f"got {overlap!r}"
-        )
-    _check_kind(curve, tuple(_SHAPES), what="curve for staggered")
-    try:
-        curve_options = _check_curve_options(curve, options)
-    except ConfigError as e:
-        valid = ", ".join(["overlap", "curve", *_CURVE_DEFAULTS[curve]])
-        raise ConfigError(f"{e} (staggered accepts: {valid})") from None
-    return {"overlap": float(overlap), "curve": curve, **curve_options}
-
-
-# ── pure curves (public) ────────────────────────────────────────────────────────────────────
-
-
-def linear_beta(t: float, transition: int, *, start: int = 0) -> float:
-    """β at step t of the paper's linear schedule, β = max(1 − (t − start)/Q, 0) (pure).
-
-    Example:
-        >>> linear_beta(25, 100)
-        0.75
-    """
-    t, q, s = _check_t(t), _check_steps("transition", transition), _check_steps("start", start)
-    return _curve("linear", t - s, q, {})
-
-
-def cosine_beta(t: float, transition: int, *, start: int = 0) -> float:
-    """β at step t of a cosine schedule, ½·(1 + cos(π·u/Q)), then 0 (pure).
-
-    Example:
-        >>> cosine_beta(50, 100)
-        0.5
-    """
-    t, q, s = _check_t(t), _check_steps("transition", transition), _check_steps("start", start)
-    return _curve("cosine", t - s, q, {})
-
-
-def exp_beta(t: float, transition: int, *, start: int = 0, beta_end: float = 1e-3) -> float:
-    """β at step t of an exponential schedule: β_end^(u/Q), reaching β_end at Q, then 0 (pure).
-
-    Example:
-        >>> round(exp_beta(50, 100, beta_end=0.01), 6)
-        0.1
-    """
-    t, q, s = _check_t(t), _check_steps("transition", transition), _check_steps("start", start)
-    return _curve("exp", t - s, q, _check_curve_options("exp", {"beta_end": beta_end}))
-
-
-def step_beta(t: float, transition: int, *, start: int = 0, n_steps: int = 4) -> float:
-    """β at step t of a staircase: holds at 1, then drops by 1/n every Q/n steps, 0 at Q (pure).
-
-    Example:
-        >>> [step_beta(t, 100) for t in (0, 24, 25, 75, 100)]
-        [1.0, 1.0, 0.75, 0.25, 0.0]
-    """
-    t, q, s = _check_t(t), _check_steps("transition", transition), _check_steps("start", start)
-    return _curve("step", t - s, q, _check_curve_options("step", {"n_steps": n_steps}))
-
-
-def staggered_betas(
-    t: float,
-    transition: int,
-    n_groups: int,
-    *,
-    start: int = 0,
-    overlap: float = 0.0,
-    curve: str = "linear",
-    **curve_options: Any,
-) -> list[float]:
-    """β of each of `n_groups` groups at step t, input side first; groups take turns (pure).
-
-    With no overlap, group g's transition occupies [g·Q/G, (g+1)·Q/G]; `overlap` in [0, 1)
-    is the fraction of a window shared with the next one (windows widen, all end by Q).
-
-    Example:
-        >>> staggered_betas(25, 100, 2)
-        [0.5, 1.0]
-    """
-    t, q, s = _check_t(t), _check_steps("transition", transition), _check_steps("start", start)
-    if isinstance(n_groups, bool) or not isinstance(n_groups, int) or n_groups < 1:
-        raise ConfigError(f"n_groups must be an integer ≥ 1, got {n_groups!r}")
-    opts = _check_options("staggered", {"overlap": overlap, "curve": curve, **curve_options})
-    overlap, curve = opts.pop("overlap"), opts.pop("curve")
-    return _staggered(t - s, q, n_groups, overlap, curve, opts)
+    """Options for any kind, defaults filled in and checked."""
+    return schedule_kind(kind).check_options(options)
 
 
 def default_transition(total_steps: int) -> int:
@@ -373,12 +178,7 @@ class BetaSchedule:
             ConfigError: t is negative or not a number.
         """
         u = _check_t(t) - self.start
-        if self.kind == "staggered":
-            opts = dict(self.options)
-            overlap, curve = opts.pop("overlap"), opts.pop("curve")
-            values = _staggered(u, self.transition, len(self.groups), overlap, curve, opts)
-        else:
-            values = [_curve(self.kind, u, self.transition, self.options)] * len(self.groups)
+        values = schedule_kind(self.kind).betas(u, self.transition, len(self.groups), self.options)
         return dict(zip(self.groups, values))
 
     def step(self) -> dict[str, float]:

@@ -1,6 +1,8 @@
 """Model sources: what a user hands over (.pt2, torchvision:NAME, a Hugging Face folder, a pickled
-module, a state dict + --arch), one file per kind; `load_model` picks the kind."""
+module, a state dict + --arch), one file per kind, each registered (`registry.py`); `load_model` asks them."""
 
 from .load import LoadedModel, load_model, parse_shape, rebuild_model
+from .registry import SourceKind, register_source, source_kinds
 
-__all__ = ["LoadedModel", "load_model", "rebuild_model", "parse_shape"]
+__all__ = ["LoadedModel", "load_model", "rebuild_model", "parse_shape", "SourceKind", "register_source",
+           "source_kinds"]

@@ -25,6 +25,7 @@ __all__ = [
     "LoadedModel",
     "ACCEPTED",
     "ARCH_HINT",
+    "STATE_DICT_SUFFIXES",
     "sha256_file",
     "sha256_files",
     "seeded",
@@ -46,6 +47,8 @@ ACCEPTED = (
     "model.safetensors), torchvision:NAME (e.g. torchvision:resnet18), a state dict (.safetensors, "
     ".pt, .pth, .bin) with --arch, or a pickled nn.Module (.pt/.pth) with --trust-pickle"
 )
+# The suffixes of torch.save files: state dicts, checkpoints, or (trusted) pickled modules.
+STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 ARCH_HINT = "give the architecture with --arch torchvision:resnet18 or --arch path/to/hf-folder (arch= in Python)"
 
 # Random init and example inputs use this seed, so a rebuild gives the same tensors.

@@ -11,14 +11,17 @@ import inspect
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..errors import LoadError, UsageError
 from .base import LoadedModel, example_generator, first_line, seeded, unsafe_error
 from .pickle_scan import unsafe_globals
+from .registry import SourceKind, register_source
+from .request import SourceRequest
 
-__all__ = ["is_hf_folder", "weight_files", "config_files", "build_hf", "TOKENIZER_FILES"]
+__all__ = ["is_hf_folder", "weight_files", "config_files", "build_hf", "TOKENIZER_FILES", "HfSource"]
 
 log = logging.getLogger(__name__)
 
@@ -202,3 +205,22 @@ def _example_inputs(module, config, folder: Path, input_shape, seq_len, batch_si
         dec[:, 0] = start or 0
         kwargs["decoder_input_ids"] = dec
     return kwargs, tuple(kwargs), "text"
+
+
+@register_source
+class HfSource(SourceKind):
+    """A Hugging Face model folder (config.json + weights), loaded offline."""
+
+    name, form = "hf", "folder"
+    keys = ("path", "sha256", "weights", "weights_sha256")
+
+    def recognises(self, request: SourceRequest) -> bool:
+        return is_hf_folder(request.path)
+
+    def load(self, request: SourceRequest) -> tuple[LoadedModel, dict[str, Any]]:
+        path = request.path
+        request.refuse("arch", "a Hugging Face folder names its architecture in config.json")
+        lm = build_hf(path, load_weights=request.weights is None, trust_pickle=request.trust_pickle, **request.inputs)
+        files = config_files(path) + ([] if request.weights is not None else weight_files(path)[0])
+        spec = {"path": str(path), "sha256": request.hash_many(files)}
+        return lm, {**spec, **request.load_weights(lm, path)}

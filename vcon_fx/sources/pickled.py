@@ -9,14 +9,17 @@ from __future__ import annotations
 import inspect
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import LoadError
-from .base import LoadedModel, example_generator
+from .base import STATE_DICT_SUFFIXES, LoadedModel, example_generator, is_state_dict
+from .registry import SourceKind, register_source
+from .request import SourceRequest
 
-__all__ = ["module_from_object", "guess_inputs"]
+__all__ = ["module_from_object", "guess_inputs", "PickledSource"]
 
 log = logging.getLogger(__name__)
 
@@ -89,3 +92,18 @@ def _first_arg(module: nn.Module) -> tuple[str, ...]:
     params = [p for p in inspect.signature(module.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return (params[0].name,) if params else ()
+
+
+@register_source
+class PickledSource(SourceKind):
+    """A whole pickled nn.Module (`torch.save(model)`): read only with `trust_pickle`."""
+
+    name, form, suffixes = "pickle", "file", (".safetensors", *STATE_DICT_SUFFIXES)
+
+    def recognises(self, request: SourceRequest) -> bool:
+        return not is_state_dict(request.content)
+
+    def load(self, request: SourceRequest) -> tuple[LoadedModel, dict[str, Any]]:
+        request.refuse("arch", "it holds a whole pickled module")
+        lm = module_from_object(request.content, request.path, **request.inputs)
+        return lm, {"path": str(request.path), "sha256": request.hash(request.path)}

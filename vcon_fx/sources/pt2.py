@@ -18,8 +18,10 @@ from torch.utils import _pytree as pytree
 
 from ..errors import LoadError, UsageError
 from .base import LoadedModel, first_line, example_generator
+from .registry import SourceKind, register_source
+from .request import SourceRequest
 
-__all__ = ["load_pt2", "TEXT_INPUT_NAMES"]
+__all__ = ["load_pt2", "TEXT_INPUT_NAMES", "Pt2Source"]
 
 log = logging.getLogger(__name__)
 
@@ -163,3 +165,15 @@ def _reshape_single_input(args: tuple, kwargs: dict, shape: tuple[int, ...], pat
     leaves[idx[0]] = _fill(list(shape), old.dtype, example_generator())
     args, kwargs = pytree.tree_unflatten(leaves, spec)
     return tuple(args), dict(kwargs)
+
+
+@register_source
+class Pt2Source(SourceKind):
+    """A torch.export archive: safest, and already a graph."""
+
+    name, form, suffixes = "pt2", "file", (".pt2",)
+
+    def load(self, request: SourceRequest) -> tuple[LoadedModel, dict[str, Any]]:
+        request.refuse("arch", "a .pt2 archive holds its graph already")
+        lm = load_pt2(request.path, input_shape=request.input_shape)
+        return lm, {"path": str(request.path), "sha256": request.hash(request.path)}

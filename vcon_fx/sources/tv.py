@@ -8,13 +8,18 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+from typing import Any, Mapping
 
 import torch
 
 from ..errors import LoadError, UsageError
 from .base import LoadedModel, example_generator, seeded
+from .registry import SourceKind, register_source
+from .request import SourceRequest
 
-__all__ = ["build_torchvision", "torchvision_names"]
+__all__ = ["build_torchvision", "torchvision_names", "TorchvisionSource", "TV_PREFIX"]
+
+TV_PREFIX = "torchvision:"
 
 log = logging.getLogger(__name__)
 
@@ -95,3 +100,23 @@ def _default_shape(name: str, family: str, module: torch.nn.Module, batch_size: 
     # ViT and friends fix their input size at construction; they store it as image_size.
     size = int(getattr(module, "image_size", _IMAGE_SIZE.get(name, 224)))
     return (batch_size, 3, size, size)
+
+
+@register_source
+class TorchvisionSource(SourceKind):
+    """`torchvision:NAME`: a torchvision architecture, randomly initialised, with optional local `weights=`."""
+
+    name, form = "torchvision", "name"
+    keys, required = ("name", "weights", "weights_sha256"), ("name",)
+
+    def recognises(self, request: SourceRequest) -> bool:
+        return isinstance(request.source, str) and request.source.startswith(TV_PREFIX)
+
+    def load(self, request: SourceRequest) -> tuple[LoadedModel, dict[str, Any]]:
+        request.refuse("arch", "it names its architecture already")
+        name = request.text[len(TV_PREFIX):]
+        lm = build_torchvision(name, input_shape=request.input_shape, batch_size=request.batch_size)
+        return lm, {"name": name, **request.load_weights(lm, f"torchvision:{name}")}
+
+    def source_of(self, spec: Mapping[str, Any]) -> str:
+        return TV_PREFIX + spec["name"]

@@ -1,5 +1,7 @@
-"""Fine-tuning through the transition: the loop, checkpoints, evaluation, distributed runs."""
+"""Fine-tuning through the transition: the API, the loop, its records, checkpoints, evaluation, distributed runs."""
 
-from .finetune import FinetuneResult, finetune
+from .config import FinetuneConfig
+from .finetune import finetune
+from .result import FinetuneResult
 
-__all__ = ["finetune", "FinetuneResult"]
+__all__ = ["finetune", "FinetuneConfig", "FinetuneResult"]

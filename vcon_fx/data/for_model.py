@@ -1,0 +1,26 @@
+"""Data for a vcon model: `load_data` told the task, tokenizer and input shapes by the model's recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from .readers import load_data, model_task, tokenizer_folder
+from ..graph.recipe import recipe_of
+
+__all__ = ["load_data_for"]
+
+
+def load_data_for(model: torch.nn.Module, path: str | Path, *, seq_len: int | None = None,
+                  num_classes: int | None = None) -> Dataset:
+    """`load_data` with the task, tokenizer and input shapes read from a vcon model's recipe (pure).
+
+    Raises:
+        DataError: as `load_data`.
+        StageError: `model` is not a vcon model.
+    """
+    recipe = recipe_of(model)
+    return load_data(path, model_task=model_task(recipe), tokenizer_path=tokenizer_folder(recipe), seq_len=seq_len,
+                     input_spec=recipe.inputs, num_classes=num_classes)

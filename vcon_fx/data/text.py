@@ -1,0 +1,77 @@
+"""Text files: one example per line (`LABEL<TAB>text` lines are labelled), tokenized with the model's tokenizer."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from ..errors import DataError
+from .registry import ReadRequest, register_reader
+from .tensors import TensorData
+
+__all__ = ["TextLines", "TEXT_SUFFIXES", "DEFAULT_SEQ_LEN", "read_text_file"]
+
+TEXT_SUFFIXES = (".txt", ".text", ".lines", ".tsv")
+DEFAULT_SEQ_LEN = 128
+
+
+class TextLines(TensorData):
+    """Tokenized lines: dict items with input_ids / attention_mask (and labels when given)."""
+
+    def __init__(self, encoded: Mapping[str, torch.Tensor], labels: torch.Tensor | None, lines: list[str]):
+        super().__init__(encoded, labels)
+        self.lines = lines
+
+
+@register_reader("text lines", describes="a text file with one example per line",
+                 recognises=lambda path, task: path.suffix.lower() in TEXT_SUFFIXES or task == "text", catch_all=True)
+def read_text_file(request: ReadRequest) -> TextLines:
+    """One example per line (`LABEL<TAB>text` lines are labelled), tokenized with the model's tokenizer."""
+    path, spec = request.path, request.spec
+    tokenizer_path, seq_len = request.tokenizer_path, request.seq_len
+    if tokenizer_path is None:
+        raise DataError(f"{path} is text, but the model has no tokenizer (it is not a Hugging Face folder with "
+                        "tokenizer files): tokenize it yourself into a tensor file with 'input_ids'")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text: re-save it as UTF-8, or give a tensor file") from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise DataError(f"data {path} holds no examples (no non-empty lines): give one example per line")
+    labels = None
+    split = [ln.split("\t", 1) for ln in lines]
+    if all(len(parts) == 2 and _is_int(parts[0]) for parts in split):
+        labels = torch.tensor([int(p[0]) for p in split])
+        lines = [p[1] for p in split]
+    kwargs_spec = dict(spec.get("kwargs") or {})
+    if seq_len is None:
+        ids = kwargs_spec.get("input_ids")
+        seq_len = ids["shape"][1] if ids and len(ids["shape"]) == 2 else DEFAULT_SEQ_LEN
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise DataError(f"seq_len must be a positive number of tokens, got {seq_len!r}")
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True, trust_remote_code=False)
+    except Exception as e:
+        raise DataError(f"cannot load the tokenizer from {tokenizer_path} ({str(e).splitlines()[0][:160]}): copy the "
+                        "model's tokenizer files (tokenizer.json, vocab.txt, …) into that folder") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    enc = tok(lines, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+    keep = set(kwargs_spec) if kwargs_spec else {"input_ids", "attention_mask"}
+    encoded = {k: v for k, v in enc.items() if k in keep}
+    if "input_ids" not in encoded:
+        raise DataError(f"{path} is text but the model takes {sorted(kwargs_spec)}, not input_ids: give a tensor file")
+    missing = sorted(set(kwargs_spec) - set(encoded))
+    if missing:
+        raise DataError(f"the tokenizer at {tokenizer_path} does not produce {missing}, which the model takes: "
+                        "give a tensor file with those arrays")
+    return TextLines(encoded, labels, lines)
+
+
+def _is_int(s: str) -> bool:
+    s = s.strip()
+    return s.lstrip("-").isdigit()

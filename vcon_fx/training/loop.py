@@ -1,0 +1,263 @@
+"""One fine-tuning run: set-up, the step loop, evaluation and checkpoints (what `finetune` drives).
+
+Everything a step does is a pure function of (seed, step, rank): its batch (`StepBatches`) and
+its RNG (dropout), so a run killed and resumed from a checkpoint ends with the same weights as
+one that was not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset, default_collate
+
+from ..data.readers import check_labels, dataset_labels
+from ..errors import ConfigError, DataError, TrainingError
+from ..graph.blend import get_betas
+from ..schedules.schedule import make_schedule
+from .batches import StepBatches, mix_seed, split_batch, to_device
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import FinetuneConfig
+from .distributed import Distributed
+from .evaluate import GapProbe, at_beta, choose_loss, eval_mode, evaluate, prediction, training_loss
+from .interrupt import interruption, sigint_flag
+from .records import StepRecords
+from .result import FinetuneResult
+
+__all__ = ["FinetuneRun"]
+
+log = logging.getLogger(__name__)
+
+
+def _mean(betas: dict[str, float]) -> float:
+    return sum(betas.values()) / len(betas)
+
+
+class FinetuneRun:
+    """A run of `config` on a blended model (trains `vm` in place); `train()` runs it.
+
+    Args:
+        vm: the blended model.
+        train_data / eval_data: checked datasets.
+        dist: the entered `Distributed` (device, rank, collectives).
+        config: the run's settings, `transition` resolved.
+        on_step: called after every step with the step's record.
+        eval_on: "eval", or "train" when `eval_data` is a training subset.
+    """
+
+    def __init__(self, vm, train_data: Dataset, eval_data: Dataset, dist: Distributed, config: FinetuneConfig, *,
+                 on_step: Callable[[dict[str, Any]], None] | None, eval_on: str):
+        self.vm, self.train_data, self.eval_data, self.dist, self.config = vm, train_data, eval_data, dist, config
+        self.eval_on = eval_on
+        self.checkpoint_dir = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
+        log_path = Path(config.log_path) if config.log_path is not None else None
+        self.records = StepRecords(log_path, write=dist.main, on_step=on_step, rank=dist.rank)
+        self.device = dist.device
+        self.metrics: dict[str, float] = {}
+        self.signalled = False  # set by the SIGINT handler, on this rank
+        self.stop = False       # agreed by every rank (one signalled), so all stop after the same step
+        self.last_checkpoint: Path | None = None
+
+    # ── set-up ───────────────────────────────────────────────────────────────────────────
+
+    def train(self) -> FinetuneResult:
+        """Run every step (in place on the model); returns what the run did."""
+        vm, config = self.vm, self.config
+        was_training = vm.training
+        vm.to(self.device)
+        self._prepare()
+        start = self._restore() if config.resume else 0
+        self.t0 = time.monotonic()
+        try:
+            self.records.open(start)
+            self._check_betas_agree()
+            model = self.dist.wrap(vm)
+            if start == 0:
+                self._evaluate_start()
+            with sigint_flag(self._on_sigint):
+                self._loop(model, start)
+            if "after" not in self.metrics:  # resumed at the end: no step ran
+                self.metrics["after"] = self._evaluate()
+            if config.save_every and self.schedule.t > start:
+                self._save(self.schedule.t)
+        finally:
+            self.records.close()
+            vm.train(was_training)
+        history = self.records.history
+        final_loss = next((h["loss"] for h in reversed(history) if "loss" in h), None)
+        return FinetuneResult(metric=self.metric, metrics=dict(self.metrics), history=history,
+                              betas=get_betas(vm), steps=self.schedule.t, loss=self.loss_kind, final_loss=final_loss,
+                              resumed_from=start or None,
+                              checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
+                              eval_on=self.eval_on, rank=self.dist.rank, world_size=self.dist.world)
+
+    def _prepare(self) -> None:
+        """Probe the data, choose the loss and metric, build the schedule and the optimizer."""
+        vm, config = self.vm, self.config
+        self._probe_batches()
+        first_args, first_kwargs, first_labels = split_batch(default_collate([self.train_data[0]]))
+        self.loss_kind = choose_loss(config.loss, vm, first_args, first_kwargs, first_labels, self.device)
+        self.metric = "accuracy" if split_batch(default_collate([self.eval_data[0]]))[2] is not None else "cosine"
+        self.num_classes = self._check_labels(first_args, first_kwargs)
+
+        self.schedule = make_schedule(config.schedule, vm, transition=config.transition, **config.schedule_options)
+        self.params = [p for p in vm.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError("the model has no trainable parameters (all frozen): unfreeze some before fine-tuning")
+        self.optimizer = torch.optim.Adam(self.params, lr=config.lr)
+
+    def _probe_batches(self) -> None:
+        """One forward at 1 and at batch_size examples: a model that cannot take them fails here, in one line."""
+        for n in sorted({1, min(self.config.batch_size, len(self.train_data))}):
+            args, kwargs, _ = split_batch(default_collate([self.train_data[i] for i in range(n)]))
+            try:
+                with torch.no_grad(), eval_mode(self.vm):
+                    self.vm(*to_device(args, self.device), **to_device(kwargs, self.device))
+            except Exception as exc:
+                lines = str(exc).strip().splitlines()
+                raise DataError(
+                    f"the model does not run on a batch of {n} example(s) ({type(exc).__name__}: "
+                    f"{lines[0][:200] if lines else ''}); a .pt2 exported with a fixed batch size runs only at that "
+                    "size: re-export it with dynamic_shapes={'x': {0: torch.export.Dim.DYNAMIC}}"
+                ) from None
+
+    def _check_labels(self, args, kwargs) -> int | None:
+        """The model's class count, after checking every label the data keeps apart lies below it."""
+        if self.loss_kind != "task" and self.metric != "accuracy":
+            return None
+        with torch.no_grad(), eval_mode(self.vm):
+            pred = prediction(self.vm(*to_device(args, self.device), **to_device(kwargs, self.device)))
+        if pred.dim() < 2:
+            raise DataError(f"the model's output has shape {tuple(pred.shape)}, not (N, classes): labels cannot be "
+                            "used; drop them to distill from the original model")
+        classes = int(pred.shape[-1])
+        for name, ds in (("training", self.train_data), ("eval", self.eval_data)):
+            base = ds.dataset if isinstance(ds, Subset) else ds
+            check_labels(f"{name} data", dataset_labels(base), classes)
+        return classes
+
+    # ── the loop ─────────────────────────────────────────────────────────────────────────
+
+    def _loop(self, model: nn.Module, start: int) -> None:
+        config = self.config
+        batches = StepBatches(len(self.train_data), config.batch_size, self.dist.rank, self.dist.world, config.seed,
+                              start + 1, config.steps)
+        loader = torch.utils.data.DataLoader(self.train_data, batch_sampler=batches, num_workers=config.num_workers,
+                                             collate_fn=default_collate)
+        model.train()
+        for t, batch in zip(range(start + 1, config.steps + 1), loader):
+            self._step(model, t, batch)
+            if self.stop or (self.dist.world == 1 and self.signalled):
+                if self.checkpoint_dir is not None:
+                    self._save(t)
+                raise interruption(t, self.last_checkpoint if self.checkpoint_dir is not None else None)
+
+    def _step(self, model: nn.Module, t: int, batch) -> None:
+        vm, config = self.vm, self.config
+        args, kwargs, labels = split_batch(batch)
+        if self.loss_kind == "task":
+            bad = (labels != -100) & ((labels < 0) | (labels >= self.num_classes))
+            if bool(bad.any()):
+                raise DataError(f"step {t}: label {int(labels[bad][0])} is out of range for a model with "
+                                f"{self.num_classes} outputs (classes 0…{self.num_classes - 1}): renumber the labels")
+        args, kwargs = to_device(args, self.device), to_device(kwargs, self.device)
+        labels = to_device(labels, self.device)
+        betas = get_betas(vm)
+        measure_gap = t == 1 or t % config.gap_every == 0 or t == config.steps
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(mix_seed(config.seed, t, self.dist.rank))
+            with GapProbe(vm) if measure_gap else contextlib.nullcontext() as probe:
+                out = model(*args, **kwargs)
+            loss = training_loss(self.loss_kind, vm, out, args, kwargs, labels)
+            total, signalled = self.dist.sum([float(loss.detach()), float(self.signalled)])
+            mean_loss = total / self.dist.world
+            if not math.isfinite(mean_loss):
+                raise self._diverged(t, mean_loss, betas)
+            self.stop = signalled > 0
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        self.schedule.step()
+        info: dict[str, Any] = {"step": t, "beta": _mean(betas), "betas": betas, "loss": mean_loss,
+                                "lr": self.optimizer.param_groups[0]["lr"],
+                                "elapsed": round(time.monotonic() - self.t0, 4)}
+        if measure_gap:
+            info["gap"] = probe.gaps()
+            self._check_betas_agree()
+        if (config.eval_every and t % config.eval_every == 0) or t == config.steps:
+            value = self._evaluate()
+            info["eval"] = {self.metric: value}
+            if t == config.steps:
+                self.metrics["after"] = value
+        self.records.add(info)
+        if config.save_every and t % config.save_every == 0 and t != config.steps:
+            self._save(t)
+
+    def _on_sigint(self) -> None:
+        self.signalled = True
+
+    def _check_betas_agree(self) -> None:
+        if self.dist.world == 1:
+            return
+        mine = list(get_betas(self.vm).values())
+        every = self.dist.gather(mine)
+        if any(other != every[0] for other in every):
+            raise TrainingError(f"β differs between ranks at step {self.schedule.t} ({every[0][:4]} on rank 0, "
+                                "others differ): every rank must load the same model and checkpoint")
+
+    def _diverged(self, t: int, value: float, betas: dict[str, float]) -> TrainingError:
+        kept = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
+        return TrainingError(f"the loss is {value} at step {t} (β {_mean(betas):.3f}): lower the learning rate (now "
+                             f"{self.config.lr:g}) or check the data{kept}")
+
+    # ── evaluation ───────────────────────────────────────────────────────────────────────
+
+    def _evaluate_start(self) -> None:
+        with at_beta(self.vm, 1.0):
+            before = 1.0 if self.metric == "cosine" else self._evaluate()
+        with at_beta(self.vm, 0.0):
+            compressed = self._evaluate()
+        self.metrics.update(before=before, before_compressed=compressed)
+        betas = get_betas(self.vm)
+        self.records.add({"step": 0, "beta": _mean(betas), "betas": betas,
+                          "eval": {self.metric: before, f"{self.metric}_compressed": compressed}})
+
+    def _evaluate(self) -> float:
+        return evaluate(self.vm, self.eval_data, self.metric, batch_size=self.config.batch_size, device=self.device,
+                        dist=self.dist)
+
+    # ── checkpoints ──────────────────────────────────────────────────────────────────────
+
+    def _run_settings(self) -> dict[str, Any]:
+        config = self.config
+        return {"steps": config.steps, "lr": config.lr, "batch_size": config.batch_size, "loss": self.loss_kind,
+                "seed": config.seed, "world_size": self.dist.world, "schedule": config.schedule}
+
+    def _save(self, t: int) -> None:
+        if self.checkpoint_dir is None:
+            return
+        if self.dist.main:
+            save_checkpoint(self.checkpoint_dir, t, self.vm, self.optimizer, self.schedule, run=self._run_settings(),
+                            seed=self.config.seed, metrics=self.metrics, history=self.records.history)
+        self.last_checkpoint = self.checkpoint_dir / f"step-{t}"
+
+    def _restore(self) -> int:
+        found = latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir.is_dir() else None
+        if found is None:
+            log.info("no checkpoint in %s: starting from step 0", self.checkpoint_dir)
+            return 0
+        state = load_checkpoint(found, self.vm, self.optimizer, self.schedule, run=self._run_settings(),
+                                device=self.device)
+        self.metrics = dict(state.get("metrics", {}))
+        step = int(state["step"])
+        self.records.history = self.records.logged(step) or list(state.get("history", []))
+        self.last_checkpoint = found
+        log.info("resumed from %s (step %d)", found, step)
+        return step
