@@ -1,4 +1,4 @@
-"""One check helper per invariant of DESIGN.md (Contracts), reused by every test case.
+"""One check helper per invariant of docs/architecture.md (Contracts), reused by every test case.
 
     β = 1 → output equals the original                    assert_identity_at_beta_one
     vanish at β = 0 → output equals blended at β = 0       assert_vanish_parity

@@ -1,6 +1,6 @@
 """Bad input through the real command line: every case one `python -m vcon_fx …` subprocess.
 
-Each case checks the exit code (README's table), that stderr is exactly one line starting
+Each case checks the exit code (docs/cli.md's table), that stderr is exactly one line starting
 "error:" (no traceback), and that nothing was written: neither the working folder nor the
 shared input folder gains or changes a file (hidden temporary files included).
 
@@ -33,8 +33,13 @@ import torch
 from safetensors.torch import save_file
 
 import vcon_fx
+from vcon_fx.errors import ArtifactError, DataError, LoadError, OutputExistsError, SelectionError, StageError, UsageError
 from vcon_fx.io.artifact import save
 from vcon_fx.sources.load import load_model
+
+# The exit codes docs/cli.md lists, by the error that carries each (2 is also argparse's own).
+USAGE, LOAD, SELECTION, STAGE = UsageError.exit_code, LoadError.exit_code, SelectionError.exit_code, StageError.exit_code
+ARTIFACT, EXISTS, DATA = ArtifactError.exit_code, OutputExistsError.exit_code, DataError.exit_code
 
 from pickles import FourLayerMLP, Payload
 
@@ -194,115 +199,115 @@ _SAFE = (".pt2", "hugging face", "--arch")  # the safe alternatives every pickle
 
 CASES = {
     # ── 3: model source missing, unknown, corrupt, or needing --trust-pickle
-    "missing-file": Case(lambda t, f: ["inspect", "nope.pt2"], 3, ("does not exist",)),
-    "directory-instead-of-file": Case(lambda t, f: ["inspect", _folder(t, "d")], 3, ("folder",)),
-    "wrong-extension": Case(lambda t, f: ["inspect", _write(t, "model.onnx", b"\x08\x07")], 3, ("unknown extension",)),
-    "empty-file": Case(lambda t, f: ["inspect", _write(t, "empty.pt2", b"")], 3, ("empty",)),
+    "missing-file": Case(lambda t, f: ["inspect", "nope.pt2"], LOAD, ("does not exist",)),
+    "directory-instead-of-file": Case(lambda t, f: ["inspect", _folder(t, "d")], LOAD, ("folder",)),
+    "wrong-extension": Case(lambda t, f: ["inspect", _write(t, "model.onnx", b"\x08\x07")], LOAD, ("unknown extension",)),
+    "empty-file": Case(lambda t, f: ["inspect", _write(t, "empty.pt2", b"")], LOAD, ("empty",)),
     "truncated-pt2": Case(lambda t, f: ["transform", _half(f.mlp_dot_pt2, t, "half.pt2"), "--method", "lowrank",
-                                        "--rank", "4", "-o", "out.vcon"], 3, ("torch.export",)),
+                                        "--rank", "4", "-o", "out.vcon"], LOAD, ("torch.export",)),
     "zip-but-not-pt2": pytest.param(
-        Case(lambda t, f: ["inspect", _zip_not_pt2(t)], 3, ("not in a subdirectory",))),
+        Case(lambda t, f: ["inspect", _zip_not_pt2(t)], LOAD, ("not in a subdirectory",))),
     "truncated-safetensors-state-dict": Case(
         lambda t, f: ["inspect", _half(f.sd_dot_safetensors, t, "half.safetensors"), "--arch", "torchvision:resnet18"],
-        3, ("safetensors",)),
+        LOAD, ("safetensors",)),
     "safetensors-huge-header": Case(lambda t, f: ["inspect", _safetensors_bad_header(t), "--arch",
-                                                  "torchvision:resnet18"], 3, ("safetensors",)),
-    "state-dict-without-arch": Case(lambda t, f: ["inspect", f.sd_dot_safetensors], 3, ("--arch",)),
-    "pickled-module-without-trust": Case(lambda t, f: ["inspect", f.whole_dot_pt], 3, ("--trust-pickle", *_SAFE)),
-    "malicious-pickle-inspect": Case(lambda t, f: ["inspect", f.evil_dot_pt], 3, ("--trust-pickle", *_SAFE)),
+                                                  "torchvision:resnet18"], LOAD, ("safetensors",)),
+    "state-dict-without-arch": Case(lambda t, f: ["inspect", f.sd_dot_safetensors], LOAD, ("--arch",)),
+    "pickled-module-without-trust": Case(lambda t, f: ["inspect", f.whole_dot_pt], LOAD, ("--trust-pickle", *_SAFE)),
+    "malicious-pickle-inspect": Case(lambda t, f: ["inspect", f.evil_dot_pt], LOAD, ("--trust-pickle", *_SAFE)),
     "malicious-pickle-transform": Case(
         lambda t, f: ["transform", f.evil_dot_pt, "--method", "lowrank", "--rank", "4", "-o", "out.vcon"],
-        3, ("--trust-pickle", *_SAFE)),
-    "malicious-legacy-pickle": Case(lambda t, f: ["inspect", f.evil_dot_pth], 3, ("--trust-pickle", *_SAFE)),
+        LOAD, ("--trust-pickle", *_SAFE)),
+    "malicious-legacy-pickle": Case(lambda t, f: ["inspect", f.evil_dot_pth], LOAD, ("--trust-pickle", *_SAFE)),
     "path-with-markup-closing-tag": pytest.param(
-        Case(lambda t, f: ["inspect", "x[/y].pt2"], 3, ("x[/y].pt2",))),
+        Case(lambda t, f: ["inspect", "x[/y].pt2"], LOAD, ("x[/y].pt2",))),
     "path-with-markup-tag": pytest.param(
-        Case(lambda t, f: ["inspect", "[bold]x.pt2"], 3, ("[bold]x.pt2",))),
+        Case(lambda t, f: ["inspect", "[bold]x.pt2"], LOAD, ("[bold]x.pt2",))),
     # ── 2: bad argument or config
     "unknown-method": Case(lambda t, f: ["transform", f.mlp_dot_pt2, "--method", "magic", "-o", "out.vcon"],
-                           2, ("unknown method", "lowrank")),
-    "rank-zero": Case(lambda t, f: _lowrank(f, "--rank", "0"), 2, ("--rank",)),
-    "rank-negative": Case(lambda t, f: _lowrank(f, "--rank", "-3"), 2, ("--rank",)),
-    "rank-at-layer-size": Case(lambda t, f: _lowrank(f, "--rank", "32"), 2, ("dense",)),
-    "two-lowrank-sizes": Case(lambda t, f: _lowrank(f, "--rank", "4", "--energy", "0.5"), 2, ("exactly one",)),
-    "energy-above-one": Case(lambda t, f: _lowrank(f, "--energy", "1.5"), 2, ("--energy",)),
-    "bad-shape-string": Case(lambda t, f: _lowrank(f, "--rank", "4", "--input-shape", "1xAx8"), 2, ("shape",)),
-    "input-shape-does-not-fit": Case(lambda t, f: _lowrank(f, "--rank", "4", "--input-shape", "2x7"), 2,
+                           USAGE, ("unknown method", "lowrank")),
+    "rank-zero": Case(lambda t, f: _lowrank(f, "--rank", "0"), USAGE, ("--rank",)),
+    "rank-negative": Case(lambda t, f: _lowrank(f, "--rank", "-3"), USAGE, ("--rank",)),
+    "rank-at-layer-size": Case(lambda t, f: _lowrank(f, "--rank", "32"), USAGE, ("dense",)),
+    "two-lowrank-sizes": Case(lambda t, f: _lowrank(f, "--rank", "4", "--energy", "0.5"), USAGE, ("exactly one",)),
+    "energy-above-one": Case(lambda t, f: _lowrank(f, "--energy", "1.5"), USAGE, ("--energy",)),
+    "bad-shape-string": Case(lambda t, f: _lowrank(f, "--rank", "4", "--input-shape", "1xAx8"), USAGE, ("shape",)),
+    "input-shape-does-not-fit": Case(lambda t, f: _lowrank(f, "--rank", "4", "--input-shape", "2x7"), USAGE,
                                      ("input",)),
-    "rank-multiple-zero": Case(lambda t, f: _lowrank(f, "--rank", "4", "--rank-multiple", "0"), 2, ("--rank-multiple",)),
-    "svd-unknown": Case(lambda t, f: _lowrank(f, "--rank", "4", "--svd", "fast"), 2, ("--svd",)),
+    "rank-multiple-zero": Case(lambda t, f: _lowrank(f, "--rank", "4", "--rank-multiple", "0"), USAGE, ("--rank-multiple",)),
+    "svd-unknown": Case(lambda t, f: _lowrank(f, "--rank", "4", "--svd", "fast"), USAGE, ("--svd",)),
     "activation-aware-with-quant": Case(
         lambda t, f: ["transform", f.mlp_dot_pt2, "--method", "quant", "--bits", "8", "--activation-aware", "-o",
-                      "out.vcon"], 2, ("activation_aware",)),
-    "int4-of-a-float-model": Case(lambda t, f: ["export", f.vanished_dot_vcon, "--onnx", "out.onnx", "--int4"], 2,
+                      "out.vcon"], USAGE, ("activation_aware",)),
+    "int4-of-a-float-model": Case(lambda t, f: ["export", f.vanished_dot_vcon, "--onnx", "out.onnx", "--int4"], USAGE,
                                   ("quant",)),
     "int4-and-dynamic-int8": Case(lambda t, f: ["export", f.vanished_dot_vcon, "--onnx", "out.onnx", "--int4",
-                                                "--dynamic-int8"], 2, ("exclude",)),
+                                                "--dynamic-int8"], USAGE, ("exclude",)),
     "rank-not-a-number": pytest.param(
-        Case(lambda t, f: _lowrank(f, "--rank", "four"), 2, ("--rank",))),
+        Case(lambda t, f: _lowrank(f, "--rank", "four"), USAGE, ("--rank",))),
     "sparsity-above-one": Case(
         lambda t, f: ["transform", f.mlp_dot_pt2, "--method", "prune", "--sparsity", "1.5", "-o", "out.vcon"],
-        2, ("sparsity",)),
+        USAGE, ("sparsity",)),
     "sparsity-zero": Case(
         lambda t, f: ["transform", f.mlp_dot_pt2, "--method", "prune", "--sparsity", "0", "-o", "out.vcon"],
-        2, ("sparsity",)),
+        USAGE, ("sparsity",)),
     "bits-unsupported": Case(
         lambda t, f: ["transform", f.mlp_dot_pt2, "--method", "quant", "--bits", "3", "-o", "out.vcon"],
-        2, ("bits",)),
+        USAGE, ("bits",)),
     # ── 5: targets matched no layer
-    "targets-match-nothing": Case(lambda t, f: _lowrank(f, "--rank", "4", "--targets", "decoder.*"), 5,
+    "targets-match-nothing": Case(lambda t, f: _lowrank(f, "--rank", "4", "--targets", "decoder.*"), SELECTION,
                                   ("decoder.*",)),
     # ── 6: wrong stage
-    "vanish-while-beta-positive": Case(lambda t, f: ["vanish", f.blended_dot_vcon, "-o", "out.small"], 6, ("β",)),
-    "export-with-dense-branch": Case(lambda t, f: ["export", f.blended_dot_vcon, "--onnx", "out.onnx"], 6,
+    "vanish-while-beta-positive": Case(lambda t, f: ["vanish", f.blended_dot_vcon, "-o", "out.small"], STAGE, ("β",)),
+    "export-with-dense-branch": Case(lambda t, f: ["export", f.blended_dot_vcon, "--onnx", "out.onnx"], STAGE,
                                      ("vanish",)),
-    "finetune-not-an-artifact": Case(lambda t, f: _finetune(f, _not_artifact_folder(t), f.good_dot_npz), 6,
+    "finetune-not-an-artifact": Case(lambda t, f: _finetune(f, _not_artifact_folder(t), f.good_dot_npz), STAGE,
                                      ("vcon-fx transform",), FINETUNE),
-    "finetune-vanished-artifact": Case(lambda t, f: _finetune(f, f.vanished_dot_vcon, f.good_dot_npz), 6,
+    "finetune-vanished-artifact": Case(lambda t, f: _finetune(f, f.vanished_dot_vcon, f.good_dot_npz), STAGE,
                                        ("vanish",), FINETUNE),
     # ── 7: artifact missing or corrupt
-    "vanish-folder-without-recipe": Case(lambda t, f: ["vanish", _folder(t, "empty"), "-o", "out.small"], 7,
+    "vanish-folder-without-recipe": Case(lambda t, f: ["vanish", _folder(t, "empty"), "-o", "out.small"], ARTIFACT,
                                          ("recipe.json",)),
     "recipe-not-json": Case(lambda t, f: ["vanish", _corrupt_recipe(f, t, '{"format": "vcon-fx", '), "-o",
-                                          "out.small"], 7, ("json",)),
-    "recipe-not-a-recipe": Case(lambda t, f: ["inspect", _corrupt_recipe(f, t, "[1, 2, 3]")], 7, ("recipe",)),
+                                          "out.small"], ARTIFACT, ("json",)),
+    "recipe-not-a-recipe": Case(lambda t, f: ["inspect", _corrupt_recipe(f, t, "[1, 2, 3]")], ARTIFACT, ("recipe",)),
     "recipe-wrong-types": Case(lambda t, f: ["vanish", _corrupt_recipe(
         f, t, '{"format": "vcon-fx", "stage": "blended", "plans": 5, "groups": 1, "config": {}}'), "-o",
-        "out.small"], 7, ("recipe.json",)),
-    "weights-truncated": Case(lambda t, f: ["vanish", _truncate_weights(f, t), "-o", "out.small"], 7,
+        "out.small"], ARTIFACT, ("recipe.json",)),
+    "weights-truncated": Case(lambda t, f: ["vanish", _truncate_weights(f, t), "-o", "out.small"], ARTIFACT,
                               ("model.safetensors",)),
-    "weights-missing": Case(lambda t, f: ["vanish", _drop_weights(f, t), "-o", "out.small"], 7,
+    "weights-missing": Case(lambda t, f: ["vanish", _drop_weights(f, t), "-o", "out.small"], ARTIFACT,
                             ("model.safetensors",)),
     # ── 8: output exists; 2: output not writable or equal to the input
-    "transform-output-exists": Case(lambda t, f: _lowrank(f, "--rank", "4"), 8, ("--force",),
+    "transform-output-exists": Case(lambda t, f: _lowrank(f, "--rank", "4"), EXISTS, ("--force",),
                                     prepare=lambda t: _folder(t, "out.vcon")),
-    "export-output-exists": Case(lambda t, f: ["export", f.vanished_dot_vcon, "--onnx", "out.onnx"], 8, ("--force",),
+    "export-output-exists": Case(lambda t, f: ["export", f.vanished_dot_vcon, "--onnx", "out.onnx"], EXISTS, ("--force",),
                                  prepare=lambda t: _write(t, "out.onnx", b"keep me")),
     "output-is-the-input": Case(lambda t, f: ["vanish", _copy_artifact(f.beta0_dot_vcon, t), "-o", "beta0.vcon",
-                                              "--force"], 2, ("input",)),
+                                              "--force"], USAGE, ("input",)),
     "output-parent-is-a-file": Case(lambda t, f: ["transform", f.mlp_dot_pt2, "--method", "lowrank", "--rank", "4",
-                                                  "-o", "afile/out.vcon"], 2, ("not a folder",),
+                                                  "-o", "afile/out.vcon"], USAGE, ("not a folder",),
                                     prepare=lambda t: _write(t, "afile", b"x")),
     "output-in-proc": Case(lambda t, f: ["transform", f.mlp_dot_pt2, "--method", "lowrank", "--rank", "4", "-o",
-                                         "/proc/vcon-fx-out.vcon"], 2, ("not writable",)),
+                                         "/proc/vcon-fx-out.vcon"], USAGE, ("not writable",)),
     # ── 9: bad data file (fine-tuning)
-    "data-missing": Case(lambda t, f: _finetune(f, f.blended_dot_vcon, "nope.npz"), 9, ("does not exist",),
+    "data-missing": Case(lambda t, f: _finetune(f, f.blended_dot_vcon, "nope.npz"), DATA, ("does not exist",),
                          FINETUNE),
-    "data-nan": Case(lambda t, f: _finetune(f, f.blended_dot_vcon, f.nan_dot_safetensors), 9, ("nan",), FINETUNE),
-    "data-wrong-shape": Case(lambda t, f: _finetune(f, f.blended_dot_vcon, f.shape_dot_safetensors), 9, ("shape",),
+    "data-nan": Case(lambda t, f: _finetune(f, f.blended_dot_vcon, f.nan_dot_safetensors), DATA, ("nan",), FINETUNE),
+    "data-wrong-shape": Case(lambda t, f: _finetune(f, f.blended_dot_vcon, f.shape_dot_safetensors), DATA, ("shape",),
                              FINETUNE),
-    "data-labels-out-of-range": Case(lambda t, f: _finetune(f, f.blended_dot_vcon, f.labels_dot_safetensors), 9,
+    "data-labels-out-of-range": Case(lambda t, f: _finetune(f, f.blended_dot_vcon, f.labels_dot_safetensors), DATA,
                                      ("label",), FINETUNE),
     "finetune-pt2-with-fixed-batch": pytest.param(
-        Case(lambda t, f: _finetune(f, _static_artifact(f, t), f.good_dot_npz), 9, ("batch",), FINETUNE)),
+        Case(lambda t, f: _finetune(f, _static_artifact(f, t), f.good_dot_npz), DATA, ("batch",), FINETUNE)),
     "data-truncated": Case(lambda t, f: _finetune(f, f.blended_dot_vcon, _half(f.nan_dot_safetensors, t,
-                                                                                 "half.safetensors")), 9,
+                                                                                 "half.safetensors")), DATA,
                            ("half.safetensors",), FINETUNE),
     # ── 3: ONNX files for `vcon-fx bench`
-    "bench-missing-onnx": Case(lambda t, f: ["bench", "nope.onnx"], 3, ("does not exist",)),
-    "bench-truncated-onnx": Case(lambda t, f: ["bench", _half(f.tiny_dot_onnx, t, "half.onnx")], 3, ("onnx",)),
+    "bench-missing-onnx": Case(lambda t, f: ["bench", "nope.onnx"], LOAD, ("does not exist",)),
+    "bench-truncated-onnx": Case(lambda t, f: ["bench", _half(f.tiny_dot_onnx, t, "half.onnx")], LOAD, ("onnx",)),
     "bench-against-corrupt": Case(lambda t, f: ["bench", f.tiny_dot_onnx, "--against",
-                                                _write(t, "dense.onnx", b"")], 3, ("dense.onnx",)),
+                                                _write(t, "dense.onnx", b"")], LOAD, ("dense.onnx",)),
 }
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from vcon_fx.errors import CaptureError, OutputExistsError, StageError, UsageError
 from vcon_fx.io.artifact import read_recipe
 
 
@@ -63,7 +64,7 @@ def test_the_whole_pipeline_from_the_command_line(workdir):
     assert read_recipe(workdir / "net.vcon").stage == "blended"
 
     r = vcon("vanish", "net.vcon", "-o", "early.small", cwd=workdir)
-    assert r.returncode == 6 and not (workdir / "early.small").exists()  # β is still 1
+    assert r.returncode == StageError.exit_code and not (workdir / "early.small").exists()  # β is still 1
 
     r = vcon("finetune", "net.vcon", "--data", "train.npz", "--steps", "10", "--transition", "5",
              "--batch-size", "16", "-o", "net.tuned", cwd=workdir)
@@ -76,7 +77,7 @@ def test_the_whole_pipeline_from_the_command_line(workdir):
     assert size("net.small") < size("net.tuned")
 
     r = vcon("export", "net.tuned", "--onnx", "blended.onnx", cwd=workdir)
-    assert r.returncode == 6 and not (workdir / "blended.onnx").exists()  # still has its dense branch
+    assert r.returncode == StageError.exit_code and not (workdir / "blended.onnx").exists()  # still has its dense branch
 
     r = vcon("export", "net.small", "--onnx", "net.onnx", "--check", cwd=workdir)
     assert r.returncode == 0, r.stderr
@@ -91,7 +92,7 @@ def test_the_whole_pipeline_from_the_command_line(workdir):
     assert len(report["rows"]) == 2 and report["ratios"]["size"] < 1
 
     r = vcon("transform", "net.pt2", "--method", "lowrank", "--rank", "8", "-o", "net.vcon", cwd=workdir)
-    assert r.returncode == 8  # exists, no --force
+    assert r.returncode == OutputExistsError.exit_code  # no --force
 
 
 def test_quantized_export_with_integer_kernels(workdir):
@@ -115,7 +116,7 @@ def test_quantized_export_with_integer_kernels(workdir):
     assert "DynamicQuantizeMatMul" in ops
 
     r = vcon("export", "q.small", "--onnx", "both.onnx", "--int4", "--dynamic-int8", cwd=workdir)
-    assert r.returncode == 2 and "exclude each other" in r.stderr and not (workdir / "both.onnx").exists()
+    assert r.returncode == UsageError.exit_code and "exclude each other" in r.stderr and not (workdir / "both.onnx").exists()
 
 
 def test_activation_aware_transform_says_where_its_statistics_came_from(workdir):
@@ -158,12 +159,12 @@ def test_inspect_reports_the_layers_of_a_model_no_tracer_captures(workdir):
     finally:
         del sys.modules["untraceable_net"]
     r = vcon("inspect", "untraceable.pt", "--trust-pickle", "--input-shape", "2x8", cwd=workdir)
-    assert r.returncode == 4, (r.returncode, r.stderr)  # CaptureError
+    assert r.returncode == CaptureError.exit_code, (r.returncode, r.stderr)
     assert "fc1" in r.stdout and "fc2" in r.stdout and "not captured" in r.stdout
     error = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "if h.sum().item() > 0" in error[0]  # one line, naming the construct
     r = vcon("inspect", "untraceable.pt", "--trust-pickle", "--input-shape", "2x8", "--json", cwd=workdir)
-    assert r.returncode == 4 and json.loads(r.stdout)["layers_found"]["fc1"]["shape"] == [16, 8]
+    assert r.returncode == CaptureError.exit_code and json.loads(r.stdout)["layers_found"]["fc1"]["shape"] == [16, 8]
 
 
 def test_python_dash_m_and_console_script_agree(workdir):

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import vcon_fx
+from vcon_fx.cli.main import INTERRUPTED
 from vcon_fx.io.artifact import load
 from vcon_fx.cli.finetune import add_finetune_parser, cmd_finetune, default_output
 from vcon_fx.errors import OutputExistsError, StageError, UsageError
@@ -120,7 +121,7 @@ def test_sigint_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(files
         time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == INTERRUPTED, err[-2000:]
     assert "--resume" in err
     checkpoints = sorted((tmp_path / "run.ckpt").iterdir())
     assert len(checkpoints) == 1 and checkpoints[0].name.startswith("step-")

@@ -24,6 +24,7 @@ import pytest
 import vcon_fx.errors
 from vcon_fx import registered_methods
 from vcon_fx.cli import build_parser
+from vcon_fx.cli.main import INTERRUPTED
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -185,7 +186,7 @@ def test_exit_code_table_matches_the_error_classes():
     documented = {int(row.split("|")[1]) for row in _table_rows(body)[1:]}
     raised = {cls.exit_code for _, cls in inspect.getmembers(vcon_fx.errors, inspect.isclass)
               if issubclass(cls, vcon_fx.errors.VconError)}
-    assert documented == raised | {0, 130}, f"exit codes: documented {sorted(documented)}, errors.py {sorted(raised)}"
+    assert documented == raised | {0, INTERRUPTED}, f"exit codes: documented {sorted(documented)}, errors.py {sorted(raised)}"
 
 
 # ── the README ──────────────────────────────────────────────────────────────────────────────

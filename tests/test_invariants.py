@@ -1,4 +1,4 @@
-"""The DESIGN.md invariants on every model of the zoo, for every method in the matrix.
+"""The invariants of docs/architecture.md (Contracts) on every model of the zoo, for every method in the matrix.
 
     β = 1 → original; vanish at β = 0 → blended at β = 0; ONNX → PyTorch at any batch;
     after vanish: promised parameter count and no dense parameter.

@@ -1,6 +1,6 @@
 """Property-based tests: random MLPs and CNNs, random targets and method settings.
 
-For every drawn (architecture, targets, config) the DESIGN.md invariants hold:
+For every drawn (architecture, targets, config) the invariants of docs/architecture.md hold:
     β = 1 → the original outputs (≤ 1e-6 relative)
     vanish at β = 0 → the blended outputs at β = 0 (≤ 1e-6)
     low-rank: the vanished parameter count is what the plan promised, nothing dense is left

@@ -29,102 +29,78 @@ __all__ = [
 
 
 class VconError(Exception):
-    """Base of every error vcon-fx raises on purpose."""
+    """Base of every error vcon-fx raises on purpose; `exit_code` is what the CLI returns for it."""
 
     exit_code = 1
 
+    def __init_subclass__(cls, exit_code: int | None = None, **kwargs):
+        # `class StageError(VconError, RuntimeError, exit_code=6)`: the code sits on the class line
+        super().__init_subclass__(**kwargs)
+        if exit_code is not None:
+            cls.exit_code = exit_code
 
-class UsageError(VconError, ValueError):
+
+class UsageError(VconError, ValueError, exit_code=2):
     """A command-line argument is malformed (shape string, flag combination)."""
 
-    exit_code = 2
 
-
-class ConfigError(VconError, ValueError):
+class ConfigError(VconError, ValueError, exit_code=2):
     """A compression config is invalid (rank ≤ 0, sparsity outside (0, 1), unknown bits)."""
 
-    exit_code = 2
 
-
-class LoadError(VconError, ValueError):
+class LoadError(VconError, ValueError, exit_code=3):
     """A model source is missing, of an unknown format, corrupt or incomplete."""
 
-    exit_code = 3
 
-
-class UnsafeFileError(LoadError):
+class UnsafeFileError(LoadError, exit_code=3):
     """A file would need unpickling (which runs code) and `--trust-pickle` was not given."""
 
-    exit_code = 3
 
-
-class CaptureError(VconError, RuntimeError):
+class CaptureError(VconError, RuntimeError, exit_code=4):
     """Neither torch.fx nor torch.export could capture the model as a graph."""
 
-    exit_code = 4
 
-
-class SelectionError(VconError, ValueError):
+class SelectionError(VconError, ValueError, exit_code=5):
     """Targets matched no layer, or a block is not a single-exit region."""
 
-    exit_code = 5
 
-
-class StageError(VconError, RuntimeError):
+class StageError(VconError, RuntimeError, exit_code=6):
     """The model is at the wrong stage (vanish while β > 0, export with a dense branch)."""
 
-    exit_code = 6
 
-
-class ArtifactError(VconError, ValueError):
+class ArtifactError(VconError, ValueError, exit_code=7):
     """A vcon artifact (recipe JSON + safetensors) is missing, corrupt or inconsistent."""
 
-    exit_code = 7
 
-
-class OutputExistsError(VconError, FileExistsError):
+class OutputExistsError(VconError, FileExistsError, exit_code=8):
     """The output path exists and `--force` was not given."""
 
-    exit_code = 8
 
-
-class OutputError(VconError, OSError):
+class OutputError(VconError, OSError, exit_code=2):
     """An output cannot be written (folder read-only or missing, disk full); nothing was replaced.
 
     Exit code 2, as for an unusable `-o` path caught before the work starts.
     """
 
-    exit_code = 2
 
-
-class DataError(VconError, ValueError):
+class DataError(VconError, ValueError, exit_code=9):
     """A data file is unreadable, has NaN/Inf, the wrong shape or labels out of range."""
 
-    exit_code = 9
 
-
-class ExportError(VconError, RuntimeError):
+class ExportError(VconError, RuntimeError, exit_code=10):
     """ONNX export failed."""
 
-    exit_code = 10
 
-
-class ParityError(VconError, ValueError):
+class ParityError(VconError, ValueError, exit_code=11):
     """onnxruntime and PyTorch disagree beyond tolerance; lists every mismatching output."""
 
-    exit_code = 11
 
-
-class TrainingError(VconError, RuntimeError):
+class TrainingError(VconError, RuntimeError, exit_code=12):
     """Fine-tuning diverged (NaN/Inf loss) or could not continue."""
 
-    exit_code = 12
 
-
-class ContractError(VconError, AssertionError):
+class ContractError(VconError, AssertionError, exit_code=1):
     """A graph pass broke its own contract (a bug in vcon-fx, not in the input); names the node or module."""
-
-    exit_code = 1
 
 
 def message_line(exc: BaseException) -> str:

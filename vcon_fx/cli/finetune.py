@@ -17,6 +17,7 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..errors import StageError, UsageError
+from ..graph.blend import mean_beta
 from ..schedules.schedule import SCHEDULES
 from ..training.evaluate import LOSSES
 from .render import console, errors
@@ -152,12 +153,11 @@ def _step_text(info: dict) -> str:
 def _summary(result, out: Path) -> str:
     """The closing line: the metric before, untrained-compressed and after, and where the artifact went."""
     m = result.metrics
-    mean_beta = sum(result.betas.values()) / max(len(result.betas), 1)
     where = " (on training data)" if result.eval_on == "train" else ""
     resumed = f", resumed from step {result.resumed_from}" if result.resumed_from else ""
     return (f"{result.metric}{where}: original {m.get('before', float('nan')):.4f} · compressed untrained "
             f"{m.get('before_compressed', float('nan')):.4f} → after {m['after']:.4f} "
-            f"({result.steps} steps, {result.loss} loss, β {mean_beta:.3f}{resumed}); [green]wrote[/] {out}")
+            f"({result.steps} steps, {result.loss} loss, β {mean_beta(result.betas):.3f}{resumed}); [green]wrote[/] {out}")
 
 
 def _progress() -> Progress:

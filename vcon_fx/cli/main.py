@@ -1,7 +1,7 @@
 """The command line: parse, build a config, call the same public function a Python user calls.
 
-The only module that prints. Errors show as one red line and a non-zero exit code (see the
-README's table); VCON_DEBUG=1 shows the traceback.
+The only module that prints. Errors show as one red line and a non-zero exit code (see
+docs/cli.md's table); VCON_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from ..errors import VconError
 from . import bench, demo, export, finetune, inspect, transform, vanish
 from .render import errors
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "INTERRUPTED"]
+
+INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,4 +71,4 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         errors.print("[red]interrupted[/]")
-        return 130
+        return INTERRUPTED

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from ..graph.blend import mean_beta
+
 __all__ = ["accuracy_curve", "beta_curve"]
 
 
 def accuracy_curve(result) -> list[list[float]]:
     """[step, β, test accuracy] at every evaluated step; step 0 at the run's own starting β."""
     beta_used = {h["step"]: h["beta"] for h in result.history}  # β during step t (before the schedule moved)
-    final_beta = sum(result.betas.values()) / max(len(result.betas), 1)
+    final_beta = mean_beta(result.betas)
     points = []
     for h in result.history:
         ev = h.get("eval") or {}
@@ -26,5 +28,5 @@ def accuracy_curve(result) -> list[list[float]]:
 def beta_curve(result) -> list[float]:
     """Mean β of the model after each step 0..steps (the schedule moves right after each optimizer step)."""
     used = {h["step"]: h["beta"] for h in result.history}
-    final = sum(result.betas.values()) / max(len(result.betas), 1)
+    final = mean_beta(result.betas)
     return [round(used.get(t + 1, final) if t else used.get(0, 1.0), 6) for t in range(result.steps + 1)]

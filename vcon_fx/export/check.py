@@ -18,7 +18,8 @@ from ..bench.compare import validate_onnx
 from ..bench.worker import make_session, model_size_bytes, time_runs
 from ..errors import LoadError, ParityError, UsageError, message_line
 from .naming import flatten_inputs, flatten_outputs
-from .onnx import _as_args, eval_mode, run_model
+from ..graph.modes import eval_mode
+from .onnx import _as_args, run_model
 
 __all__ = ["check_onnx", "CheckReport", "OutputParity", "FLOAT_RTOL"]
 

@@ -22,16 +22,17 @@ from torch import nn
 from ..errors import ExportError, UsageError
 from ..io.atomic import atomic_path, check_output
 from ..graph.dims import dynamic_shapes
+from ..graph.modes import eval_mode
 from .dynamic_dims import _check_and_name_axes, _refuse_static_capture, _wanted_dims
+from .proto import INLINE_LIMIT_BYTES
 from .naming import _name_values, _output_names, flatten_inputs, flatten_outputs
 
-__all__ = ["export_onnx", "eval_mode", "run_model"]
+__all__ = ["export_onnx", "run_model"]
 
 log = logging.getLogger(__name__)
 
 # The exporter itself moves weights out of the file above 1.5 GiB (protobuf's hard limit is
 # 2 GiB); below it we keep one self-contained file.
-EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
 
 # The exporter's optimizer logs every pass at INFO; that is debug detail for our users.
 _CHATTY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
@@ -131,23 +132,6 @@ def run_model(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Any:
         ) from e
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode for the block, then give each its own flag back.
-
-    Flags are set directly rather than through `.eval()`: a `torch.export` GraphModule refuses
-    `.eval()`, and a model may mix modes on purpose (frozen batch norms).
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    for m, _ in flags:
-        m.training = False
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def _as_args(example_inputs, example_kwargs) -> tuple[tuple, dict]:
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -220,7 +204,7 @@ def _exporter_error_line(exc: BaseException) -> str:
 
 def _save(program, out: Path) -> bool:
     """Write the program to `out` atomically; True when its weights went to `OUT.data`."""
-    external = _initializer_bytes(program.model) > EXTERNAL_DATA_THRESHOLD
+    external = _initializer_bytes(program.model) > INLINE_LIMIT_BYTES
     with atomic_path(out) as tmp:
         if external:
             _save_external(program, out, tmp)

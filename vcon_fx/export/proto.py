@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-__all__ = ["opset_of", "consumers", "fresh_name", "attribute"]
+__all__ = ["opset_of", "consumers", "fresh_name", "attribute", "INLINE_LIMIT_BYTES"]
+
+# Weights above this go to external data: protobuf refuses messages over 2 GiB, and the rest of
+# the graph needs room too.
+INLINE_LIMIT_BYTES = 1536 * 1024 * 1024
 
 
 def opset_of(model) -> int:

@@ -16,14 +16,13 @@ from ..errors import ExportError, UsageError
 from ..io.atomic import atomic_path, check_output
 from .kernels import get_kernel
 from .kernels.weight_only import store_integer_weights
-from .proto import opset_of
+from .proto import INLINE_LIMIT_BYTES, opset_of
 
 __all__ = ["compress_onnx_weights", "CompressReport"]
 
 log = logging.getLogger(__name__)
 
 INT4_OPSET = 21  # DequantizeLinear on INT4 inputs
-_MAX_PROTO = 1536 * 1024 * 1024  # above this the weights go to external data (protobuf limit 2 GiB)
 
 
 @dataclass
@@ -150,11 +149,11 @@ def _save(model, src: Path, out: Path) -> None:
     import onnx
 
     try:
-        onnx.checker.check_model(model) if model.ByteSize() < _MAX_PROTO else None
+        onnx.checker.check_model(model) if model.ByteSize() < INLINE_LIMIT_BYTES else None
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"compressing {src} produced an invalid model ({str(exc).splitlines()[0]}): a bug, please report it") from None
     with atomic_path(out) as tmp:
-        if model.ByteSize() < _MAX_PROTO:
+        if model.ByteSize() < INLINE_LIMIT_BYTES:
             onnx.save_model(model, str(tmp))
         else:
             onnx.save_model(model, str(tmp), save_as_external_data=True, location=f"{out.name}.data")

@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import ConfigError
 from . import contracts
 
-__all__ = ["Blend", "set_beta", "get_betas", "blend_modules"]
+__all__ = ["Blend", "set_beta", "get_betas", "mean_beta", "blend_modules"]
 
 
 class Blend(nn.Module):
@@ -79,6 +79,11 @@ def blend_modules(model: nn.Module) -> dict[str, Blend]:
 def get_betas(model: nn.Module) -> dict[str, float]:
     """β of every group, keyed by group name (pure)."""
     return {name: m._beta for name, m in blend_modules(model).items()}
+
+
+def mean_beta(betas: Mapping[str, float]) -> float:
+    """The mean β over the groups, 0 for none (pure): the one number logs and progress bars show."""
+    return sum(betas.values()) / max(len(betas), 1)
 
 
 @torch.no_grad()

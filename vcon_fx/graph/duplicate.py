@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from operator import attrgetter
 
 import torch
 from torch import fx, nn
@@ -193,7 +194,7 @@ def extract_region(gm: fx.GraphModule, nodes: list[fx.Node], prefix: str) -> tup
         new = graph.node_copy(node, lambda n: env[n])
         if node.op in ("call_module", "get_attr"):
             rel = _relative(node.target, prefix)
-            _attach(root, rel, _fetch(gm, node.target))
+            _attach(root, rel, attrgetter(node.target)(gm))
             new.target = rel
         env[node] = new
     graph.output(env[outputs[0]])
@@ -206,12 +207,6 @@ def _relative(target: str, prefix: str) -> str:
         return target[len(prefix) + 1:]
     return target if not prefix else target.replace(".", "_")
 
-
-def _fetch(gm: nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _attach(root: nn.Module, path: str, obj) -> None:

@@ -14,6 +14,8 @@ one name, and one owner, afterwards.
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -56,15 +58,15 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
         if spec is None:
             continue
         layer_type, x, weight_node, bias_node, options, transposed = spec
-        weight = _fetch(gm, weight_node.target)
+        weight = attrgetter(weight_node.target)(gm)
         if transposed and (len(names.get(id(weight), ())) > 1 or id(weight) in first_path
                            or any(u is not node for u in weight_node.users)):
             continue  # a transposed copy would untie the weight from its other use: leave it functional
-        bias_param = _fetch(gm, bias_node.target) if bias_node is not None else None
+        bias_param = attrgetter(bias_node.target)(gm) if bias_node is not None else None
         key = (id(weight), id(bias_param), layer_type, tuple(sorted((k, repr(v)) for k, v in options.items())))
         if key not in lifted:
             path = _place(gm, node, weight_node, bias_node, layer_type)
-            bias = _fetch(gm, bias_node.target) if bias_node is not None else None
+            bias = attrgetter(bias_node.target)(gm) if bias_node is not None else None
             moved.update(id(p) for p in (weight, bias) if p is not None)
             if transposed:
                 weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=weight.requires_grad)
@@ -132,11 +134,11 @@ def _layer_spec(gm: fx.GraphModule, node: fx.Node):
         return None
     if not _is_param_attr(gm, weight) or (bias is not None and not _is_param_attr(gm, bias)):
         return None
-    w = _fetch(gm, weight.target)
+    w = attrgetter(weight.target)(gm)
     expected_dim = {nn.Linear: 2, nn.Conv1d: 3, nn.Conv2d: 4}[layer_type]
     if w.dim() != expected_dim:
         return None
-    if transposed and _fetch(gm, bias.target).shape != (w.shape[1],):
+    if transposed and attrgetter(bias.target)(gm).shape != (w.shape[1],):
         return None
     return layer_type, x, weight, bias, options, transposed
 
@@ -186,16 +188,10 @@ def _is_param_attr(gm: fx.GraphModule, node) -> bool:
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return False
     try:
-        return isinstance(_fetch(gm, node.target), nn.Parameter)
+        return isinstance(attrgetter(node.target)(gm), nn.Parameter)
     except AttributeError:
         return False
 
-
-def _fetch(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _place(gm: fx.GraphModule, node: fx.Node, weight_node: fx.Node, bias_node, layer_type) -> str:

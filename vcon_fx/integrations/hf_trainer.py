@@ -16,6 +16,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..errors import ConfigError
+from ..graph.blend import mean_beta
 from ..schedules.registry import check_kind
 from ..schedules.schedule import BetaSchedule, default_transition, make_schedule
 
@@ -64,7 +65,7 @@ class VconCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.schedule is not None and logs is not None:
             betas = self.schedule.betas
-            logs["vcon_beta"] = sum(betas.values()) / len(betas)
+            logs["vcon_beta"] = mean_beta(betas)
 
     @property
     def betas(self) -> dict[str, float]:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import CliOption, LayerPlan, LayerSite, Method, MethodConfig, MethodExamples, layer_params, register_method
+from .base import CliOption, LayerPlan, LayerSite, MethodConfig, MethodExamples, layer_params, register_method
 from .structured import (
     ChannelPrunedLayer,
     build_channel_block,
@@ -33,7 +33,7 @@ from .structured import (
     plan_channel_block,
     plan_structured_layer,
 )
-from .twin import SEPARATE_WEIGHTS, WeightTwin
+from .twin import SEPARATE_WEIGHTS, WeightTwin, WeightTwinMethod
 
 __all__ = [
     "PruneConfig",
@@ -197,12 +197,9 @@ class PrunedLayer(WeightTwin):
 
 
 @register_method
-class PruneMethod(Method):
+class PruneMethod(WeightTwinMethod):
     config_type = PruneConfig
     summary_keys = ("sparsity", "pattern")
-
-    def share_dense_weights(self) -> bool:
-        return not self.config.separate_weights
 
     def plan(self, site: LayerSite) -> LayerPlan:
         layer = site.module

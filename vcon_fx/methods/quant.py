@@ -24,8 +24,8 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.
 from torch import nn
 
 from ..errors import ConfigError
-from .base import CliOption, LayerPlan, LayerSite, Method, MethodConfig, MethodExamples, layer_params, register_method
-from .twin import SEPARATE_WEIGHTS, WeightTwin
+from .base import CliOption, LayerPlan, LayerSite, MethodConfig, MethodExamples, layer_params, register_method
+from .twin import SEPARATE_WEIGHTS, WeightTwin, WeightTwinMethod
 
 __all__ = [
     "QuantConfig",
@@ -262,12 +262,9 @@ def _refresh_act_mirror(module: QuantizedLayer, _incompatible) -> None:
 
 
 @register_method
-class QuantMethod(Method):
+class QuantMethod(WeightTwinMethod):
     config_type = QuantConfig
     summary_keys = ("bits", "act_bits")
-
-    def share_dense_weights(self) -> bool:
-        return not self.config.separate_weights
 
     def plan(self, site: LayerSite) -> LayerPlan:
         config: QuantConfig = self.config

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import COMPRESSIBLE, CliOption
+from .base import COMPRESSIBLE, CliOption, Method
 
-__all__ = ["WeightTwin", "SEPARATE_WEIGHTS"]
+__all__ = ["WeightTwin", "WeightTwinMethod", "SEPARATE_WEIGHTS"]
 
 # One declaration for every method whose twin is a WeightTwin, so the CLI shows the flag once.
 SEPARATE_WEIGHTS = CliOption("--separate-weights", "the twin gets its own weight copy", switch=True)
@@ -85,3 +85,10 @@ class WeightTwin(nn.Module):
 
 def _fresh(t: torch.Tensor, init: bool) -> torch.Tensor:
     return t.detach().clone() if init else torch.empty_like(t)
+
+
+class WeightTwinMethod(Method):
+    """A method whose twin computes its weight from the dense layer's own (prune, quant)."""
+
+    def share_dense_weights(self) -> bool:
+        return not self.config.separate_weights

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import LoadError, UnsafeFileError
+from ..errors import LoadError, UnsafeFileError, first_line
 from .pickle_scan import unsafe_globals
 
 __all__ = [
@@ -35,7 +35,6 @@ __all__ = [
     "load_weights_into",
     "unsafe_error",
     "torch_load_safely",
-    "first_line",
     "unwrap_checkpoint",
 ]
 
@@ -241,8 +240,3 @@ def _tied_or_buffer(module: nn.Module, key: str, state: Mapping[str, torch.Tenso
     if target is None:
         return False
     return any(name in state and p is target for name, p in params.items() if name != key)
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__

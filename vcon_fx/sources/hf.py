@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from ..errors import LoadError, UsageError
-from .base import LoadedModel, example_generator, first_line, seeded, unsafe_error
+from ..errors import LoadError, UsageError, first_line
+from .base import LoadedModel, example_generator, seeded, unsafe_error
 from .pickle_scan import unsafe_globals
 from .registry import SourceKind, register_source
 from .request import SourceRequest

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from ..errors import LoadError, UsageError
-from .base import LoadedModel, first_line, example_generator
+from ..errors import LoadError, UsageError, first_line
+from .base import LoadedModel, example_generator
 from .registry import SourceKind, register_source
 from .request import SourceRequest
 

@@ -26,8 +26,9 @@ from .batches import split_batch, to_device
 from .distributed import Distributed
 from ..errors import DataError
 from ..graph.blend import Blend, blend_modules, get_betas, set_beta
+from ..graph.modes import eval_mode
 
-__all__ = ["LOSSES", "choose_loss", "training_loss", "evaluate", "prediction", "at_beta", "eval_mode", "GapProbe"]
+__all__ = ["LOSSES", "choose_loss", "training_loss", "evaluate", "prediction", "at_beta", "GapProbe"]
 
 LOSSES = ("auto", "task", "distill", "mse", "kl")
 
@@ -119,18 +120,6 @@ def at_beta(model: nn.Module, beta: float):
         yield
     finally:
         set_beta(model, saved)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """eval() for the duration (no dropout, no batch-norm updates), then each module's own mode back."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 # ── the gap ────────────────────────────────────────────────────────────────────────────────

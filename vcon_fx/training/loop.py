@@ -20,13 +20,14 @@ from torch.utils.data import Dataset, Subset, default_collate
 
 from ..data.readers import check_labels, dataset_labels
 from ..errors import ConfigError, DataError, TrainingError
-from ..graph.blend import get_betas
+from ..graph.blend import get_betas, mean_beta
 from ..schedules.schedule import make_schedule
 from .batches import StepBatches, mix_seed, split_batch, to_device
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import FinetuneConfig
 from .distributed import Distributed
-from .evaluate import GapProbe, at_beta, choose_loss, eval_mode, evaluate, prediction, training_loss
+from ..graph.modes import eval_mode
+from .evaluate import GapProbe, at_beta, choose_loss, evaluate, prediction, training_loss
 from .interrupt import interruption, sigint_flag
 from .records import StepRecords
 from .result import FinetuneResult
@@ -34,10 +35,6 @@ from .result import FinetuneResult
 __all__ = ["FinetuneRun"]
 
 log = logging.getLogger(__name__)
-
-
-def _mean(betas: dict[str, float]) -> float:
-    return sum(betas.values()) / len(betas)
 
 
 class FinetuneRun:
@@ -185,7 +182,7 @@ class FinetuneRun:
             loss.backward()
             self.optimizer.step()
         self.schedule.step()
-        info: dict[str, Any] = {"step": t, "beta": _mean(betas), "betas": betas, "loss": mean_loss,
+        info: dict[str, Any] = {"step": t, "beta": mean_beta(betas), "betas": betas, "loss": mean_loss,
                                 "lr": self.optimizer.param_groups[0]["lr"],
                                 "elapsed": round(time.monotonic() - self.t0, 4)}
         if measure_gap:
@@ -214,7 +211,7 @@ class FinetuneRun:
 
     def _diverged(self, t: int, value: float, betas: dict[str, float]) -> TrainingError:
         kept = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
-        return TrainingError(f"the loss is {value} at step {t} (β {_mean(betas):.3f}): lower the learning rate (now "
+        return TrainingError(f"the loss is {value} at step {t} (β {mean_beta(betas):.3f}): lower the learning rate (now "
                              f"{self.config.lr:g}) or check the data{kept}")
 
     # ── evaluation ───────────────────────────────────────────────────────────────────────
@@ -226,7 +223,7 @@ class FinetuneRun:
             compressed = self._evaluate()
         self.metrics.update(before=before, before_compressed=compressed)
         betas = get_betas(self.vm)
-        self.records.add({"step": 0, "beta": _mean(betas), "betas": betas,
+        self.records.add({"step": 0, "beta": mean_beta(betas), "betas": betas,
                           "eval": {self.metric: before, f"{self.metric}_compressed": compressed}})
 
     def _evaluate(self) -> float:
