@@ -95,7 +95,7 @@ def test_refuses_to_overwrite_without_force(tiny, tmp_path, monkeypatch, capfd):
     assert out.read_bytes() == b"keep me"
 
     # with force, and (by a lowered threshold) the large-model route: weights beside the file
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(onnx_export, "INLINE_LIMIT_BYTES", 0)
     export_onnx(model, out, (torch.randn(2, 8),), force=True)
     assert capfd.readouterr() == ("", "")  # the library never prints, nor does the exporter for it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
