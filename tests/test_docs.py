@@ -2,6 +2,11 @@
 
 - every relative link (and every `docs/…`, `benchmarks/…`, `examples/…` path quoted in code) of
   the README and docs/*.md points to a file inside the repository, and every `#anchor` to a heading;
+- every package path quoted in code (`graph/select.py`, `vcon_fx/io/atomic.py`) is a file of
+  vcon_fx/, every `register_*` decorator named exists, and every `vcon_fx.x.y` name imports;
+- docs/architecture.md names every file of each folder of vcon_fx/, and no file that is not there;
+- docs/extending.md's worked examples import only names the package has, and the files they
+  tell you to add do not exist yet;
 - no page cites a file outside the repository (`../shared`, absolute paths);
 - every `vcon-fx SUB` shown is a sub-command of `vcon_fx.cli.build_parser()`;
 - docs/cli.md documents exactly the flags each command's parser has, and every choice of a flag;
@@ -14,6 +19,8 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
 import importlib.util
 import inspect
 import re
@@ -40,6 +47,17 @@ SUBCOMMAND = re.compile(r"(?<![\w-])vcon-fx\s+([a-z][\w-]*)")
 # A path quoted from the repository root; one with a placeholder (`tests/test_<name>.py`) is not matched.
 REPO_PATH = re.compile(r"(?<![\w./-])((?:docs|benchmarks|examples|tests|vcon_fx)/[\w./-]*)(?![<\w./-])")
 OUTSIDE = re.compile(r"\.\./shared|(?<![\w.~-])(?:/(?:work|tmp|home|root|usr|etc|mnt|opt|var|Users)/|~/)|file://")
+PACKAGE = ROOT / "vcon_fx"
+# A module path under vcon_fx/, quoted with or without the `vcon_fx/` prefix (`graph/select.py`).
+PACKAGE_PATH = re.compile(r"(?<![\w./<-])(?:vcon_fx/)?((?:%s)/[\w/]*\.py)(?![\w./-])"
+                          % "|".join(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()))
+REGISTER = re.compile(r"\b(register_\w+)")
+DOTTED = re.compile(r"\bvcon_fx(?:\.[A-Za-z_]\w*)+")
+EXTENDING = DOCS / "extending.md"
+ARCHITECTURE = DOCS / "architecture.md"
+# The files docs/extending.md's worked examples tell you to add: they must not exist (yet).
+NEW_FILES = {"methods/pow2.py", "schedules/sqrt.py", "data/json_lines.py", "export/kernels/conv_integer.py",
+             "sources/hfconfig.py", "tests/methods/test_pow2.py"}
 
 
 def _text(page: Path) -> str:
@@ -89,11 +107,98 @@ def test_relative_links_point_into_the_repository(page):
     assert not bad, f"{_rel(page)}: broken links: {bad}"
 
 
+def _new_files(page: Path) -> set[str]:
+    return NEW_FILES if page == EXTENDING else set()
+
+
 @pytest.mark.parametrize("page", PAGES, ids=_rel)
 def test_quoted_repository_paths_exist(page):
     missing = sorted({p for span in _code(_text(page)) for p in REPO_PATH.findall(span)
-                      if "*" not in p and not (ROOT / p).exists()})
+                      if "*" not in p and not (ROOT / p).exists()} - _new_files(page))
     assert not missing, f"{_rel(page)} quotes files that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_rel)
+def test_quoted_package_paths_exist(page):
+    missing = sorted({p for span in _code(_text(page)) for p in PACKAGE_PATH.findall(span)
+                      if not (PACKAGE / p).is_file()} - _new_files(page))
+    assert not missing, f"{_rel(page)} quotes modules that vcon_fx/ does not have: {missing}"
+
+
+def test_the_files_extending_md_adds_do_not_exist_yet():
+    shown = {p for span in _code(_text(EXTENDING)) for p in PACKAGE_PATH.findall(span) + REPO_PATH.findall(span)}
+    assert NEW_FILES <= shown, f"docs/extending.md no longer adds {sorted(NEW_FILES - shown)}: update NEW_FILES"
+    clash = sorted(p for p in NEW_FILES if (PACKAGE / p).exists() or (ROOT / p).exists())
+    assert not clash, f"docs/extending.md's examples would add files that exist now: {clash}; pick other examples"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_rel)
+def test_named_registries_and_python_names_exist(page):
+    source = "\n".join(p.read_text(encoding="utf-8") for p in PACKAGE.rglob("*.py"))
+    text = "\n".join(_code(_text(page)))
+    unknown = sorted({n for n in REGISTER.findall(text) if not re.search(rf"^def {n}\(", source, re.M)})
+    assert not unknown, f"{_rel(page)} names registry decorators vcon_fx/ does not define: {unknown}"
+    broken = sorted(d for d in set(DOTTED.findall(_text(page))) if not _resolves(d))
+    assert not broken, f"{_rel(page)} names Python objects that do not exist: {broken}"
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether `vcon_fx.a.b.c` is a module, or an attribute of the longest module prefix (imports it)."""
+    parts = dotted.split(".")
+    for end in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:end]))
+        except ImportError:
+            continue
+        for attr in parts[end:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def _folder_sections() -> dict[str, str]:
+    """Folder ("graph", or "errors.py") → its part of architecture.md's "The folders" section."""
+    body = _sections(_text(ARCHITECTURE), "##")["The folders"]
+    parts = re.split(r"^\*\*`([\w.]+)/?`\*\*", body, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def test_architecture_names_every_file_of_every_folder():
+    sections = _folder_sections()
+    folders = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert set(sections) == folders | {"errors.py"}, f"architecture.md's folders: {sorted(sections)}, vcon_fx/: {sorted(folders)}"
+    for folder, body in sections.items():
+        if folder.endswith(".py"):
+            assert (PACKAGE / folder).is_file()
+            continue
+        named = {span for span in CODE_SPAN.findall(body) if span.endswith(".py")}
+        files = {p.name for p in (PACKAGE / folder).rglob("*.py") if p.name != "__init__.py"}
+        assert named == files, (f"architecture.md's {folder}/ lacks {sorted(files - named)} and names "
+                                f"{sorted(named - files)}, which vcon_fx/{folder}/ does not have")
+
+
+def _example_blocks() -> list[tuple[str, str]]:
+    """(the file extending.md says to add, its code) for each worked example."""
+    text = _text(EXTENDING)
+    found = []
+    for block in re.finditer(r"^```python\n(.*?)^```", text, re.S | re.M):
+        before = re.findall(r"file, `([\w/]+\.py)`", text[:block.start()])
+        found.append((before[-1], block.group(1)))
+    return found
+
+
+@pytest.mark.parametrize("path,code", _example_blocks(), ids=[p for p, _ in _example_blocks()])
+def test_extending_examples_import_only_what_the_package_has(path, code):
+    package = "vcon_fx." + str(Path(path).parent).replace("/", ".")
+    missing = []
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            module = importlib.import_module("." * node.level + (node.module or ""), package)
+            missing += [f"{module.__name__}.{a.name}" for a in node.names if not hasattr(module, a.name)
+                        and not importlib.util.find_spec(f"{module.__name__}.{a.name}")]
+    assert not missing, f"docs/extending.md's {path} imports names the package lacks: {missing}"
 
 
 def test_readme_links_to_docs_and_benchmarks():
