@@ -36,7 +36,9 @@ def run(args) -> int:
 
     kernel = kernel_for_flags(vars(args))
     out = check_output(args.onnx, force=args.force, inputs=(args.model,))
-    model, inputs, kwargs, seq_inputs, dense_source = _load_model(args)
+    model, inputs, kwargs, seq_inputs, dense_source, notes = _load_model(args)
+    for note in notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     if kernel is None:
         with console.status("exporting to ONNX…"):
             export_onnx(model, out, inputs, example_kwargs=kwargs, seq_inputs=seq_inputs, force=args.force,
@@ -74,7 +76,7 @@ def run(args) -> int:
 
 
 def _load_model(args):
-    """(model, example args, example kwargs, seq inputs, dense source or None) for the `model` argument.
+    """(model, example args, example kwargs, seq inputs, dense source or None, notes) for the `model` argument.
 
     Raises:
         StageError: an artifact that still has its dense branch.
@@ -89,9 +91,12 @@ def _load_model(args):
             raise StageError(f"{args.model} still has its dense branch (stage {recipe.stage}); run `vcon-fx vanish {args.model}` first")
         model = load(args.model, trust_pickle=args.trust_pickle)
         inputs, kwargs = inputs_from_spec(recipe.inputs)
-        return model, inputs, kwargs, tuple(recipe.selection.get("seq_inputs") or ()), recipe.source
+        fixed = recipe.inputs.get("fixed")
+        notes = [f"the model computes with fixed {' and '.join(f'{k} {v}' for k, v in fixed.items())} (see `vcon-fx "
+                 "transform`'s note): the ONNX takes exactly those sizes"] if fixed else []
+        return model, inputs, kwargs, tuple(recipe.selection.get("seq_inputs") or ()), recipe.source, notes
     loaded = load_source(args, args.model)
-    return loaded.module, loaded.example_args, loaded.example_kwargs, loaded.seq_inputs, None
+    return loaded.module, loaded.example_args, loaded.example_kwargs, loaded.seq_inputs, None, loaded.notes
 
 
 def _speed_note(config) -> str | None:

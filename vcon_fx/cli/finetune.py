@@ -34,7 +34,8 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--transition", help="Q: steps over which β falls, or a share like 20%% (default 20%%; 0 = abrupt)")
     p.add_argument("--schedule", default="linear", choices=SCHEDULES, help="shape of β over the transition")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--batch-size", type=int, default=32, help="examples per step and process (default 32)")
+    p.add_argument("--batch-size", type=int,
+                   help="examples per step and process (default 32, or the batch a model with fixed shapes runs at)")
     p.add_argument("--loss", default="auto", choices=LOSSES,
                    help="auto: cross-entropy with labels, else distillation from the model at β = 1")
     p.add_argument("--eval", dest="eval_data", help="evaluation data (default: up to 1024 training examples)")
@@ -79,6 +80,7 @@ def cmd_finetune(args) -> int:
     from ..data import load_data_for
     from ..io.atomic import check_output
     from ..training import finetune
+    from ..training.config import training_batch_size
 
     main_rank = int(os.environ.get("RANK", "0")) == 0
     model_path = Path(args.model)
@@ -100,6 +102,10 @@ def cmd_finetune(args) -> int:
         train = load_data_for(vm, args.data, seq_len=args.seq_len)
         evaluation = load_data_for(vm, args.eval_data, seq_len=args.seq_len) if args.eval_data else None
 
+    if main_rank:
+        _, note = training_batch_size(recipe.inputs, args.batch_size)  # raises before any work on a conflict
+        if note:
+            console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
     progress = _progress() if main_rank else None
     task = progress.add_task("fine-tuning", total=args.steps, info="") if progress else None
 

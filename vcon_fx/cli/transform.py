@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
+
 from .options import add_method, add_source, default_output, load_source, method_config, selection_kwargs
 from .render import console, describe, fmt_count
 
@@ -27,6 +29,8 @@ def run(args) -> int:
     config = method_config(args)
     out = check_output(args.output or default_output(args.model, ".vcon"), force=args.force, inputs=(args.model,))
     loaded = load_source(args, args.model)
+    for note in loaded.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     with console.status("capturing and transforming…"):
         vm = transform(loaded.module, config, example_inputs=loaded.example_args, example_kwargs=loaded.example_kwargs,
                        seq_inputs=loaded.seq_inputs, freeze_dense=args.freeze_dense, source=loaded.source,

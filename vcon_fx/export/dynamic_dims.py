@@ -29,29 +29,6 @@ def _wanted_dims(inputs, dynamic_batch: bool, seq_inputs) -> list[tuple[int, int
     return wanted
 
 
-def _refuse_static_capture(model, inputs, wanted) -> None:
-    """Raise when a torch.export GraphModule was captured with a dim static that should be dynamic.
-
-    Its placeholders carry the capture's fake tensors: an int where we want a symbol means the
-    module guards on that size (it refuses other sizes, in PyTorch too), and re-exporting it
-    gives an ONNX signature that only looks dynamic.
-    """
-    if not isinstance(model, torch.fx.GraphModule):
-        return
-    fakes = [n.meta.get("val") for n in model.graph.nodes if n.op == "placeholder"]
-    fakes = [v for v in fakes if isinstance(v, torch.Tensor)]
-    if len(fakes) != len(inputs):  # symbolic_trace placeholders carry no "val"
-        return
-    static = [f"{inputs[i][0]} dim {axis} ({axis_name}) is {fakes[i].shape[axis]}"
-              for i, axis, axis_name in wanted if isinstance(fakes[i].shape[axis], int)]
-    if static:
-        raise ExportError(
-            f"{type(model).__name__} was captured by torch.export with static shapes: {'; '.join(static)}. "
-            "Fix: capture it with dynamic_shapes (torch.export.Dim.AUTO on the batch and seq dims), or "
-            "export static shapes on purpose (dynamic_batch=False, --static-shapes)"
-        )
-
-
 def _check_and_name_axes(program, wanted: list[tuple[int, int, str]], model_name: str) -> None:
     """Raise if a requested dynamic dim came out static; rename the symbols to batch/seq (in place).
 

@@ -12,39 +12,12 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-from torch import nn
 
-from ..graph.dims import key_str, positional_names
+from ..graph.dims import flatten_inputs, key_str, unique_names
 
 __all__ = ["flatten_inputs", "flatten_outputs"]
 
 log = logging.getLogger(__name__)
-
-
-def flatten_inputs(model: nn.Module, args: tuple, kwargs: dict | None = None) -> list[tuple[str, torch.Tensor]]:
-    """List the tensor inputs in the order the exporter flattens them, each with its ONNX name (pure).
-
-    Args:
-        model: the model whose `forward` signature names the positional inputs.
-        args: positional inputs.
-        kwargs: keyword inputs.
-
-    Returns:
-        `(name, tensor)` pairs; non-tensor inputs (None, ints, flags) are left out, as the
-        exporter bakes them into the graph.
-    """
-    params = positional_names(model)
-    named = []
-    for path, leaf in pytree.tree_flatten_with_path((tuple(args), dict(kwargs or {})))[0]:
-        if not isinstance(leaf, torch.Tensor):
-            continue
-        top, *rest = path[1:]
-        if path[0].idx == 0:
-            head = params[top.idx] if top.idx < len(params) else f"input_{top.idx}"
-        else:
-            head = str(top.key)
-        named.append(("_".join([head, *(key_str(k) for k in rest)]), leaf))
-    return _unique(named)
 
 
 def flatten_outputs(output: Any) -> list[tuple[str, torch.Tensor]]:
@@ -65,21 +38,7 @@ def flatten_outputs(output: Any) -> list[tuple[str, torch.Tensor]]:
         if not path or not isinstance(path[0], (pytree.MappingKey, pytree.GetAttrKey)):
             parts.insert(0, "output")
         named.append(("_".join(parts), leaf))
-    return _unique(named)
-
-
-def _unique(named: list) -> list:
-    # two leaves can flatten to one name (`x_0` the argument, `x` a list); number the later one
-    seen: set[str] = set()
-    result = []
-    for name, value in named:
-        new, k = name, 0
-        while new in seen:
-            k += 1
-            new = f"{name}_{k}"
-        seen.add(new)
-        result.append((new, value))
-    return result
+    return unique_names(named)
 
 
 def _output_names(outputs: list, input_names: list[str]) -> list[str]:

@@ -21,9 +21,9 @@ from torch import nn
 
 from ..errors import ExportError, UsageError
 from ..io.atomic import atomic_path, check_output
-from ..graph.dims import dynamic_shapes
+from ..graph.dims import dynamic_shapes, fixed_dims
 from ..graph.modes import eval_mode
-from .dynamic_dims import _check_and_name_axes, _refuse_static_capture, _wanted_dims
+from .dynamic_dims import _check_and_name_axes, _wanted_dims
 from .proto import INLINE_LIMIT_BYTES
 from .naming import _name_values, _output_names, flatten_inputs, flatten_outputs
 
@@ -86,9 +86,15 @@ def export_onnx(
     unknown = [s for s in seq_inputs if s not in input_names]
     if unknown:
         raise UsageError(f"seq_inputs {unknown} are not inputs of {name}: its tensor inputs are {input_names}")
+    # A graph that computes with fixed sizes (a .pt2 exported without dynamic_shapes) gets an ONNX
+    # with those sizes, whose input shapes say so, instead of an error after all the work.
+    fixed = fixed_dims(model, inputs, tuple(seq_inputs)) if isinstance(model, torch.fx.GraphModule) else {}
+    if fixed:
+        log.info("%s computes with fixed %s: exported with those sizes", name, fixed)
+        dynamic_batch = dynamic_batch and "batch" not in fixed
+        seq_inputs = () if "sequence" in fixed else seq_inputs
     shapes = dynamic_shapes(model, args, kwargs, dynamic_batch=dynamic_batch, seq_inputs=seq_inputs)
     wanted = _wanted_dims(inputs, dynamic_batch, seq_inputs)
-    _refuse_static_capture(model, inputs, wanted)
     with eval_mode(model):
         outputs = flatten_outputs(run_model(model, args, kwargs))
         program = _run_exporter(model, args, kwargs, shapes if wanted else None, opset)

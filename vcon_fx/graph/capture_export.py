@@ -17,13 +17,14 @@ from torch import fx, nn
 from .capture_failure import TraceFailure, first_sentence
 from .dims import dynamic_shapes
 
-__all__ = ["trace_with_export", "looks_exported"]
+__all__ = ["trace_with_export", "looks_exported", "quiet_export"]
 
 log = logging.getLogger(__name__)
 
 # torch.export prints graph dumps when it fails and warns through these loggers; the library
 # does not print, so both go to the debug log.
-_CHATTY_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export", "torch._dynamo")
+_CHATTY_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export", "torch._dynamo",
+                   "torch._subclasses.fake_tensor")
 
 
 def trace_with_export(model: nn.Module, args: tuple, kwargs: dict, seq_inputs: tuple[str, ...],
@@ -42,13 +43,14 @@ def trace_with_export(model: nn.Module, args: tuple, kwargs: dict, seq_inputs: t
     model.eval()
     stack: list[tuple[str, str]] = []
     try:
-        with _quiet(), _module_stack(model, stack):
+        with quiet_export(), _module_stack(model, stack):
             try:
                 ep = torch.export.export(model, args, kwargs, strict=False,
                                          dynamic_shapes=dynamic_shapes(model, args, kwargs, seq_inputs=seq_inputs))
             except Exception as exc:
                 ep = torch.export.export(model, args, kwargs, strict=False)
-                notes.append(f"dynamic batch/sequence export failed ({first_sentence(exc)}); exported with static shapes")
+                notes.append(f"dynamic batch/sequence export failed ({first_sentence(exc)}); exported with the example's "
+                             "fixed shapes: fine-tuning uses its batch, and the ONNX takes exactly its shapes")
     except Exception as exc:
         path, kind = stack[-1] if stack else (None, None)
         raise TraceFailure("torch.export", exc, path, kind) from exc
@@ -88,7 +90,8 @@ def _module_stack(model: nn.Module, stack: list[tuple[str, str]]):
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_export():
+    """torch.export's printed graph dumps and warnings go to the debug log (the library never prints)."""
     out, err = io.StringIO(), io.StringIO()
     loggers = [logging.getLogger(n) for n in _CHATTY_LOGGERS]
     levels = [lg.level for lg in loggers]

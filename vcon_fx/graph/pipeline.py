@@ -24,6 +24,7 @@ from .duplicate import duplicate, plan_blocks
 from .normalize import normalize
 from .select import Group, Selection, SelectionConfig, find_sites, select
 from .vanish import vanish_graph
+from .dims import fixed_dims, flatten_inputs
 from .recipe import Recipe, input_spec, recipe_of
 
 __all__ = ["transform", "plan", "vanish", "CompressionPlan", "Plan", "rebuild"]
@@ -143,10 +144,23 @@ def transform(
     if contracts.active() and (example_inputs or example_kwargs):
         contracts.ensure_blend_branches_agree(gm, example_inputs, example_kwargs)
     gm.meta["vcon"] = _recipe(compression_plan, config, selection, seq_inputs, freeze_dense, source,
-                              input_spec(example_inputs, example_kwargs))
+                              _inputs_record(model, gm, example_inputs, example_kwargs, seq_inputs))
     log.info("transformed %d group(s) with %s (capture: %s)", len(compression_plan.groups), config.method,
              compression_plan.capture)
     return gm
+
+
+def _inputs_record(model, gm, example_inputs, example_kwargs, seq_inputs) -> dict:
+    """The example-input spec, plus the batch / sequence sizes the captured graph fixed (see dims.fixed_dims).
+
+    Fine-tuning trains at a fixed batch and the ONNX export keeps fixed dims static, instead of
+    both failing later for a reason known now.
+    """
+    spec = input_spec(example_inputs, example_kwargs)
+    fixed = fixed_dims(gm, flatten_inputs(model, example_inputs, example_kwargs), tuple(seq_inputs))
+    if fixed:
+        spec["fixed"] = fixed
+    return spec
 
 
 def _refuse_all_skipped(compression_plan: CompressionPlan, config: MethodConfig) -> None:

@@ -67,6 +67,7 @@ class LoadedModel:
         task: "vision", "text" or "generic".
         tokenizer_path: the Hugging Face folder holding a tokenizer, if any.
         exported: the ExportedProgram for .pt2 sources (already a graph), else None.
+        notes: what loading assumed or changed, said once by `vcon-fx transform`.
     """
 
     module: nn.Module
@@ -77,6 +78,7 @@ class LoadedModel:
     task: str = "generic"
     tokenizer_path: str | None = None
     exported: torch.export.ExportedProgram | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def sha256_file(path: str | Path) -> str:

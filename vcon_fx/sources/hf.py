@@ -60,7 +60,7 @@ def config_files(folder: Path) -> list[Path]:
 
 def build_hf(folder: Path, *, load_weights: bool = True, trust_pickle: bool = False,
              input_shape: tuple[int, ...] | None = None, seq_len: int | None = None,
-             batch_size: int = 1) -> LoadedModel:
+             batch_size: int = 2) -> LoadedModel:
     """Build the model a Hugging Face folder describes, offline.
 
     Args:

@@ -10,7 +10,7 @@ checking the sha256 of every file it reads. Each kind lives in its own file and 
 Example:
     >>> lm = load_model("torchvision:resnet18")
     >>> lm.module(*lm.example_args).shape
-    torch.Size([1, 1000])
+    torch.Size([2, 1000])
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ..errors import LoadError, UsageError
 from .base import ACCEPTED, LoadedModel
 from .registry import SHAPE_KEYS, SourceKind, source_kinds
 from .request import SourceRequest, hash_file
+from .example_sizes import widen_examples
 # Importing a kind's file registers it, in the order errors list them (so no kind's file is imported
 # above this line): a new kind is one file, imported here.
 from .pt2 import Pt2Source
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 def load_model(source: str | os.PathLike, *, weights: str | os.PathLike | None = None, arch: str | None = None,
                trust_pickle: bool = False, input_shape: tuple[int, ...] | None = None,
-               seq_len: int | None = None, batch_size: int = 1) -> LoadedModel:
+               seq_len: int | None = None, batch_size: int = 2) -> LoadedModel:
     """Load a model source into an eval-mode module with example inputs (pure: files are only read).
 
     Args:
@@ -49,7 +50,7 @@ def load_model(source: str | os.PathLike, *, weights: str | os.PathLike | None =
         weights: a state dict to load into a torchvision or Hugging Face architecture.
         arch: the architecture of a state-dict source: "torchvision:NAME" or a Hugging Face folder.
         trust_pickle: allow unpickling (runs code from the file); off by default.
-        input_shape: the full example input shape, batch first (e.g. (1, 3, 224, 224)).
+        input_shape: the full example input shape, batch first (e.g. (2, 3, 224, 224)).
         seq_len: the example sequence length of text models (default 16).
         batch_size: the batch of default example inputs.
 
@@ -63,7 +64,7 @@ def load_model(source: str | os.PathLike, *, weights: str | os.PathLike | None =
 
     Example:
         >>> load_model("torchvision:mobilenet_v3_small").example_args[0].shape
-        torch.Size([1, 3, 224, 224])
+        torch.Size([2, 3, 224, 224])
     """
     return _load(source, weights=weights, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape,
                  seq_len=seq_len, batch_size=batch_size, hashes={})
@@ -113,6 +114,9 @@ def _done(lm: LoadedModel, spec: dict, shape_spec: dict) -> LoadedModel:
     lm.source = {**spec, **shape_spec}
     if lm.exported is None:  # exported modules reject eval(); their mode was fixed at export
         lm.module.eval()
+        # A .pt2 brings its own graph (pt2.py makes its dims dynamic); models built here are
+        # captured later, at these sizes.
+        lm.notes.extend(widen_examples(lm))
     log.info("loaded %s source (%s task)", spec["kind"], lm.task)
     return lm
 
@@ -141,7 +145,7 @@ def rebuild_model(spec: Mapping, *, trust_pickle: bool = False) -> LoadedModel:
             _verify(Path(value), spec[sha_key], hashes)
     shape = spec.get("input_shape")
     kwargs = {"input_shape": tuple(shape) if shape else None, "seq_len": spec.get("seq_len"),
-              "batch_size": spec.get("batch_size", 1), "trust_pickle": trust_pickle, "hashes": hashes}
+              "batch_size": spec.get("batch_size", 2), "trust_pickle": trust_pickle, "hashes": hashes}
     lm = _load(kind.source_of(spec), weights=spec.get("weights"), arch=spec.get("arch"), **kwargs)
     # Folder hashes (config + shards) are only known after loading; compare them now.
     for key in ("sha256", "arch_sha256"):

@@ -27,7 +27,7 @@ DEFAULT_SEQ_LEN = 16
 
 
 def module_from_object(obj, path: Path, *, input_shape: tuple[int, ...] | None = None,
-                       seq_len: int | None = None, batch_size: int = 1) -> LoadedModel:
+                       seq_len: int | None = None, batch_size: int = 2) -> LoadedModel:
     """Wrap an unpickled nn.Module with example inputs.
 
     Args:
@@ -53,7 +53,7 @@ def module_from_object(obj, path: Path, *, input_shape: tuple[int, ...] | None =
     return LoadedModel(module=obj, example_args=args, task=task, seq_inputs=seq)
 
 
-def guess_inputs(module: nn.Module, where, *, input_shape=None, seq_len=None, batch_size=1):
+def guess_inputs(module: nn.Module, where, *, input_shape=None, seq_len=None, batch_size=2):
     """One example input: `input_shape` if given, else shaped for the first layer.
 
     Returns:

@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import LoadError, UsageError, first_line
 from .base import LoadedModel, example_generator
+from .pt2_dynamic import make_dynamic
 from .registry import SourceKind, register_source
 from .request import SourceRequest
 
@@ -80,6 +81,8 @@ def load_pt2(path: Path, *, input_shape: tuple[int, ...] | None = None) -> Loade
         task = "vision"
     else:
         task = "generic"
+    freed = make_dynamic(ep, args, kwargs, _tensor_input_names(ep), seq_inputs, path)
+    ep, args, kwargs = freed.ep, freed.args, freed.kwargs
     module = ep.module()
     # Unlifted export modules reject .eval() in some versions; train/eval was fixed at export time.
     try:
@@ -87,7 +90,14 @@ def load_pt2(path: Path, *, input_shape: tuple[int, ...] | None = None) -> Loade
     except NotImplementedError:
         pass
     return LoadedModel(module=module, example_args=args, example_kwargs=kwargs, seq_inputs=seq_inputs,
-                       task=task, exported=ep)
+                       task=task, exported=ep, notes=[freed.note] if freed.note else [])
+
+
+def _tensor_input_names(ep) -> list[str]:
+    """The names of the program's tensor inputs, in placeholder order."""
+    user = set(ep.graph_signature.user_inputs)
+    return [n.name for n in ep.graph.nodes
+            if n.op == "placeholder" and n.name in user and isinstance(n.meta.get("val"), torch.Tensor)]
 
 
 class _Keep(logging.Handler):

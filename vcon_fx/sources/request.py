@@ -38,7 +38,7 @@ class SourceRequest:
     trust_pickle: bool = False
     input_shape: tuple[int, ...] | None = None
     seq_len: int | None = None
-    batch_size: int = 1
+    batch_size: int = 2
     hashes: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
     _content: Any = field(default=_UNREAD, repr=False)

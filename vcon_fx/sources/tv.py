@@ -48,7 +48,7 @@ def torchvision_names() -> dict[str, str]:
     return out
 
 
-def build_torchvision(name: str, *, input_shape: tuple[int, ...] | None = None, batch_size: int = 1) -> LoadedModel:
+def build_torchvision(name: str, *, input_shape: tuple[int, ...] | None = None, batch_size: int = 2) -> LoadedModel:
     """Build `torchvision.models.get_model(name, weights=None)` with a seeded random init.
 
     Args:

@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from ..schedules.registry import check_kind
 from .evaluate import LOSSES
 
-__all__ = ["FinetuneConfig"]
+__all__ = ["FinetuneConfig", "training_batch_size", "DEFAULT_BATCH_SIZE"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,8 @@ class FinetuneConfig:
         transition: Q, the steps over which β falls (default 20% of `steps`; 0 = abrupt).
         schedule: one of SCHEDULES; `schedule_options` are its options (e.g. beta_end).
         lr: Adam learning rate (constant).
-        batch_size: examples per step on each process.
+        batch_size: examples per step on each process (None: 32, or the batch a model whose
+            shapes were fixed at export runs at; see `training_batch_size`).
         loss: "auto" (task with labels, else distill), "task" (cross-entropy), "distill"
             (KL on logits when the model returns `logits`, else MSE), "mse" or "kl".
         eval_every: evaluate every this many steps (always before and after).
@@ -53,7 +54,7 @@ class FinetuneConfig:
     transition: int | None = None
     schedule: str = "linear"
     lr: float = 1e-3
-    batch_size: int = 32
+    batch_size: int | None = None
     loss: str = "auto"
     eval_every: int | None = None
     seed: int = 0
@@ -70,7 +71,8 @@ class FinetuneConfig:
         _whole("steps", self.steps, 1)
         if self.transition is not None:
             _whole("transition", self.transition, 0, " (0 = abrupt compression)")
-        _whole("batch_size", self.batch_size, 1)
+        if self.batch_size is not None:
+            _whole("batch_size", self.batch_size, 1)
         _whole("gap_every", self.gap_every, 1)
         for name in ("eval_every", "save_every"):
             if getattr(self, name) is not None:
@@ -122,3 +124,27 @@ class FinetuneConfig:
 def _whole(name: str, value: Any, low: int, hint: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{name} must be an integer ≥ {low}{hint}, got {value!r}")
+
+
+DEFAULT_BATCH_SIZE = 32
+
+
+def training_batch_size(inputs: Mapping[str, Any], requested: int | None) -> tuple[int, str | None]:
+    """The batch size a run uses and, for a model with a fixed batch, the note that says why (pure).
+
+    Args:
+        inputs: the recipe's example-input spec; its "fixed" entry holds the sizes the graph fixed.
+        requested: FinetuneConfig.batch_size (None: the default).
+
+    Raises:
+        ConfigError: a batch size other than the one the model runs at.
+    """
+    fixed = (inputs.get("fixed") or {}).get("batch")
+    if fixed is None:
+        return (DEFAULT_BATCH_SIZE if requested is None else requested), None
+    if requested is not None and requested != fixed:
+        raise ConfigError(f"batch_size {requested}: the model runs only at batch {fixed} (its shapes were fixed when it "
+                          f"was exported): leave --batch-size out or pass --batch-size {fixed}")
+    return fixed, (f"the model runs only at batch {fixed} (fixed at export): each training step takes {fixed} example(s), "
+                   "drawn from the data reshuffled every epoch, so no step has a partial batch; evaluation pads its last "
+                   "partial batch with repeated examples and scores only the real ones")

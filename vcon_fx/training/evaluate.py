@@ -82,19 +82,27 @@ def _teacher(vm: nn.Module, args, kwargs):
 
 @torch.no_grad()
 def evaluate(vm: nn.Module, data: Dataset, metric: str, *, batch_size: int, device: torch.device,
-             dist: Distributed) -> float:
-    """Accuracy (labels) or mean cosine to the β = 1 outputs, over every rank's share of the eval data."""
+             dist: Distributed, pad: bool = False) -> float:
+    """Accuracy (labels) or mean cosine to the β = 1 outputs, over every rank's share of the eval data.
+
+    `pad`: the model runs only at `batch_size` (shapes fixed at export); the last partial batch is
+    filled with repeats of its first example, whose results are not counted.
+    """
     ds = data
     total, count = 0.0, 0.0
     with eval_mode(vm):
         idx = list(range(dist.rank, len(ds), dist.world))
         for lo in range(0, len(idx), batch_size):
-            args, kwargs, labels = split_batch(default_collate([ds[i] for i in idx[lo:lo + batch_size]]))
+            chunk = idx[lo:lo + batch_size]
+            real = len(chunk)
+            if pad:
+                chunk = chunk + chunk[:1] * (batch_size - real)
+            args, kwargs, labels = split_batch(default_collate([ds[i] for i in chunk]))
             args, kwargs = to_device(args, device), to_device(kwargs, device)
             out = vm(*args, **kwargs)
             if metric == "accuracy":
-                labels = to_device(labels, device)
-                pred = prediction(out).argmax(-1)
+                labels = to_device(labels, device)[:real]
+                pred = prediction(out)[:real].argmax(-1)
                 keep = labels != -100
                 total += float((pred[keep] == labels[keep]).sum())
                 count += float(keep.sum())
@@ -102,8 +110,9 @@ def evaluate(vm: nn.Module, data: Dataset, metric: str, *, batch_size: int, devi
                 with at_beta(vm, 1.0):
                     ref = vm(*args, **kwargs)
                 n = prediction(out).shape[0]
-                total += float(F.cosine_similarity(_flat(out, n), _flat(ref, n), dim=1, eps=1e-12).sum())
-                count += n
+                sims = F.cosine_similarity(_flat(out, n), _flat(ref, n), dim=1, eps=1e-12)[:real]
+                total += float(sims.sum())
+                count += real
     total, count = dist.sum([total, count])
     return total / max(count, 1.0)
 

@@ -24,7 +24,8 @@ from ..graph.blend import get_betas, mean_beta
 from ..schedules.schedule import make_schedule
 from .batches import StepBatches, mix_seed, split_batch, to_device
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import FinetuneConfig
+from .config import FinetuneConfig, training_batch_size
+from ..graph.recipe import recipe_of
 from .distributed import Distributed
 from ..graph.modes import eval_mode
 from .evaluate import GapProbe, at_beta, choose_loss, evaluate, prediction, training_loss
@@ -61,6 +62,11 @@ class FinetuneRun:
         self.signalled = False  # set by the SIGINT handler, on this rank
         self.stop = False       # agreed by every rank (one signalled), so all stop after the same step
         self.last_checkpoint: Path | None = None
+        # A model whose shapes were fixed at export runs only at that batch: every forward uses it.
+        self.batch_size, self.batch_note = training_batch_size(recipe_of(vm).inputs, config.batch_size)
+        self.fixed_batch = self.batch_note is not None
+        if self.batch_note:
+            log.info("%s", self.batch_note)
 
     # ── set-up ───────────────────────────────────────────────────────────────────────────
 
@@ -99,9 +105,9 @@ class FinetuneRun:
         """Probe the data, choose the loss and metric, build the schedule and the optimizer."""
         vm, config = self.vm, self.config
         self._probe_batches()
-        first_args, first_kwargs, first_labels = split_batch(default_collate([self.train_data[0]]))
+        first_args, first_kwargs, first_labels = split_batch(self._first(self.train_data))
         self.loss_kind = choose_loss(config.loss, vm, first_args, first_kwargs, first_labels, self.device)
-        self.metric = "accuracy" if split_batch(default_collate([self.eval_data[0]]))[2] is not None else "cosine"
+        self.metric = "accuracy" if split_batch(self._first(self.eval_data))[2] is not None else "cosine"
         self.num_classes = self._check_labels(first_args, first_kwargs)
 
         self.schedule = make_schedule(config.schedule, vm, transition=config.transition, **config.schedule_options)
@@ -110,19 +116,25 @@ class FinetuneRun:
             raise ConfigError("the model has no trainable parameters (all frozen): unfreeze some before fine-tuning")
         self.optimizer = torch.optim.Adam(self.params, lr=config.lr)
 
+    def _first(self, data: Dataset):
+        """The first example collated as a batch, or the first fixed batch (examples repeated if too few)."""
+        n = self.batch_size if self.fixed_batch else 1
+        return default_collate([data[i % len(data)] for i in range(n)])
+
     def _probe_batches(self) -> None:
         """One forward at 1 and at batch_size examples: a model that cannot take them fails here, in one line."""
-        for n in sorted({1, min(self.config.batch_size, len(self.train_data))}):
-            args, kwargs, _ = split_batch(default_collate([self.train_data[i] for i in range(n)]))
+        sizes = {self.batch_size} if self.fixed_batch else {1, min(self.batch_size, len(self.train_data))}
+        for n in sorted(sizes):
+            args, kwargs, _ = split_batch(default_collate([self.train_data[i % len(self.train_data)] for i in range(n)]))
             try:
                 with torch.no_grad(), eval_mode(self.vm):
                     self.vm(*to_device(args, self.device), **to_device(kwargs, self.device))
             except Exception as exc:
                 lines = str(exc).strip().splitlines()
                 raise DataError(
-                    f"the model does not run on a batch of {n} example(s) ({type(exc).__name__}: "
-                    f"{lines[0][:200] if lines else ''}); a .pt2 exported with a fixed batch size runs only at that "
-                    "size: re-export it with dynamic_shapes={'x': {0: torch.export.Dim.DYNAMIC}}"
+                    f"the model does not run on a batch of {n} example(s) of the training data ({type(exc).__name__}: "
+                    f"{lines[0][:200] if lines else ''}); the data gives {_shapes(args, kwargs)}, the model's example "
+                    f"inputs are {_spec_shapes(recipe_of(self.vm).inputs)}: give data of the model's input shapes"
                 ) from None
 
     def _check_labels(self, args, kwargs) -> int | None:
@@ -144,7 +156,7 @@ class FinetuneRun:
 
     def _loop(self, model: nn.Module, start: int) -> None:
         config = self.config
-        batches = StepBatches(len(self.train_data), config.batch_size, self.dist.rank, self.dist.world, config.seed,
+        batches = StepBatches(len(self.train_data), self.batch_size, self.dist.rank, self.dist.world, config.seed,
                               start + 1, config.steps)
         loader = torch.utils.data.DataLoader(self.train_data, batch_sampler=batches, num_workers=config.num_workers,
                                              collate_fn=default_collate)
@@ -227,14 +239,14 @@ class FinetuneRun:
                           "eval": {self.metric: before, f"{self.metric}_compressed": compressed}})
 
     def _evaluate(self) -> float:
-        return evaluate(self.vm, self.eval_data, self.metric, batch_size=self.config.batch_size, device=self.device,
-                        dist=self.dist)
+        return evaluate(self.vm, self.eval_data, self.metric, batch_size=self.batch_size, device=self.device,
+                        dist=self.dist, pad=self.fixed_batch)
 
     # ── checkpoints ──────────────────────────────────────────────────────────────────────
 
     def _run_settings(self) -> dict[str, Any]:
         config = self.config
-        return {"steps": config.steps, "lr": config.lr, "batch_size": config.batch_size, "loss": self.loss_kind,
+        return {"steps": config.steps, "lr": config.lr, "batch_size": self.batch_size, "loss": self.loss_kind,
                 "seed": config.seed, "world_size": self.dist.world, "schedule": config.schedule}
 
     def _save(self, t: int) -> None:
@@ -258,3 +270,15 @@ class FinetuneRun:
         self.last_checkpoint = found
         log.info("resumed from %s (step %d)", found, step)
         return step
+
+
+def _shapes(args: tuple, kwargs: dict) -> str:
+    """"input 0 32×10, mask 32×10": the shapes of a batch's tensors, for error messages (pure)."""
+    named = [(f"input {i}", t) for i, t in enumerate(args)] + list(kwargs.items())
+    return ", ".join(f"{n} {'×'.join(map(str, t.shape))}" for n, t in named if isinstance(t, torch.Tensor))
+
+
+def _spec_shapes(spec: dict) -> str:
+    """The same for a recipe's recorded example inputs (pure)."""
+    named = [(f"input {i}", a) for i, a in enumerate(spec.get("args") or [])] + list((spec.get("kwargs") or {}).items())
+    return ", ".join(f"{n} {'×'.join(map(str, a['shape']))}" for n, a in named)
