@@ -106,7 +106,9 @@ def run(args) -> int:
     parsers = _stage_parsers()
     onnx = Path(args.onnx)
     work = Path(args.work) if args.work else default_work(onnx)
-    inputs = (args.model, args.data, args.eval_data)
+    inputs = (args.model, args.data, args.eval_data, args.weights)
+    if work.absolute() == onnx.absolute():
+        raise UsageError(f"--work {work} is the ONNX file's own path: choose another --work")
     _check_finetune_flags(args, parsers["finetune"], work)
     settings = _settings(args)
     continuing = _continues(work, settings, parsers, force=args.force, inputs=inputs)
@@ -298,9 +300,10 @@ def _continuing(stage: str, work: Path) -> str:
 
 def _kept(work: Path) -> str:
     """The Ctrl-C line: what the work folder keeps, and how to continue (pure)."""
+    from ..io.artifact import is_artifact
     from ..training.checkpoint import latest_checkpoint
 
-    kept = [name for name, _ in _ARTIFACTS.values() if (work / name / "recipe.json").is_file()]
+    kept = [name for name, _ in _ARTIFACTS.values() if is_artifact(work / name)]
     found = latest_checkpoint(work / _CHECKPOINTS)
     if found is not None and "model.tuned" not in kept:
         kept.append(f"the fine-tuning checkpoint of step {found.name.split('-')[1]}")
