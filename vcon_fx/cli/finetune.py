@@ -22,7 +22,7 @@ from ..schedules.schedule import SCHEDULES
 from ..training.evaluate import LOSSES
 from .render import console, errors
 
-__all__ = ["add_finetune_parser", "cmd_finetune"]
+__all__ = ["add_finetune_parser", "cmd_finetune", "run_finetune"]
 
 
 def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
@@ -75,7 +75,17 @@ def default_output(model: str) -> Path:
 
 
 def cmd_finetune(args) -> int:
-    """Load the artifact, fine-tune it with a progress bar, save the tuned artifact."""
+    """Load the artifact, fine-tune it with a progress bar, save the tuned artifact; on Ctrl-C say how to resume."""
+    try:
+        return run_finetune(args)
+    except KeyboardInterrupt as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            errors.print(f"[yellow]{exc or 'interrupted'}[/]; continue with the same command plus --resume")
+        raise
+
+
+def run_finetune(args) -> int:
+    """`cmd_finetune` without the Ctrl-C line (`vcon-fx compress` words its own); returns the exit code."""
     from ..io.artifact import is_artifact, load, read_recipe, save
     from ..data import load_data_for
     from ..io.atomic import check_output
@@ -119,15 +129,9 @@ def cmd_finetune(args) -> int:
         # Built here, inside the progress bar, where finetune() checked these settings before.
         config = _config(args, transition, checkpoint_dir)
         result = finetune(vm, train, config, eval_data=evaluation, on_step=on_step)
-    except KeyboardInterrupt as exc:
-        if progress:
-            progress.stop()  # before the message, so the bar does not overwrite it
-        if main_rank:
-            errors.print(f"[yellow]{exc or 'interrupted'}[/]; continue with the same command plus --resume")
-        raise
     finally:
         if progress:
-            progress.stop()
+            progress.stop()  # before any message, so the bar does not overwrite it
     if not main_rank:
         return 0
     save(vm, out, force=args.force)

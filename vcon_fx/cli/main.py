@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from .. import __version__
 from ..errors import VconError
-from . import bench, demo, export, finetune, inspect, transform, vanish
+from . import bench, compress, demo, export, finetune, inspect, transform, vanish
 from .render import errors
 
 __all__ = ["main", "build_parser", "INTERRUPTED"]
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
     sub = parser.add_subparsers(dest="command", required=True)
     inspect.add_parser(sub)
+    compress.add_parser(sub)
     transform.add_parser(sub)
     finetune.add_finetune_parser(sub)
     demo.add_demo_parser(sub)
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "inspect": inspect.run,
+    "compress": compress.run,
     "transform": transform.run,
     "finetune": finetune.cmd_finetune,
     "vanish": vanish.run,
