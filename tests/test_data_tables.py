@@ -118,6 +118,32 @@ def test_keyword_inputs_are_named_columns(tmp_path):
     assert set(ds[0]) == {"pixel_values", "labels"} and ds[0]["pixel_values"].shape == (1, 2, 3)
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "saved"])
+def test_a_column_of_images_reads_like_an_image_folder(tmp_path, fmt):
+    from PIL import Image
+
+    spec = {"args": [{"shape": [1, 3, 12, 10], "dtype": "float32"}], "kwargs": {}}
+    images, rows = tmp_path / "imgs", []
+    for label, (cls, size) in enumerate([("cat", (20, 16)), ("dog", (9, 30))]):
+        (images / cls).mkdir(parents=True)
+        for i in range(2):
+            file = images / cls / f"{i}.png"
+            Image.fromarray(np.full((size[1], size[0], 3), 40 * i + 10 + label, np.uint8)).save(file)
+            rows.append({"img": Image.open(file), "label": label})
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
+    table = datasets.Dataset.from_list(rows, features=features)
+    path = tmp_path / ("t.parquet" if fmt == "parquet" else "saved")
+    table.to_parquet(str(path)) if fmt == "parquet" else table.save_to_disk(str(path))
+    ds, folder = load_data(path, input_spec=spec, num_classes=2), load_data(images, input_spec=spec)
+    assert len(ds) == 4 and dataset_labels(ds).tolist() == [0, 0, 1, 1]
+    for i in range(4):
+        assert torch.equal(ds[i][0], folder[i][0]) and int(ds[i][1]) == folder[i][1]
+    keyword = load_data(path, input_spec={"args": [], "kwargs": {"pixel_values": spec["args"][0]}})
+    assert set(keyword[3]) == {"pixel_values", "labels"} and torch.equal(keyword[3]["pixel_values"], folder[3][0])
+    message = error(path, input_spec={"args": [{"shape": [4, 6], "dtype": "float32"}]})
+    assert str(path) in message and "holds images" in message
+
+
 # ── columns: names, defaults, labels ───────────────────────────────────────────────────────
 
 
@@ -280,11 +306,12 @@ def test_reading_uses_no_network_and_writes_nothing(tmp_path, monkeypatch, token
     data = tmp_path / "data"
     data.mkdir()
     paths = [write(data, fmt, [{"text": t, "label": 0} for t in TEXTS]) for fmt in FORMATS]
-    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    before, bars = sorted(p.relative_to(data) for p in data.rglob("*")), datasets.is_progress_bar_enabled()
     for path in paths:
         assert len(load_data(path, tokenizer_path=tokenizer, input_spec=TEXT_SPEC)) == 3
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
     assert not (tmp_path / "hf-cache").exists() and not list(scratch.iterdir())
+    assert datasets.is_progress_bar_enabled() == bars  # silenced only while reading
 
 
 def test_datasets_is_imported_only_to_read_a_table():

@@ -19,6 +19,8 @@ __all__ = ["load_table", "load_saved", "quiet_datasets"]
 
 # The `datasets` builder that reads each table suffix.
 BUILDERS = {".jsonl": "json", ".ndjson": "json", ".csv": "csv", ".parquet": "parquet"}
+# datasets.config's switches for offline mode (read when it would reach the Hub, so setting them here counts).
+_OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 @contextlib.contextmanager
@@ -27,18 +29,20 @@ def quiet_datasets() -> Iterator[Any]:
     import datasets
     from datasets.utils import logging as ds_logging
 
-    bars_were_off = datasets.are_progress_bars_disabled()
+    bars_were_on = datasets.is_progress_bar_enabled()
     verbosity = ds_logging.get_verbosity()
-    offline = (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE)
+    offline = {flag: getattr(datasets.config, flag, False) for flag in _OFFLINE_FLAGS}
     datasets.disable_progress_bars()
     ds_logging.set_verbosity(ds_logging.CRITICAL)  # its errors reach the user as our DataError instead
-    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    for flag in _OFFLINE_FLAGS:
+        setattr(datasets.config, flag, True)
     try:
         yield datasets
     finally:
-        datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = offline
+        for flag, value in offline.items():
+            setattr(datasets.config, flag, value)
         ds_logging.set_verbosity(verbosity)
-        if not bars_were_off:
+        if bars_were_on:
             datasets.enable_progress_bars()
 
 

@@ -5,9 +5,11 @@ the rows with `datasets` and hand them here. The columns used:
 
     text models   the text column (`text_column`, default "text"; when absent, the table's only
                   text column), tokenized as text files are (`text.tokenize_texts`)
-    other models  a column of lists / arrays, named like the model's keyword input or one of
-                  INPUT_COLUMNS (else the table's only such column); without one, every numeric
-                  column but the label's, side by side; reshaped to the model's per-example input
+    other models  a column of images (`datasets`' Image feature), decoded and resized as image
+                  folders are (image_rows.py); else a column of lists / arrays, named like the
+                  model's keyword input or one of INPUT_COLUMNS (else the table's only such
+                  column); else every numeric column but the label's, side by side; reshaped to
+                  the model's per-example input
     labels        `label_column` (default "label", else "labels"; absent: unlabelled), class indices
                   or the model's class names (config.json's label2id)
 """
@@ -20,8 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from ..errors import DataError
+from .image_rows import ImageRows, image_column
 from .labels import class_indices, class_names
 from .registry import DEFAULT_LABEL_COLUMN, DEFAULT_TEXT_COLUMN, ReadRequest
 from .spec import is_float
@@ -37,7 +41,7 @@ INPUT_COLUMNS = ("pixel_values", "x", "input", "inputs", "features")
 _ARRAY_FEATURES = {"List", "LargeList", "Sequence", "Array2D", "Array3D", "Array4D", "Array5D"}
 
 
-def rows_to_dataset(table, request: ReadRequest, source: str) -> TensorData:
+def rows_to_dataset(table, request: ReadRequest, source: str) -> Dataset:
     """The rows of a `datasets.Dataset` as the examples the model takes (pure).
 
     Args:
@@ -46,7 +50,8 @@ def rows_to_dataset(table, request: ReadRequest, source: str) -> TensorData:
         source: the file (and split) the rows come from, for messages.
 
     Returns:
-        TextLines for a text model, else TensorData: `(x, y)` / `x` items, or dicts for keyword inputs.
+        TextLines for a text model, ImageRows for a column of images, else TensorData: `(x, y)` /
+        `x` items, or dicts for keyword inputs.
 
     Raises:
         DataError: no rows, a missing column, text that is not text, numbers of the wrong size,
@@ -58,12 +63,18 @@ def rows_to_dataset(table, request: ReadRequest, source: str) -> TensorData:
     if request.task == "text":
         texts = _texts(table, _text_column(table, request, source, label_column), source)
         inputs = tokenize_texts(request.path, texts, request)
-    else:
-        inputs = _model_inputs(table, request, source, label_column)
-    labels = None
-    if label_column is not None:
-        labels = class_indices(source, label_column, list(table[label_column]), class_names(request.tokenizer_path))
-    return TextLines(inputs, labels, texts) if request.task == "text" else TensorData(inputs, labels)
+        return TextLines(inputs, _labels(table, label_column, request, source), texts)
+    images = image_column(table, label_column, source)
+    if images is not None:
+        return ImageRows(table, images, _labels(table, label_column, request, source), request, source)
+    inputs = _model_inputs(table, request, source, label_column)
+    return TensorData(inputs, _labels(table, label_column, request, source))
+
+
+def _labels(table, column: str | None, request: ReadRequest, source: str) -> torch.Tensor | None:
+    if column is None:
+        return None
+    return class_indices(source, column, list(table[column]), class_names(request.tokenizer_path))
 
 
 def _missing(source: str, column: str, flag: str, table) -> DataError:
