@@ -273,7 +273,7 @@ def test_dataset_dict_folders(tmp_path, caplog):
     assert "reading the split 'train' (of train, test)" in caplog.text and str(path / "test") in caplog.text
     assert len(load_data(path / "test", input_spec=GRID_SPEC)) == 2  # one split's folder is a Dataset folder
     only = _dataset_dict(tmp_path / "only", validation=2)
-    with caplog.at_level(logging.INFO, logger="vcon_fx.data"):
+    with caplog.at_level(logging.WARNING, logger="vcon_fx.data"):
         assert len(load_data(only, input_spec=GRID_SPEC)) == 2
     assert "its only split, 'validation'" in caplog.text
     both = _dataset_dict(tmp_path / "both", validation=2, test=1)
@@ -349,11 +349,12 @@ def test_cli_reads_named_columns_of_a_jsonl(tiny_classifier, tmp_path):
     out = tmp_path / "tuned"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-m", "vcon_fx", "finetune", str(tiny_classifier / "tiny.vcon"), "--data",
-                          str(data), "--text-column", "sentence", "--label-column", "sentiment", "--steps", "2",
+                          str(data), "--eval", str(data), "--text-column", "sentence", "--label-column", "sentiment",
+                          "--steps", "2",
                           "--batch-size", "1", "--seq-len", "8", "-o", str(out)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert "task loss" in run.stdout and (out / "recipe.json").is_file()
+    assert "task loss" in run.stdout and "on training data" not in run.stdout and (out / "recipe.json").is_file()
 
 
 def test_cli_names_the_missing_column(tiny_classifier, tmp_path, capsys):

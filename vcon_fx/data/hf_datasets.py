@@ -47,8 +47,8 @@ def read_saved_dataset(request: ReadRequest) -> Dataset:
             other = next(s for s in splits if s != "train")
             log.warning("%s: reading the split 'train' (of %s); give %s to read another",
                         path, ", ".join(splits), path / other)
-        else:
-            log.info("%s: reading its only split, '%s'", path, split)
+        elif split != "train":  # a lone "test" split may not be what the user meant to train on
+            log.warning("%s: reading its only split, '%s'", path, split)
         return rows_to_dataset(loaded[split], request, f"{path} (split '{split}')")
     raise DataError(f"{path} holds the splits {', '.join(splits) or 'none'} and none is 'train': give the folder of "
                     f"one, e.g. {path / (splits[0] if splits else 'train')}")
