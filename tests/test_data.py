@@ -83,9 +83,9 @@ def test_bad_tensor_files_are_one_line_data_errors(tmp_path, arrays, match):
 def test_missing_and_unknown_files(tmp_path):
     with pytest.raises(DataError, match="does not exist.*safetensors"):
         load_data(tmp_path / "nope.npz")
-    (tmp_path / "d.csv").write_text("1,2\n")
+    (tmp_path / "d.xyz").write_text("1,2\n")
     with pytest.raises(DataError, match="unknown format"):
-        load_data(tmp_path / "d.csv")
+        load_data(tmp_path / "d.xyz")
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(DataError, match="not a readable"):
         load_data(tmp_path / "bad.safetensors")
@@ -188,7 +188,9 @@ def test_unknown_format_names_every_registered_reader(tmp_path):
     path.write_bytes(b"\0\1")
     with pytest.raises(DataError, match=r"unknown format \(\.bin\): give a \.safetensors or \.npz file \(key "
                                         r"'inputs', optional 'labels'\), an image folder \(one sub-folder per class\), "
-                                        r"or a text file with one example per line"):
+                                        r"a text file with one example per line, a \.jsonl, \.csv or \.parquet "
+                                        r"table \(columns 'text' or numbers, optional 'label'\), or a folder written "
+                                        r"by datasets' save_to_disk"):
         load_data(path, input_spec=SPEC)
 
 
@@ -198,19 +200,20 @@ def test_a_registered_reader_is_asked_before_the_catch_all_ones(tmp_path, monkey
 
     monkeypatch.setattr(registry, "_READERS", dict(registry._READERS))  # the test's reader leaves with the test
 
-    @registry.register_reader("csv", describes="a .csv file of numbers",
-                              recognises=lambda path, task: path.suffix == ".csv")
-    def read_csv(request):
+    @registry.register_reader("xyz", describes="a .xyz file of numbers",
+                              recognises=lambda path, task: path.suffix == ".xyz")
+    def read_xyz(request):
         rows = [[float(v) for v in line.split(",")] for line in request.path.read_text().splitlines()]
         return TensorData(torch.tensor(rows))
 
-    # a text model would send any unknown file to the text reader; the csv reader claims .csv first
-    path = tmp_path / "d.csv"
+    # a text model would send any unknown file to the text reader; the xyz reader claims .xyz first
+    path = tmp_path / "d.xyz"
     path.write_text("1,2\n3,4\n5,6\n")
     ds = load_data(path, model_task="text")
     assert len(ds) == 3 and ds[2].tolist() == [5.0, 6.0]
-    assert [r.name for r in registry.registered_readers()] == ["tensors", "csv", "image folder", "text lines"]
-    with pytest.raises(DataError, match=r"a text file with one example per line, or a \.csv file of numbers$"):
-        load_data(tmp_path / "missing.csv")
+    assert [r.name for r in registry.registered_readers()] == ["tensors", "table", "datasets folder", "xyz",
+                                                               "image folder", "text lines"]
+    with pytest.raises(DataError, match=r"save_to_disk, or a \.xyz file of numbers$"):
+        load_data(tmp_path / "missing.xyz")
     with pytest.raises(DataError, match="registered twice"):
-        registry.register_reader("csv", describes="", recognises=lambda path, task: False)(read_csv)
+        registry.register_reader("xyz", describes="", recognises=lambda path, task: False)(read_xyz)

@@ -56,7 +56,7 @@ DOTTED = re.compile(r"\bvcon_fx(?:\.[A-Za-z_]\w*)+")
 EXTENDING = DOCS / "extending.md"
 ARCHITECTURE = DOCS / "architecture.md"
 # The files docs/extending.md's worked examples tell you to add: they must not exist (yet).
-NEW_FILES = {"methods/pow2.py", "schedules/sqrt.py", "data/json_lines.py", "export/kernels/conv_integer.py",
+NEW_FILES = {"methods/pow2.py", "schedules/sqrt.py", "data/svmlight.py", "export/kernels/conv_integer.py",
              "sources/hfconfig.py", "tests/methods/test_pow2.py"}
 
 

@@ -29,7 +29,8 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `finetune` sub-command to an argparse sub-parsers object; returns its parser."""
     p = subparsers.add_parser("finetune", help="fine-tune while β falls 1 → 0 (task loss or distillation)")
     p.add_argument("model", help="a blended vcon artifact folder (from `vcon-fx transform`)")
-    p.add_argument("--data", required=True, help=".safetensors/.npz (inputs, labels), an image folder, or a text file")
+    p.add_argument("--data", required=True, help=".safetensors/.npz (inputs, labels), an image folder, a text file, "
+                   "a .jsonl/.csv/.parquet table, or a datasets save_to_disk folder")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps in all")
     p.add_argument("--transition", help="Q: steps over which β falls, or a share like 20%% (default 20%%; 0 = abrupt)")
     p.add_argument("--schedule", default="linear", choices=SCHEDULES, help="shape of β over the transition")
@@ -45,6 +46,10 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--seed", type=int, default=0, help="data order and dropout seed")
     p.add_argument("--log", help="JSON-lines log, one object per step")
+    p.add_argument("--text-column", default="text",
+                   help="a table's text column, for --data and --eval (default text, else its only text column)")
+    p.add_argument("--label-column", default="label",
+                   help="a table's label column: class indices or names (default label; absent: unlabelled)")
     p.add_argument("--seq-len", type=int, help="tokens per text example (default: the model's example length)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each rank's own GPU)")
     p.add_argument("-o", "--output", help="tuned artifact folder (default: MODEL with suffix .tuned)")
@@ -109,8 +114,9 @@ def run_finetune(args) -> int:
 
     with console.status("loading the model and data…") if main_rank else contextlib.nullcontext():
         vm = load(model_path)
-        train = load_data_for(vm, args.data, seq_len=args.seq_len)
-        evaluation = load_data_for(vm, args.eval_data, seq_len=args.seq_len) if args.eval_data else None
+        columns = {"seq_len": args.seq_len, "text_column": args.text_column, "label_column": args.label_column}
+        train = load_data_for(vm, args.data, **columns)
+        evaluation = load_data_for(vm, args.eval_data, **columns) if args.eval_data else None
 
     if main_rank:
         _, note = training_batch_size(recipe.inputs, args.batch_size)  # raises before any work on a conflict

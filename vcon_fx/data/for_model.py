@@ -8,13 +8,15 @@ import torch
 from torch.utils.data import Dataset
 
 from .readers import load_data, model_task, tokenizer_folder
+from .registry import DEFAULT_LABEL_COLUMN, DEFAULT_TEXT_COLUMN
 from ..graph.recipe import recipe_of
 
 __all__ = ["load_data_for"]
 
 
 def load_data_for(model: torch.nn.Module, path: str | Path, *, seq_len: int | None = None,
-                  num_classes: int | None = None) -> Dataset:
+                  num_classes: int | None = None, text_column: str = DEFAULT_TEXT_COLUMN,
+                  label_column: str = DEFAULT_LABEL_COLUMN) -> Dataset:
     """`load_data` with the task, tokenizer and input shapes read from a vcon model's recipe (pure).
 
     Raises:
@@ -23,4 +25,5 @@ def load_data_for(model: torch.nn.Module, path: str | Path, *, seq_len: int | No
     """
     recipe = recipe_of(model)
     return load_data(path, model_task=model_task(recipe), tokenizer_path=tokenizer_folder(recipe), seq_len=seq_len,
-                     input_spec=recipe.inputs, num_classes=num_classes)
+                     input_spec=recipe.inputs, num_classes=num_classes, text_column=text_column,
+                     label_column=label_column)

@@ -15,7 +15,11 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 
-__all__ = ["DataReader", "ReadRequest", "register_reader", "registered_readers", "reader_for", "accepted"]
+__all__ = ["DataReader", "ReadRequest", "register_reader", "registered_readers", "reader_for", "accepted",
+           "DEFAULT_TEXT_COLUMN", "DEFAULT_LABEL_COLUMN"]
+
+DEFAULT_TEXT_COLUMN = "text"
+DEFAULT_LABEL_COLUMN = "label"
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,9 @@ class ReadRequest:
         task: "vision", "text" or "generic".
         tokenizer_path: a Hugging Face folder holding the model's tokenizer, or None.
         seq_len: tokens per text example, or None (the model's example length).
+        text_column: the column of a table holding a text model's text (default "text"; when absent,
+            the table's only text column).
+        label_column: the column holding class labels (default "label"; when absent, the data is unlabelled).
     """
 
     path: Path
@@ -35,6 +42,8 @@ class ReadRequest:
     task: str = "generic"
     tokenizer_path: str | Path | None = None
     seq_len: int | None = None
+    text_column: str = DEFAULT_TEXT_COLUMN
+    label_column: str = DEFAULT_LABEL_COLUMN
 
 
 @dataclass(frozen=True)

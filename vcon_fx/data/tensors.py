@@ -17,7 +17,7 @@ from ..errors import DataError
 from .registry import ReadRequest, register_reader
 from .spec import is_float
 
-__all__ = ["TensorData", "TENSOR_SUFFIXES", "read_tensor_file"]
+__all__ = ["TensorData", "TENSOR_SUFFIXES", "read_tensor_file", "check_input"]
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,12 @@ def read_tensor_file(request: ReadRequest) -> TensorData:
                 raise DataError(f"{path} has one 'inputs' array but the model takes {sorted(spec_kwargs)}: "
                                 f"store one array per input name instead of 'inputs'")
             name = next(iter(spec_kwargs))
-            inputs: torch.Tensor | dict = {name: _check_input(path, name, x, spec_kwargs[name])}
+            inputs: torch.Tensor | dict = {name: check_input(path, name, x, spec_kwargs[name])}
         else:
             if len(spec_args) > 1:
                 raise DataError(f"{path} has one 'inputs' array but the model takes {len(spec_args)} positional "
                                 "inputs: it cannot be fine-tuned from a tensor file")
-            inputs = _check_input(path, "inputs", x, spec_args[0] if spec_args else None)
+            inputs = check_input(path, "inputs", x, spec_args[0] if spec_args else None)
     else:
         named = {k: v for k, v in tensors.items() if not spec_kwargs or k in spec_kwargs}
         if not named or not spec_kwargs:
@@ -98,7 +98,7 @@ def read_tensor_file(request: ReadRequest) -> TensorData:
         if missing:
             raise DataError(f"{path} lacks the model input(s) {missing} (found {sorted(tensors)}): store one array "
                             "per input name")
-        inputs = {k: _check_input(path, k, v, spec_kwargs.get(k)) for k, v in named.items()}
+        inputs = {k: check_input(path, k, v, spec_kwargs.get(k)) for k, v in named.items()}
         if "attention_mask" in spec_kwargs and "attention_mask" not in inputs and "input_ids" in inputs:
             inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])  # no padding recorded: attend to all
     firsts = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs.values())
@@ -115,7 +115,13 @@ def read_tensor_file(request: ReadRequest) -> TensorData:
     return TensorData(inputs, labels)
 
 
-def _check_input(path: Path, name: str, x: torch.Tensor, spec: Mapping[str, Any] | None) -> torch.Tensor:
+def check_input(path: Path | str, name: str, x: torch.Tensor, spec: Mapping[str, Any] | None) -> torch.Tensor:
+    """`x` (examples along dim 0) in the dtype the model takes, checked against its spec (pure).
+
+    Raises:
+        DataError: NaN/Inf values, fractions for an integer input, or a shape the model cannot take;
+            the message names `path` and the input (or column) `name`.
+    """
     if x.is_floating_point() or x.is_complex():
         bad = ~torch.isfinite(x)
         if bool(bad.any()):

@@ -1,7 +1,11 @@
-"""Text files: one example per line (`LABEL<TAB>text` lines are labelled), tokenized with the model's tokenizer."""
+"""Text files: one example per line (`LABEL<TAB>text` lines are labelled), tokenized with the model's tokenizer.
+
+`tokenize_texts` is the one place text becomes token ids; the table readers (rows.py) use it too.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -10,7 +14,7 @@ from ..errors import DataError
 from .registry import ReadRequest, register_reader
 from .tensors import TensorData
 
-__all__ = ["TextLines", "TEXT_SUFFIXES", "DEFAULT_SEQ_LEN", "read_text_file"]
+__all__ = ["TextLines", "TEXT_SUFFIXES", "DEFAULT_SEQ_LEN", "read_text_file", "tokenize_texts"]
 
 TEXT_SUFFIXES = (".txt", ".text", ".lines", ".tsv")
 DEFAULT_SEQ_LEN = 128
@@ -28,11 +32,9 @@ class TextLines(TensorData):
                  recognises=lambda path, task: path.suffix.lower() in TEXT_SUFFIXES or task == "text", catch_all=True)
 def read_text_file(request: ReadRequest) -> TextLines:
     """One example per line (`LABEL<TAB>text` lines are labelled), tokenized with the model's tokenizer."""
-    path, spec = request.path, request.spec
-    tokenizer_path, seq_len = request.tokenizer_path, request.seq_len
-    if tokenizer_path is None:
-        raise DataError(f"{path} is text, but the model has no tokenizer (it is not a Hugging Face folder with "
-                        "tokenizer files): tokenize it yourself into a tensor file with 'input_ids'")
+    path = request.path
+    if request.tokenizer_path is None:
+        raise _no_tokenizer(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -45,7 +47,28 @@ def read_text_file(request: ReadRequest) -> TextLines:
     if all(len(parts) == 2 and _is_int(parts[0]) for parts in split):
         labels = torch.tensor([int(p[0]) for p in split])
         lines = [p[1] for p in split]
-    kwargs_spec = dict(spec.get("kwargs") or {})
+    return TextLines(tokenize_texts(path, lines, request), labels, lines)
+
+
+def tokenize_texts(path: Path, texts: list[str], request: ReadRequest) -> dict[str, torch.Tensor]:
+    """Tokenize `texts` with the model's tokenizer, padded / cut to `request.seq_len` (pure).
+
+    Args:
+        path: the data file, for error messages.
+        texts: one string per example.
+        request: gives the tokenizer folder, `seq_len` (default: the model's example length) and the
+            model's keyword inputs (only those are kept).
+
+    Returns:
+        {input name: N×seq_len tensor}: input_ids, attention_mask, … as the model takes them.
+
+    Raises:
+        DataError: no tokenizer, a bad seq_len, a tokenizer that cannot load or lacks an input the model takes.
+    """
+    tokenizer_path, seq_len = request.tokenizer_path, request.seq_len
+    if tokenizer_path is None:
+        raise _no_tokenizer(path)
+    kwargs_spec = dict(request.spec.get("kwargs") or {})
     if seq_len is None:
         ids = kwargs_spec.get("input_ids")
         seq_len = ids["shape"][1] if ids and len(ids["shape"]) == 2 else DEFAULT_SEQ_LEN
@@ -60,7 +83,7 @@ def read_text_file(request: ReadRequest) -> TextLines:
                         "model's tokenizer files (tokenizer.json, vocab.txt, …) into that folder") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
-    enc = tok(lines, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+    enc = tok(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
     keep = set(kwargs_spec) if kwargs_spec else {"input_ids", "attention_mask"}
     encoded = {k: v for k, v in enc.items() if k in keep}
     if "input_ids" not in encoded:
@@ -69,7 +92,12 @@ def read_text_file(request: ReadRequest) -> TextLines:
     if missing:
         raise DataError(f"the tokenizer at {tokenizer_path} does not produce {missing}, which the model takes: "
                         "give a tensor file with those arrays")
-    return TextLines(encoded, labels, lines)
+    return encoded
+
+
+def _no_tokenizer(path: Path) -> DataError:
+    return DataError(f"{path} is text, but the model has no tokenizer (it is not a Hugging Face folder with "
+                     "tokenizer files): tokenize it yourself into a tensor file with 'input_ids'")
 
 
 def _is_int(s: str) -> bool:
