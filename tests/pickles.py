@@ -32,3 +32,19 @@ class Payload:
 
     def __reduce__(self):
         return (os.system, (self.command,))
+
+
+class DigitsMLP(nn.Module):
+    """8×8 digits (64 features) → 10 classes, with layers wide enough for `--rank 64` to compress."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(64, 256)
+        self.fc1 = nn.Linear(256, 256)
+        self.fc2 = nn.Linear(256, 256)
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.fc1(x))
+        return self.head(torch.relu(self.fc2(x)))

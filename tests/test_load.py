@@ -120,7 +120,7 @@ def test_bad_arguments(kwargs):
 def test_torchvision_default():
     lm = load_model("torchvision:resnet18")
     check_loaded(lm)
-    assert lm.example_args[0].shape == (1, 3, 224, 224)
+    assert lm.example_args[0].shape == (2, 3, 224, 224)  # batch 2: export fixes sizes of 1
     assert lm.task == "vision" and lm.exported is None and lm.example_kwargs == {}
     assert lm.source["kind"] == "torchvision" and lm.source["name"] == "resnet18"
 
@@ -245,7 +245,7 @@ def test_pickled_module_needs_flag(tmp_path):
         assert re.search(alternative, str(info.value))
     lm = load_model(path, trust_pickle=True)
     check_loaded(lm)
-    assert lm.source["kind"] == "pickle" and lm.example_args[0].shape == (1, 6)
+    assert lm.source["kind"] == "pickle" and lm.example_args[0].shape == (2, 6)  # never batch 1 (see example_sizes)
     with pytest.raises(UnsafeFileError):
         rebuild_model(lm.source)  # a spec never grants trust: the caller must pass it again
     assert torch.equal(run(rebuild_model(lm.source, trust_pickle=True)), run(lm))
@@ -255,7 +255,7 @@ def test_pickled_module_input_guesses(tmp_path):
     path = tmp_path / "cnn.pt"
     torch.save(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), path)
     lm = load_model(path, trust_pickle=True)
-    assert lm.task == "vision" and lm.example_args[0].shape == (1, 3, 224, 224)
+    assert lm.task == "vision" and lm.example_args[0].shape == (2, 3, 224, 224)
     lm = load_model(path, trust_pickle=True, input_shape=(2, 3, 8, 8))
     assert lm.example_args[0].shape == (2, 3, 8, 8)
 

@@ -35,7 +35,7 @@ def test_source_spec_json_is_the_recorded_format(tmp_path):
     spec = json.loads(json.dumps(lm.source))
     assert list(spec) == ["kind", "path", "sha256", "arch", "arch_sha256", "input_shape", "seq_len", "batch_size"]
     assert spec["kind"] == "state_dict" and spec["arch"] == "torchvision:squeezenet1_1" and spec["arch_sha256"] is None
-    assert spec["input_shape"] == [1, 3, 64, 64] and spec["seq_len"] is None and spec["batch_size"] == 1
+    assert spec["input_shape"] == [1, 3, 64, 64] and spec["seq_len"] is None and spec["batch_size"] == 2
     again = rebuild_model(spec)
     assert again.source == lm.source
     with torch.no_grad():
@@ -69,7 +69,7 @@ def test_a_registered_kind_loads_and_rebuilds(monkeypatch):
     monkeypatch.setattr(registry, "_KINDS", dict(registry._KINDS))  # the test's kind leaves with the test
     registry.register_source(_Zoo)
     lm = load_model("zoo:5")
-    assert lm.source == {"kind": "zoo", "width": "5", "input_shape": None, "seq_len": None, "batch_size": 1}
+    assert lm.source == {"kind": "zoo", "width": "5", "input_shape": None, "seq_len": None, "batch_size": 2}
     assert not lm.module.training
     again = rebuild_model(json.loads(json.dumps(lm.source)))
     assert torch.equal(again.module.weight, lm.module.weight)

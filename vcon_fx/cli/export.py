@@ -36,6 +36,8 @@ def run(args) -> int:
 
     kernel = kernel_for_flags(vars(args))
     out = check_output(args.onnx, force=args.force, inputs=(args.model,))
+    if kernel is not None and is_artifact(args.model):
+        _refuse_unquantized(args.model, read_recipe(args.model).config, kernel.flag)
     model, inputs, kwargs, seq_inputs, dense_source, notes = _load_model(args)
     for note in notes:
         console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
@@ -97,6 +99,17 @@ def _load_model(args):
         return model, inputs, kwargs, tuple(recipe.selection.get("seq_inputs") or ()), recipe.source, notes
     loaded = load_source(args, args.model)
     return loaded.module, loaded.example_args, loaded.example_kwargs, loaded.seq_inputs, None, loaded.notes
+
+
+def _refuse_unquantized(model: str, config, flag: str) -> None:
+    """An integer kernel needs quantized weights: say so before exporting anything."""
+    from ..errors import UsageError
+
+    methods = [part.method for part in getattr(config, "configs", (config,))]
+    if "quant" not in methods:
+        raise UsageError(f"{model} was compressed with {'+'.join(methods)}, which leaves no weight on a quantization grid, so "
+                         f"{flag} has nothing to store as integers: export it without {flag}, or compress with quant "
+                         "or lowrank+quant")
 
 
 def _speed_note(config) -> str | None:

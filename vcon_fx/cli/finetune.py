@@ -52,6 +52,7 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
                    help="a table's label column: class indices or names (default label; absent: unlabelled)")
     p.add_argument("--seq-len", type=int, help="tokens per text example (default: the model's example length)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each rank's own GPU)")
+    p.add_argument("--trust-pickle", action="store_true", help="the artifact's source is a pickled module you trust")
     p.add_argument("-o", "--output", help="tuned artifact folder (default: MODEL with suffix .tuned)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     return p
@@ -111,17 +112,16 @@ def run_finetune(args) -> int:
         check_output(out, force=args.force, inputs=(args.model, args.data, args.eval_data))
     transition = _transition(args.transition, args.steps)
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.name + ".ckpt")
+    _, batch_note = training_batch_size(recipe.inputs, args.batch_size)  # a conflict fails here, before any work
+    if batch_note and main_rank:
+        console.print(f"[yellow]note:[/] {batch_note}", soft_wrap=True)
 
     with console.status("loading the model and data…") if main_rank else contextlib.nullcontext():
-        vm = load(model_path)
+        vm = load(model_path, trust_pickle=args.trust_pickle)
         columns = {"seq_len": args.seq_len, "text_column": args.text_column, "label_column": args.label_column}
         train = load_data_for(vm, args.data, **columns)
         evaluation = load_data_for(vm, args.eval_data, **columns) if args.eval_data else None
 
-    if main_rank:
-        _, note = training_batch_size(recipe.inputs, args.batch_size)  # raises before any work on a conflict
-        if note:
-            console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
     progress = _progress() if main_rank else None
     task = progress.add_task("fine-tuning", total=args.steps, info="") if progress else None
 

@@ -89,4 +89,4 @@ def integer_export(
                         force=force, dynamic_batch=dynamic_batch)
         with step("storing integer weights…"):
             return compress_onnx_weights(exported, path, bits=bits, kernel=chosen.name, require_integers=True,
-                                         force=force)
+                                         force=force, described_as=f"the exported {type(model).__name__}")

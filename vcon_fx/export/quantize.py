@@ -53,6 +53,7 @@ def compress_onnx_weights(
     kernel: str = "weight-only",
     require_integers: bool = False,
     force: bool = False,
+    described_as: str | None = None,
 ) -> CompressReport:
     """Rewrite on-grid float weights of an ONNX model into integers + DequantizeLinear (pure on the input).
 
@@ -73,6 +74,8 @@ def compress_onnx_weights(
         require_integers: raise instead of writing a float copy when no weight lies on a grid
             and none is stored as integers already.
         force: replace an existing output.
+        described_as: how errors name the model (default: `onnx_path`), e.g. the user's model
+            when `onnx_path` is a temporary export of it.
 
     Returns:
         A CompressReport (tensors rewritten, sizes before/after).
@@ -99,7 +102,7 @@ def compress_onnx_weights(
     report = CompressReport(out, bytes_before=src.stat().st_size)
     model, opset = _opset_for(model, bits, report)
     store_integer_weights(model, report, opset=opset, min_elements=min_elements, fold_transposes=fold_transposes)
-    _refuse_or_note_no_integers(model, report, src, require_integers)
+    _refuse_or_note_no_integers(model, report, described_as or str(src), require_integers)
     chosen.lower(model, report)
     _save(model, src, out)
     report.bytes_after = out.stat().st_size
@@ -133,7 +136,7 @@ def _opset_for(model, bits: int, report: CompressReport):
     return model, opset
 
 
-def _refuse_or_note_no_integers(model, report: CompressReport, src: Path, require_integers: bool) -> None:
+def _refuse_or_note_no_integers(model, report: CompressReport, src: str, require_integers: bool) -> None:
     """When nothing is stored as integers: raise if integers were required, else say so in the report."""
     if report.rewritten or any(n.op_type == "DequantizeLinear" for n in model.graph.node):
         return
