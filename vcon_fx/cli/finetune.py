@@ -39,6 +39,12 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
                    help="examples per step and process (default 32, or the batch a model with fixed shapes runs at)")
     p.add_argument("--loss", default="auto", choices=LOSSES,
                    help="auto: cross-entropy with labels, else distillation from the model at β = 1")
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="with labels: weight W of distillation from the dense branch, (1-W)*task + W*distill (default 0)")
+    p.add_argument("--match-groups", type=float, default=0.0,
+                   help="weight of matching each group's compressed output to its dense branch's (default 0)")
+    p.add_argument("--teacher-after", action="store_true",
+                   help="keep --distill and --match-groups on after β reaches 0 (default: they stop there)")
     p.add_argument("--eval", dest="eval_data", help="evaluation data (default: up to 1024 training examples)")
     p.add_argument("--eval-every", type=int, help="evaluate every K steps (always before and after)")
     p.add_argument("--save-every", type=int, help="checkpoint every K steps")
@@ -152,7 +158,8 @@ def _config(args, transition: int | None, checkpoint_dir: Path):
     return FinetuneConfig(steps=args.steps, transition=transition, schedule=args.schedule, lr=args.lr,
                           batch_size=args.batch_size, loss=args.loss, eval_every=args.eval_every, seed=args.seed,
                           save_every=args.save_every, checkpoint_dir=checkpoint_dir, resume=args.resume,
-                          log_path=args.log, device=args.device)
+                          log_path=args.log, device=args.device, distill=args.distill, match_groups=args.match_groups,
+                          teacher_after=args.teacher_after)
 
 
 def _step_text(info: dict) -> str:

@@ -102,7 +102,7 @@ def load_checkpoint(found: Path, vm: nn.Module, optimizer: torch.optim.Optimizer
         if saved.get(key) != now[key]:
             raise ConfigError(f"checkpoint {found} was made with {key}={saved.get(key)!r}, this run asks for "
                               f"{now[key]!r}: resume with the same settings, or use a new checkpoint_dir")
-    for key in ("steps", "lr", "world_size"):
+    for key in ("steps", "lr", "world_size", "distill", "match_groups", "teacher_after"):
         if saved.get(key) != now[key]:
             log.warning("resuming %s made with %s=%r; this run uses %r", found, key, saved.get(key), now[key])
     try:

@@ -45,6 +45,13 @@ class FinetuneConfig:
         schedule_options: the schedule's options (exp: beta_end; step: n_steps; staggered: …).
         gap_every: measure ‖dense − compressed‖ / ‖dense‖ per group every this many steps.
         num_workers: DataLoader worker processes.
+        distill: with labels, the weight w of a distillation term from the dense branch (the same
+            graph at β = 1, no second copy): loss = (1 − w)·task + w·distill (KL on logits, else MSE).
+            Without labels the loss is pure distillation whatever w is.
+        match_groups: the weight of a term matching each group's compressed output to its dense
+            branch's (‖c − d‖² / ‖d‖², averaged over groups), added to the loss.
+        teacher_after: keep `distill` and `match_groups` on after β reaches 0 (default: they stop
+            there, with the transition).
 
     Raises:
         ConfigError: an invalid value (the message names the field and the fix).
@@ -66,6 +73,9 @@ class FinetuneConfig:
     schedule_options: Mapping[str, Any] = field(default_factory=dict)
     gap_every: int = 10
     num_workers: int = 0
+    distill: float = 0.0
+    match_groups: float = 0.0
+    teacher_after: bool = False
 
     def __post_init__(self):
         _whole("steps", self.steps, 1)
@@ -77,6 +87,8 @@ class FinetuneConfig:
         for name in ("eval_every", "save_every"):
             if getattr(self, name) is not None:
                 _whole(name, getattr(self, name), 1)
+        for name in ("distill", "match_groups"):
+            _weight(name, getattr(self, name), high=1.0 if name == "distill" else None)
         lr = self.lr
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise ConfigError(f"lr must be a positive number, got {lr!r}")
@@ -124,6 +136,13 @@ class FinetuneConfig:
 def _whole(name: str, value: Any, low: int, hint: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{name} must be an integer ≥ {low}{hint}, got {value!r}")
+
+
+def _weight(name: str, value: Any, high: float | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (
+            high is not None and value > high):
+        upper = f"and ≤ {high:g}" if high is not None else ""
+        raise ConfigError(f"{name} must be a number ≥ 0 {upper}, got {value!r}".replace("  ", " "))
 
 
 DEFAULT_BATCH_SIZE = 32

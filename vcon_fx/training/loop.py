@@ -31,6 +31,7 @@ from ..graph.modes import eval_mode
 from .evaluate import GapProbe, at_beta, choose_loss, evaluate, prediction, training_loss
 from .interrupt import interruption, sigint_flag
 from .records import StepRecords
+from .teacher import GroupMatch, teacher_active
 from .result import FinetuneResult
 
 __all__ = ["FinetuneRun"]
@@ -107,6 +108,9 @@ class FinetuneRun:
         self._probe_batches()
         first_args, first_kwargs, first_labels = split_batch(self._first(self.train_data))
         self.loss_kind = choose_loss(config.loss, vm, first_args, first_kwargs, first_labels, self.device)
+        # With labels, --distill mixes in the distillation the unlabelled loss would use (KL on logits, else MSE).
+        self.distill_kind = (choose_loss("distill", vm, first_args, first_kwargs, None, self.device)
+                             if self.loss_kind == "task" and config.distill > 0 else None)
         self.metric = "accuracy" if split_batch(self._first(self.eval_data))[2] is not None else "cosine"
         self.num_classes = self._check_labels(first_args, first_kwargs)
 
@@ -182,9 +186,12 @@ class FinetuneRun:
         measure_gap = t == 1 or t % config.gap_every == 0 or t == config.steps
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(mix_seed(config.seed, t, self.dist.rank))
-            with GapProbe(vm) if measure_gap else contextlib.nullcontext() as probe:
+            teach = teacher_active(betas, config.teacher_after)
+            matching = GroupMatch(vm) if teach and config.match_groups > 0 else contextlib.nullcontext()
+            with GapProbe(vm) if measure_gap else contextlib.nullcontext() as probe, matching as matcher:
                 out = model(*args, **kwargs)
-            loss = training_loss(self.loss_kind, vm, out, args, kwargs, labels)
+            # After the forward hooks are gone: the teacher's own forward must not feed the probes.
+            loss, parts = self._loss(out, args, kwargs, labels, teach, matcher)
             total, signalled = self.dist.sum([float(loss.detach()), float(self.signalled)])
             mean_loss = total / self.dist.world
             if not math.isfinite(mean_loss):
@@ -197,6 +204,8 @@ class FinetuneRun:
         info: dict[str, Any] = {"step": t, "beta": mean_beta(betas), "betas": betas, "loss": mean_loss,
                                 "lr": self.optimizer.param_groups[0]["lr"],
                                 "elapsed": round(time.monotonic() - self.t0, 4)}
+        if len(parts) > 1:
+            info["loss_parts"] = parts
         if measure_gap:
             info["gap"] = probe.gaps()
             self._check_betas_agree()
@@ -208,6 +217,21 @@ class FinetuneRun:
         self.records.add(info)
         if config.save_every and t % config.save_every == 0 and t != config.steps:
             self._save(t)
+
+    def _loss(self, out, args, kwargs, labels, teach: bool, matcher) -> tuple[torch.Tensor, dict[str, float]]:
+        """The step's loss and its parts: the task (or distillation) loss, plus the teacher terms asked for."""
+        config, vm = self.config, self.vm
+        loss = training_loss(self.loss_kind, vm, out, args, kwargs, labels)
+        parts = {self.loss_kind: float(loss.detach())}
+        if self.distill_kind is not None and teach:
+            distill = training_loss(self.distill_kind, vm, out, args, kwargs, labels)
+            loss = (1.0 - config.distill) * loss + config.distill * distill
+            parts["distill"] = float(distill.detach())
+        if matcher is not None:
+            match = matcher.loss().to(loss.device)
+            loss = loss + config.match_groups * match
+            parts["match"] = float(match.detach())
+        return loss, parts
 
     def _on_sigint(self) -> None:
         self.signalled = True
@@ -247,6 +271,7 @@ class FinetuneRun:
     def _run_settings(self) -> dict[str, Any]:
         config = self.config
         return {"steps": config.steps, "lr": config.lr, "batch_size": self.batch_size, "loss": self.loss_kind,
+                "distill": config.distill, "match_groups": config.match_groups, "teacher_after": config.teacher_after,
                 "seed": config.seed, "world_size": self.dist.world, "schedule": config.schedule}
 
     def _save(self, t: int) -> None:
