@@ -18,6 +18,7 @@ __all__ = [
     "ScheduleKind",
     "register_curve",
     "register_schedule",
+    "register_controller",
     "registered_schedules",
     "registered_curves",
     "schedule_kind",
@@ -50,6 +51,7 @@ class ScheduleKind:
     shape: Callable[..., float] | None = None
     defaults: Mapping[str, Any] = field(default_factory=dict)
     check_values: Callable[[dict[str, Any]], dict[str, Any]] = dict
+    controller: type | None = None  # schedules that read what training measured (adaptive)
 
 
 _KINDS: dict[str, ScheduleKind] = {}
@@ -81,6 +83,20 @@ def register_schedule(name: str, *, check_options: Callable[[Options], dict[str,
         _add(ScheduleKind(name, betas, check_options))
         return betas
 
+    return wrap
+
+
+def register_controller(name: str, *, check_options: Callable[[Options], dict[str, Any]]):
+    """Decorator: register a class as the schedule `name` whose β follows what training measures.
+
+    The class is built as `cls(groups, transition, options)` and has `observe(gaps, loss)`,
+    `advance(u)`, `betas()`, `state_dict()` and `load_state_dict(state)`.
+    """
+    def wrap(cls: type) -> type:
+        def betas(u: float, q: float, n_groups: int, options: Options) -> list[float]:
+            raise ConfigError(f"schedule {name!r} depends on what fine-tuning measures: only its current β is known")
+        _add(ScheduleKind(name, betas, check_options, controller=cls))
+        return cls
     return wrap
 
 

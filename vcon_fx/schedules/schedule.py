@@ -5,6 +5,8 @@ Every schedule is a pure function of the step t and the transition length Q (in 
 
     linear, cosine, exp, step    one curve for every group                 (curves.py)
     staggered                    groups take turns, input side first      (staggered.py)
+    adaptive                     each group as fast as its twin tracks    (adaptive.py: reads the
+                                 gaps and loss fine-tuning measures, `observe`)
 
 Each kind registers itself by name (`registry.py`); Q = 0 is abrupt compression (the baseline):
 β = 0 from step `start` on. `BetaSchedule` applies a schedule to a model through `set_beta`, the
@@ -25,6 +27,7 @@ from .registry import check_kind as _check_kind, registered_schedules, schedule_
 # Importing a schedule's file registers it: a new schedule is one file, imported here.
 from .curves import cosine_beta, exp_beta, linear_beta, step_beta
 from .staggered import staggered_betas
+from .adaptive import AdaptiveController
 
 __all__ = [
     "SCHEDULES",
@@ -36,6 +39,7 @@ __all__ = [
     "exp_beta",
     "step_beta",
     "staggered_betas",
+    "AdaptiveController",
 ]
 
 logger = logging.getLogger(__name__)
@@ -150,6 +154,8 @@ class BetaSchedule:
                 f"run vcon_fx.transform on it first"
             )
         self.t = 0
+        factory = schedule_kind(self.kind).controller
+        self.controller = factory(self.groups, self.transition, self.options) if factory else None
         self._apply()
         logger.debug(
             "β schedule %s over %d groups: Q=%d from step %d, options %s",
@@ -178,12 +184,26 @@ class BetaSchedule:
             ConfigError: t is negative or not a number.
         """
         u = _check_t(t) - self.start
+        if self.controller is not None and t == self.t:
+            return dict(zip(self.groups, self.controller.betas()))
         values = schedule_kind(self.kind).betas(u, self.transition, len(self.groups), self.options)
         return dict(zip(self.groups, values))
+
+    @property
+    def wants_feedback(self) -> bool:
+        """Whether β follows what training measures (call `observe` before each `step`)."""
+        return self.controller is not None
+
+    def observe(self, gaps: Mapping[str, float], loss: float | None) -> None:
+        """Give an adaptive schedule this step's per-group gaps and loss (in place; others ignore it)."""
+        if self.controller is not None:
+            self.controller.observe(gaps, loss)
 
     def step(self) -> dict[str, float]:
         """Advance one optimizer step and set β in place; returns the new β per group."""
         self.t += 1
+        if self.controller is not None:
+            self.controller.advance(self.t - self.start)
         return self._apply()
 
     def _apply(self) -> dict[str, float]:
@@ -205,7 +225,7 @@ class BetaSchedule:
             "options": dict(self.options),
             "groups": list(self.groups),
             "t": self.t,
-        }
+        } | ({"controller": self.controller.state_dict()} if self.controller is not None else {})
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a saved schedule in place and set β for its step.
@@ -217,6 +237,10 @@ class BetaSchedule:
         self.kind, self.transition, self.start, self.options, self.t = (
             kind, transition, start, options, t,
         )
+        factory = schedule_kind(kind).controller
+        self.controller = factory(self.groups, transition, options) if factory else None
+        if self.controller is not None:
+            self.controller.load_state_dict(state.get("controller") or {})
         self._apply()
 
     @classmethod

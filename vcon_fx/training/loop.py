@@ -183,7 +183,8 @@ class FinetuneRun:
         args, kwargs = to_device(args, self.device), to_device(kwargs, self.device)
         labels = to_device(labels, self.device)
         betas = get_betas(vm)
-        measure_gap = t == 1 or t % config.gap_every == 0 or t == config.steps
+        # An adaptive schedule reads every step's gaps (free while both branches run).
+        measure_gap = t == 1 or t % config.gap_every == 0 or t == config.steps or self.schedule.wants_feedback
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(mix_seed(config.seed, t, self.dist.rank))
             teach = teacher_active(betas, config.teacher_after)
@@ -200,6 +201,8 @@ class FinetuneRun:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+        if self.schedule.wants_feedback:
+            self.schedule.observe(probe.gaps(), mean_loss)
         self.schedule.step()
         info: dict[str, Any] = {"step": t, "beta": mean_beta(betas), "betas": betas, "loss": mean_loss,
                                 "lr": self.optimizer.param_groups[0]["lr"],
