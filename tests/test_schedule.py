@@ -48,7 +48,10 @@ def sequence(sched: BetaSchedule, n: int) -> list[dict[str, float]]:
 def check_shape(kind: str, **options) -> list[float]:
     """The invariants every curve honours: 1 at 0, non-increasing, in [0, 1], exactly 0 from Q."""
     sched = BetaSchedule(blended_model(3), kind, transition=Q, **options)
-    per_group = [list(sched.beta_at(t).values()) for t in range(Q + 20)]
+    if sched.wants_feedback:  # adaptive: β exists only step by step (here without observations)
+        per_group = [list(sched.betas.values())] + [list(b.values()) for b in sequence(sched, Q + 19)]
+    else:
+        per_group = [list(sched.beta_at(t).values()) for t in range(Q + 20)]
     for g in range(len(sched.groups)):
         curve = [betas[g] for betas in per_group]
         assert curve[0] == 1.0

@@ -67,10 +67,10 @@ class AdaptiveController:
 
     def advance(self, u: float) -> None:
         """Move every group's progress to local step u = t − start (in place)."""
-        if u <= 0:
-            return
-        if u >= self.q:
+        if u >= self.q and u >= 0:  # also Q = 0: abrupt from the start
             self.progress = {g: 1.0 for g in self.groups}
+            return
+        if u <= 0:
             return
         tol = self.options["tolerance"]
         loss_rose = self.mean_loss is not None and self.loss > self.mean_loss * (1 + tol)

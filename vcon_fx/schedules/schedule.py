@@ -156,6 +156,8 @@ class BetaSchedule:
         self.t = 0
         factory = schedule_kind(self.kind).controller
         self.controller = factory(self.groups, self.transition, self.options) if factory else None
+        if self.controller is not None:
+            self.controller.advance(self.t - self.start)
         self._apply()
         logger.debug(
             "β schedule %s over %d groups: Q=%d from step %d, options %s",
