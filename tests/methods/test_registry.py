@@ -28,8 +28,8 @@ from vcon_fx.methods import (
 )
 from vcon_fx.methods import base
 
-# The compression flags as the CLI had them before methods declared their own: flag → (type,
-# default, choices, help). `transform --help` must not change.
+# The compression flags as the CLI had them before methods declared their own, plus the data-aware
+# starts of issue 13: flag → (type, default, choices, help). `transform --help` must not change.
 CLI_FLAGS = {
     "--rank": (int, None, None, "low-rank: singular values kept per layer"),
     "--energy": (float, None, None, "low-rank: share of singular-value energy kept (0-1]"),
@@ -43,11 +43,17 @@ CLI_FLAGS = {
     "--pattern": (None, None, None, "prune: N:M semi-structured sparsity, e.g. 2:4"),
     "--structured": (None, None, None, "prune: remove whole neurons/channels"),
     "--fixed-mask": (None, None, None, "prune: keep the first mask (default: re-chosen every step)"),
+    "--sparsegpt": (None, None, None, "prune: with calibration data, update the kept weights to make up for the "
+                    "pruned ones (SparseGPT)"),
     "--bits": (None, None, None, "quant: weight bits 8, 4, 2, 1 or ternary"),
     "--act-bits": (int, None, None, "quant: fake-quantize layer inputs to 8 bits"),
+    "--clip-search": (None, None, None, "quant: per-channel scales by an MSE-optimal clipping search "
+                      "(input-weighted with calibration data), instead of GPTQ"),
+    "--init": (None, None, ("auto", "plain", "data-aware"),
+               "low-rank/prune/quant: twin start: plain, or data-aware (the default with --calibration-data)"),
     "--separate-weights": (None, None, None, "prune/quant: the twin gets its own weight copy"),
 }
-SWITCHES = {"--activation-aware", "--structured", "--fixed-mask", "--separate-weights"}
+SWITCHES = {"--activation-aware", "--structured", "--fixed-mask", "--separate-weights", "--sparsegpt", "--clip-search"}
 
 
 def parser() -> argparse.ArgumentParser:

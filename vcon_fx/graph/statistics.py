@@ -4,7 +4,7 @@ Forward pre-hooks on the selected layers see every input; per layer they add up,
 
 - Σ x² per input feature (Linear) or channel (Conv): the RMS of activation-aware low-rank;
 - Σ x² per weight column: Wanda's ‖X_j‖ (a Conv's columns are its unfolded (channel, kernel
-  position) patches, `F.unfold`, in the order of `weight.reshape(out, -1)`);
+  position) patches, as `F.unfold` gives them, in the order of `weight.reshape(out, -1)`);
 - where a method asks for it, the Gram matrix XᵀX over the weight's columns, over all tokens
   of a Linear and all patches of a Conv. Each chunk of ≤ 4096 rows is multiplied in float32 and
   added to the float64 sum, which keeps the product fast and the sum exact to float64.
@@ -75,7 +75,7 @@ def calibration_batches(calibration, *, samples: int = DEFAULT_SAMPLES, batch_si
     for batch in source:
         args, kwargs = _model_inputs(batch, positional)
         size = _batch_size(args, kwargs)
-        if seen + size > samples:
+        if seen + size > samples and not pad:  # a fixed-batch model takes whole batches only
             args, kwargs = _first(args, samples - seen), _first(kwargs, samples - seen)
             size = samples - seen
         seen += size
@@ -185,21 +185,25 @@ class _LayerSums:
 
 
 def _patches(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The (positions × samples, channels·kernel) rows a convolution multiplies its weight with."""
-    one_d = isinstance(conv, nn.Conv1d)
-    kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
-    padding = conv.padding
+    """The (positions × samples, channels·kernel) rows a convolution multiplies its weight with.
+
+    Sliding windows as a view (`Tensor.unfold`, what `F.unfold` computes, without its im2col kernel,
+    whose threads stall on a busy machine), then one copy into rows.
+    """
+    kernel, stride, dilation, padding = conv.kernel_size, conv.stride, conv.dilation, conv.padding
     if conv.padding_mode != "zeros":
-        x, padding = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), (0,) * len(kernel)
-    elif isinstance(padding, str):  # "valid", or "same" (the extra pixel on the right / bottom, as torch pads)
-        total = [d * (k - 1) if padding == "same" else 0 for k, d in zip(kernel, dilation)]
-        pads = [p for t in reversed(total) for p in (t // 2, t - t // 2)]
-        x, padding = F.pad(x, pads), (0,) * len(kernel)
-    if one_d:
-        x, kernel, stride, dilation, padding = (x.unsqueeze(2), (1, *kernel), (1, *stride), (1, *dilation),
-                                                (0, *padding))
-    columns = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (N, C·K, L)
-    return columns.transpose(1, 2).reshape(-1, columns.shape[1])
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+    else:  # "same" puts the odd pixel on the right / bottom, as torch does
+        total = [d * (k - 1) if padding == "same" else 0 for k, d in zip(kernel, dilation)] \
+            if isinstance(padding, str) else [2 * p for p in padding]
+        x = F.pad(x, [p for t in reversed(total) for p in (t // 2, t - t // 2)])
+    windows = x
+    for dim, (k, s, d) in enumerate(zip(kernel, stride, dilation), start=2):
+        windows = windows.unfold(dim, d * (k - 1) + 1, s)  # appends the window axis
+    windows = windows[(Ellipsis, *(slice(None, None, d) for d in dilation))]  # (N, C, *out, *kernel)
+    spatial = len(kernel)
+    order = (0, *range(2, 2 + spatial), 1, *range(2 + spatial, 2 + 2 * spatial))  # (N, *out, C, *kernel)
+    return windows.permute(order).reshape(-1, conv.weight[0].numel())
 
 
 def gather_statistics(gm: fx.GraphModule, paths: list[str], batches: Iterable[tuple[tuple, dict]], *,
