@@ -125,12 +125,15 @@ def test_calibration_batches_take_datasets_tensors_and_iterables_up_to_the_sampl
 # ── transform(calibration=…) ───────────────────────────────────────────────────────────────
 
 
-DEFAULTS = [vcon_fx.LowRankConfig(rank=2), vcon_fx.PruneConfig(sparsity=0.5), vcon_fx.PruneConfig(pattern="2:4"),
-            vcon_fx.PruneConfig(sparsity=0.5, sparsegpt=True), vcon_fx.QuantConfig(bits=4),
-            vcon_fx.QuantConfig(bits=8, clip_search=True)]
+DEFAULTS = {  # what each starts as with calibration data and default flags
+    "whitened-lowrank": vcon_fx.LowRankConfig(rank=2), "wanda": vcon_fx.PruneConfig(sparsity=0.5),
+    "wanda-2:4": vcon_fx.PruneConfig(pattern="2:4"), "sparsegpt": vcon_fx.PruneConfig(sparsity=0.5, sparsegpt=True),
+    "gptq-4bit": vcon_fx.QuantConfig(bits=4), "clip-search-8bit": vcon_fx.QuantConfig(bits=8, clip_search=True),
+    "whitened-lowrank+gptq": vcon_fx.ComposeConfig((vcon_fx.LowRankConfig(rank=2), vcon_fx.QuantConfig(bits=4))),
+}
 
 
-@pytest.mark.parametrize("config", DEFAULTS, ids=lambda c: "-".join(f"{v}" for v in c.to_dict().values() if v))
+@pytest.mark.parametrize("config", DEFAULTS.values(), ids=DEFAULTS)
 @pytest.mark.parametrize("granularity", ["layer", "block"])
 def test_data_aware_transform_keeps_every_invariant(config, granularity, tmp_path):
     """β = 1 exact, vanish parity, save / load; ONNX parity is the CLI test's (below)."""
@@ -139,7 +142,8 @@ def test_data_aware_transform_keeps_every_invariant(config, granularity, tmp_pat
     select = {"granularity": "block", "blocks": ("body",)} if granularity == "block" else {}
     vm = vcon_fx.transform(net, config, example_inputs=inputs[0], calibration=TensorDataset(images(40, 1)), **select)
     recipe = vm.meta["vcon"]
-    assert recipe.config.init == "data-aware" and any(n.startswith("calibration: 40 sample(s)") for n in recipe.notes)
+    parts = getattr(recipe.config, "configs", (recipe.config,))
+    assert {c.init for c in parts} == {"data-aware"} and any(n.startswith("calibration: 40 sample(s)") for n in recipe.notes)
     assert_identity_at_beta_one(net, vm, inputs)
     assert_vanish_parity(vm, inputs)
     vcon_fx.save(vm, tmp_path / "m.vcon")

@@ -226,6 +226,10 @@ class Method:
         """The deployable form of a trained twin (masks applied, integers stored). Default: as is."""
         return compressed
 
+    def inner_statistics(self, site: LayerSite, twin: nn.Module) -> dict[str, "InputStatistics"]:
+        """Input statistics of the layers inside a built twin, from the layer's (for a composed second method)."""
+        return {}
+
     def share_dense_weights(self) -> bool:
         """True when the twin computes its weights from the dense layer's own parameters."""
         return False

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import CliOption, LayerPlan, LayerSite, Method, MethodConfig, MethodExamples, layer_params, register_method
-from .calibration import INIT, check_init, resolve_init
+from .calibration import INIT, InputStatistics, check_init, resolve_init
 from .svd import truncated_svd
 from .whitening import whitened_factors
 
@@ -210,6 +210,18 @@ class LowRankMethod(Method):
                 if has_bias:
                     up.bias.copy_(layer.bias)
         return LowRank(down, up)
+
+    def inner_statistics(self, site: LayerSite, twin: nn.Module) -> dict[str, InputStatistics]:
+        """`down` reads the layer's inputs; `up` reads down's outputs B·x, so its XᵀX is B·(XᵀX)·Bᵀ."""
+        stats = site.statistics
+        if stats is None or not isinstance(twin, LowRank) or stats.column_squares.numel() != twin.down.weight[0].numel():
+            return {}
+        inner = {"down": stats}
+        if stats.gram is not None:
+            b = twin.down.weight.detach().reshape(twin.down.weight.shape[0], -1).to(stats.gram)
+            gram = b @ stats.gram @ b.T
+            inner["up"] = InputStatistics(stats.rows, gram.diagonal().clone(), gram.diagonal().clone(), gram)
+        return inner
 
     def _factors(self, site: LayerSite, plan: LayerPlan, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Truncated SVD of the weight, of W·diag(s) with the scaling undone (activation-aware), or whitened."""
