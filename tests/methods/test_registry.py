@@ -35,8 +35,8 @@ CLI_FLAGS = {
     "--energy": (float, None, None, "low-rank: share of singular-value energy kept (0-1]"),
     "--ratio": (float, None, None, "low-rank: parameter budget per layer (0-1)"),
     "--rank-multiple": (int, None, None, "low-rank: round ranks up to a multiple (16 suits CPU kernels)"),
-    "--activation-aware": (None, None, None,
-                           "low-rank: weight the SVD by each input's RMS on the example inputs (give real ones)"),
+    "--activation-aware": (None, None, None, "low-rank: weight the SVD by each input's RMS (on --calibration-data, "
+                           "else on the example inputs)"),
     "--svd": (None, None, ("auto", "exact", "randomized"),
               "low-rank: factor initialization (auto: randomized when rank ≤ ¼ of the layer's size)"),
     "--sparsity": (float, None, None, "prune: share of weights zeroed per layer (0-1)"),

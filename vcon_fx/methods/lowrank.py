@@ -56,8 +56,8 @@ class LowRankConfig(MethodConfig):
         CliOption("--energy", "share of singular-value energy kept (0-1]", type=float),
         CliOption("--ratio", "parameter budget per layer (0-1)", type=float),
         CliOption("--rank-multiple", "round ranks up to a multiple (16 suits CPU kernels)", type=int),
-        CliOption("--activation-aware", "weight the SVD by each input's RMS on the example inputs (give real ones)",
-                  switch=True),
+        CliOption("--activation-aware", "weight the SVD by each input's RMS (on --calibration-data, else on the "
+                  "example inputs)", switch=True),
         CliOption("--svd", "factor initialization (auto: randomized when rank ≤ ¼ of the layer's size)",
                   choices=("auto", "exact", "randomized")),
         INIT,
