@@ -8,12 +8,16 @@
    one costs in accuracy.
 2. `vcon-fx inspect torchvision:resnet50`: the `vcon_fx.plan` call (LowRankConfig(ratio=0.25),
    the CLI default), 1×3×224×224. Target: < 1 s. Also the whole CLI command, for reference.
+3. Calibration on the same BERT-base: `transform` with `calibration=` (128 samples, the default)
+   for each data-aware start against the plain start of the same method, same process: the
+   statistics pass and the data-aware init timed apart, and the memory the statistics take.
 
 Both are broken down by phase (wall time of capture, normalize, find_sites, select, plan,
 duplicate, SVD, …, by wrapping the library's own functions) and profiled with cProfile.
 
     .venv/bin/python benchmarks/toolspeed.py                 # → benchmarks/TOOLSPEED.md
     .venv/bin/python benchmarks/toolspeed.py --tiny --out /tmp/t.md   # smoke test (tiny MLP, resnet18 32×32)
+    .venv/bin/python benchmarks/toolspeed.py --parts calibration   # only part 3, spliced into TOOLSPEED.md
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import cProfile
 import io
 import logging
 import pstats
+import re
 import statistics
 import subprocess
 import sys
@@ -376,6 +381,134 @@ def cli_time(name: str, args) -> str:
     return f"{min(walls):.1f} s best of 2 (of which `import vcon_fx.cli`: {total_import:.1f} s)"
 
 
+# ── 3. calibration and the data-aware starts ──────────────────────────────────────────────
+
+
+class CalibrationPhases(Phases):
+    """The calibration pass and each data-aware init, timed inside transform."""
+
+    TARGETS = [
+        ("vcon_fx.graph.calibrate", "gather_statistics", "statistics pass"),
+        ("vcon_fx.methods.lowrank", "whitened_factors", "whitening"),
+        ("vcon_fx.methods.lowrank", "truncated_svd", "truncated SVD"),
+        ("vcon_fx.methods.prune", "feature_norms", "Wanda norms"),
+        ("vcon_fx.methods.prune", "sparsegpt_prune", "SparseGPT"),
+        ("vcon_fx.methods.quant_start", "clip_search_scales", "clip search"),
+        ("vcon_fx.methods.quant_start", "gptq_quantize", "GPTQ"),
+    ]
+    INITS = ("whitening", "truncated SVD", "Wanda norms", "SparseGPT", "clip search", "GPTQ")
+
+
+def _bert_setup(args):
+    """(model, example kwargs, seq_inputs, calibration kwargs, what) for part 1's model, or the tiny encoder."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    gen = torch.Generator().manual_seed(1)
+    if args.tiny:
+        model, seq = _tiny_encoder(), 16
+        example = {"hidden": torch.randn(2, seq, 64)}
+        return model, example, ("hidden",), {"hidden": torch.randn(args.calibration_samples, seq, 64, generator=gen)}, \
+            "the tiny encoder (3 Linear layers)"
+    model, seq = BertModel(BertConfig()), 128
+    ids = lambda n: torch.randint(0, model.config.vocab_size, (n, seq), generator=gen)  # noqa: E731
+    example = {"input_ids": ids(8), "attention_mask": torch.ones(8, seq, dtype=torch.long),
+               "token_type_ids": torch.zeros(8, seq, dtype=torch.long)}
+    n = args.calibration_samples
+    calibration = {"input_ids": ids(n), "attention_mask": torch.ones(n, seq, dtype=torch.long),
+                   "token_type_ids": torch.zeros(n, seq, dtype=torch.long)}
+    return model, example, tuple(example), calibration, "BERT-base (random), 72 Linear layers of 768×768 / 768×3072"
+
+
+def _calibration_cases(args):
+    """(method, start, config, data-aware?) rows: each method's plain start first, its ratios' baseline."""
+    import vcon_fx
+
+    rank = args.rank
+    return [
+        ("low-rank, rank %d" % rank, "plain SVD", vcon_fx.LowRankConfig(rank=rank), False),
+        ("low-rank, rank %d" % rank, "activation-aware (diagonal)", vcon_fx.LowRankConfig(rank=rank, activation_aware=True), True),
+        ("low-rank, rank %d" % rank, "whitened (SVD-LLM)", vcon_fx.LowRankConfig(rank=rank), True),
+        ("prune 50 %", "magnitude", vcon_fx.PruneConfig(sparsity=0.5), False),
+        ("prune 50 %", "Wanda", vcon_fx.PruneConfig(sparsity=0.5), True),
+        ("prune 50 %", "Wanda + SparseGPT", vcon_fx.PruneConfig(sparsity=0.5, sparsegpt=True), True),
+        ("quant 4 bits", "max-abs (round to nearest)", vcon_fx.QuantConfig(bits=4), False),
+        ("quant 4 bits", "clip search, input-weighted", vcon_fx.QuantConfig(bits=4, clip_search=True), True),
+        ("quant 4 bits", "GPTQ", vcon_fx.QuantConfig(bits=4), True),
+    ]
+
+
+def calibration_part(args) -> str:
+    """Part 3: the statistics pass and each data-aware start against the plain one, same model, same process."""
+    import torch
+
+    import vcon_fx
+    from vcon_fx.graph.statistics import statistics_bytes
+
+    started = time.perf_counter()
+    model, example, seq_inputs, calibration, what = _bert_setup(args)
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][1:-1]  # the default: no stem, no head
+
+    def fwd_bwd():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        out = model(**example)
+        (out if isinstance(out, torch.Tensor) else out.last_hidden_state).float().pow(2).mean().backward()
+
+    fwd_bwd()
+    t = time.perf_counter()
+    fwd_bwd()
+    unit = time.perf_counter() - t
+    vcon_fx.transform(model, vcon_fx.LowRankConfig(rank=args.rank), example_kwargs=example, seq_inputs=seq_inputs)
+    rows, plain_s = [], {}  # ↑ a warm-up: the first capture in a process pays for imports and caches
+    for method, start, config, data_aware in _calibration_cases(args):
+        phases = CalibrationPhases()
+        t = time.perf_counter()
+        with phases.active():
+            vcon_fx.transform(model, config, example_kwargs=example, seq_inputs=seq_inputs,
+                              calibration=calibration if data_aware else None)
+        total = time.perf_counter() - t
+        plain_s.setdefault(method, total)
+        stats_s = phases.totals.get("statistics pass", 0.0)
+        init_s = sum(phases.totals.get(k, 0.0) for k in CalibrationPhases.INITS)
+        memory = statistics_bytes(layers, gram=config.calibrated(data_aware).needs_gram) if data_aware else 0
+        rows.append([method, start, f"{total:.2f}", f"{stats_s:.2f}" if data_aware else "—", f"{init_s:.2f}",
+                     f"{total / plain_s[method]:.2f}×", f"{total / unit:.1f}×",
+                     f"{memory / 1e6:.0f} MB" if memory >= 1e6 else (f"{memory / 1e3:.0f} kB" if memory else "—")])
+        log.info("calibration part: %s / %s %.1f s", method, start, total)
+    minutes = (time.perf_counter() - started) / 60
+    return f"""## 3. Calibration and the data-aware starts on {what}
+
+Made by `{command_line()}` in {minutes:.1f} min (this section alone; the others by the command at the top).
+`vcon_fx.transform(model, config, example_kwargs=…, calibration=…)` with {args.calibration_samples} calibration
+samples (the library's default is 128) of random inputs shaped like the example's, read in batches of 16,
+against the same transform without calibration data (the plain start of the same method), one run
+each in this process. forward+backward: part 1's unit, {unit:.2f} s here. "statistics pass" is the
+streaming pass (`graph/statistics.py`: per-feature second moments, plus XᵀX for whitening, SparseGPT
+and GPTQ); "init" is the time inside the start's own functions (whitening's Cholesky + SVD, the
+truncated SVD, Wanda's norms, SparseGPT's and GPTQ's sweeps, the clip search); the rest is capture,
+the other twins' construction and copies, as in part 1. "statistics" is what they hold at once
+(`statistics_bytes`; XᵀX: in_features² × 8 bytes per layer). torch threads: {torch.get_num_threads()}.
+
+{markdown_table(["method", "start", "transform s", "statistics pass s", "init s", "÷ plain start",
+                 "÷ forward+backward", "statistics"], rows)}
+"""
+
+
+def splice(existing: str, sections: list[str]) -> str:
+    """`existing` with each of `sections` in place of its namesake ("## 3. …"), or before the findings (pure)."""
+    parts = re.split(r"(?m)^(?=## )", existing)
+    for section in sections:
+        key = section.split(" ", 2)[1]  # "3."
+        at = next((i for i, p in enumerate(parts) if p.startswith(f"## {key} ")), None)
+        if at is None:
+            at = next((i for i, p in enumerate(parts) if p.startswith("## Why")), len(parts))
+            parts.insert(at, section.rstrip() + "\n\n")
+        else:
+            parts[at] = section.rstrip() + "\n\n"
+    return "".join(parts)
+
+
 FINDINGS = """
 ## Why, and what the library does about it
 
@@ -416,11 +549,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own default)")
-    parser.add_argument("--parts", default="bert,inspect")
+    parser.add_argument("--parts", default="bert,inspect,calibration",
+                        help="bert, inspect, calibration; a subset is spliced into an existing --out")
+    parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--tiny", action="store_true", help="a tiny MLP and resnet18 at 32×32, 1 round: smoke test")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.rounds, args.rank = 1, 8
+        args.rounds, args.rank, args.calibration_samples = 1, 8, 32
         args.threads = args.threads or 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     for noisy in ("vcon_fx", "torch"):
@@ -439,10 +574,16 @@ def main(argv: list[str] | None = None) -> int:
     if "inspect" in parts:
         sections.append(inspect_part(args))
         log.info("inspect part done (%.0f s)", time.perf_counter() - started)
+    if "calibration" in parts:
+        sections.append(calibration_part(args))
+        log.info("calibration part done (%.0f s)", time.perf_counter() - started)
     total = time.perf_counter() - started
     head = (f"# Tool speed: transform and inspect\n\nMade by `{command_line()}` in {total / 60:.1f} min.\n"
             f"Machine: {machine_line(info)}.\n\n")
-    write_text_atomic(args.out, head + "\n".join(sections) + ("" if args.tiny else FINDINGS))
+    if set(parts) != {"bert", "inspect", "calibration"} and Path(args.out).is_file() and not args.tiny:
+        write_text_atomic(args.out, splice(Path(args.out).read_text(), sections))
+    else:
+        write_text_atomic(args.out, head + "\n".join(sections) + ("" if args.tiny else FINDINGS))
     log.info("wrote %s", args.out)
     return 0
 

@@ -28,26 +28,32 @@ from vcon_fx.methods import (
 )
 from vcon_fx.methods import base
 
-# The compression flags as the CLI had them before methods declared their own: flag → (type,
-# default, choices, help). `transform --help` must not change.
+# The compression flags as the CLI had them before methods declared their own, plus the data-aware
+# starts of issue 13: flag → (type, default, choices, help). `transform --help` must not change.
 CLI_FLAGS = {
     "--rank": (int, None, None, "low-rank: singular values kept per layer"),
     "--energy": (float, None, None, "low-rank: share of singular-value energy kept (0-1]"),
     "--ratio": (float, None, None, "low-rank: parameter budget per layer (0-1)"),
     "--rank-multiple": (int, None, None, "low-rank: round ranks up to a multiple (16 suits CPU kernels)"),
-    "--activation-aware": (None, None, None,
-                           "low-rank: weight the SVD by each input's RMS on the example inputs (give real ones)"),
+    "--activation-aware": (None, None, None, "low-rank: weight the SVD by each input's RMS (on --calibration-data, "
+                           "else on the example inputs)"),
     "--svd": (None, None, ("auto", "exact", "randomized"),
               "low-rank: factor initialization (auto: randomized when rank ≤ ¼ of the layer's size)"),
     "--sparsity": (float, None, None, "prune: share of weights zeroed per layer (0-1)"),
     "--pattern": (None, None, None, "prune: N:M semi-structured sparsity, e.g. 2:4"),
     "--structured": (None, None, None, "prune: remove whole neurons/channels"),
     "--fixed-mask": (None, None, None, "prune: keep the first mask (default: re-chosen every step)"),
+    "--sparsegpt": (None, None, None, "prune: with calibration data, update the kept weights to make up for the "
+                    "pruned ones (SparseGPT)"),
     "--bits": (None, None, None, "quant: weight bits 8, 4, 2, 1 or ternary"),
     "--act-bits": (int, None, None, "quant: fake-quantize layer inputs to 8 bits"),
+    "--clip-search": (None, None, None, "quant: per-channel scales by an MSE-optimal clipping search "
+                      "(input-weighted with calibration data), instead of GPTQ"),
+    "--init": (None, None, ("auto", "plain", "data-aware"),
+               "low-rank/prune/quant: twin start: plain, or data-aware (the default with --calibration-data)"),
     "--separate-weights": (None, None, None, "prune/quant: the twin gets its own weight copy"),
 }
-SWITCHES = {"--activation-aware", "--structured", "--fixed-mask", "--separate-weights"}
+SWITCHES = {"--activation-aware", "--structured", "--fixed-mask", "--separate-weights", "--sparsegpt", "--clip-search"}
 
 
 def parser() -> argparse.ArgumentParser:

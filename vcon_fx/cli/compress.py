@@ -39,7 +39,7 @@ _CHECKPOINTS = "model.tuned.ckpt"
 _OWN_FLAGS = {"-o", "--output", "--force", "--checkpoint-dir", "--resume"}
 # Settings a continuation may change: they change where things go, or how often, not the result.
 _NOT_SETTINGS = {"command", "verbose", "work", "force", "onnx", "check", "device", "save_every", "eval_every", "log"}
-_PATH_SETTINGS = ("model", "data", "eval_data", "weights", "arch")
+_PATH_SETTINGS = ("model", "data", "eval_data", "weights", "arch", "calibration_data")
 _GROUP_TITLES = {"transform": "transform", "finetune": "fine-tuning", "export": "export", "vanish": "vanish"}
 
 
@@ -106,7 +106,7 @@ def run(args) -> int:
     parsers = _stage_parsers()
     onnx = Path(args.onnx)
     work = Path(args.work) if args.work else default_work(onnx)
-    inputs = (args.model, args.data, args.eval_data, args.weights)
+    inputs = (args.model, args.data, args.eval_data, args.weights, args.calibration_data)
     if work.absolute() == onnx.absolute():
         raise UsageError(f"--work {work} is the ONNX file's own path: choose another --work")
     _check_finetune_flags(args, parsers["finetune"], work)

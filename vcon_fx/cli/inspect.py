@@ -7,8 +7,8 @@ import json
 from rich.table import Table
 
 from ..errors import CaptureError
-from .options import add_method, add_source, load_source, method_config, selection_kwargs
-from .render import console, describe, fmt_count, plan_table
+from .options import add_calibration, add_method, add_source, load_calibration, load_source, method_config, selection_kwargs
+from .render import console, describe, fmt_bytes, fmt_count, plan_table
 
 __all__ = ["add_parser", "run"]
 
@@ -19,6 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument("model", help="model source: .pt2, torchvision:NAME, HF folder, .pt, or a vcon artifact")
     add_source(p)
     add_method(p, required=False)
+    add_calibration(p)
     p.add_argument("--graph", action="store_true", help="print the captured graph")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
@@ -37,15 +38,18 @@ def run(args) -> int:
     from ..methods.lowrank import LowRankConfig
 
     config = method_config(args) if args.method else LowRankConfig(ratio=0.25)
+    calibration = load_calibration(args, loaded)
     try:
         compression_plan = plan(loaded.module, config, example_inputs=loaded.example_args,
                                 example_kwargs=loaded.example_kwargs, seq_inputs=loaded.seq_inputs,
-                                **selection_kwargs(args))
+                                calibration=calibration, **selection_kwargs(args))
     except CaptureError:
         _uncaptured_layers(args, loaded.module)  # what the module tree alone tells, then the error
         raise
+    config = compression_plan.config
+    memory = _statistics_memory(args, compression_plan, calibration)
     if args.json:
-        console.print_json(json.dumps(_plan_json(compression_plan, config)))
+        console.print_json(json.dumps({**_plan_json(compression_plan, config), "calibration": memory}))
         return 0
     console.print(f"[bold]{args.model}[/] ({type(loaded.module).__name__}): captured with "
                   f"[bold]{compression_plan.capture}[/]")
@@ -57,7 +61,24 @@ def run(args) -> int:
     before, after = compression_plan.total_params, compression_plan.params_after
     console.print(f"{len(compression_plan.groups)} group(s) ({compression_plan.selection.granularity}); parameters "
                   f"{fmt_count(before)} → {fmt_count(after)} ({after / max(before, 1):.1%})")
+    if memory:
+        console.print(f"calibration: {memory['samples']} sample(s) of {memory['data']}; the input statistics of "
+                      f"{memory['layers']} layer(s) take {fmt_bytes(memory['bytes'])}"
+                      + (" (XᵀX: input columns² × 8 bytes per layer)" if memory["gram"] else " (per-feature moments)"))
     return 0
+
+
+def _statistics_memory(args, compression_plan, calibration) -> dict | None:
+    """What the calibration pass would read and hold (None without --calibration-data)."""
+    from ..graph.statistics import statistics_bytes
+    from .options import calibration_samples
+
+    if calibration is None:
+        return None
+    sites, config = compression_plan.extra["sites"], compression_plan.config
+    layers = [sites[p].module for g in compression_plan.groups for p in g.layers if not compression_plan.plans[p].skipped]
+    return {"data": args.calibration_data, "samples": min(len(calibration), calibration_samples(args)),
+            "layers": len(layers), "gram": config.needs_gram, "bytes": statistics_bytes(layers, gram=config.needs_gram)}
 
 
 def _plan_json(compression_plan, config) -> dict:

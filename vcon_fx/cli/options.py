@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..methods import CliOption, declared_options
 
-__all__ = ["add_source", "add_method", "method_config", "load_source", "selection_kwargs", "default_output"]
+__all__ = ["add_source", "add_method", "add_calibration", "method_config", "load_source", "load_calibration",
+           "calibration_samples", "selection_kwargs", "default_output"]
 
 
 def add_source(p: argparse.ArgumentParser) -> None:
@@ -33,6 +34,43 @@ def add_method(p: argparse.ArgumentParser, required: bool) -> None:
     s.add_argument("--blocks", action="append", default=[], help="block regions, e.g. 'layer*.*' or 'encoder.layer.*.intermediate+output'")
     s.add_argument("--include-stem", action="store_true", help="compress the first layer too")
     s.add_argument("--include-head", action="store_true", help="compress the last layer too")
+
+
+def add_calibration(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calibration-data", metavar="FILE",
+                   help="data the layers' inputs are measured on (any --data format): twins start data-aware")
+    g.add_argument("--calibration-samples", type=int, metavar="N",
+                   help="samples of --calibration-data read (default 128)")
+
+
+def load_calibration(args, loaded):
+    """The --calibration-data Dataset, read for the loaded model (its task, tokenizer, input shapes), or None.
+
+    Raises:
+        UsageError: --calibration-samples without --calibration-data, or not positive.
+        DataError: as `load_data`.
+    """
+    from ..data import load_data
+    from ..errors import UsageError
+    from ..graph.recipe import input_spec
+
+    path, samples = getattr(args, "calibration_data", None), getattr(args, "calibration_samples", None)
+    if samples is not None and samples < 1:
+        raise UsageError(f"--calibration-samples must be at least 1, got {samples}")
+    if path is None:
+        if samples is not None:
+            raise UsageError("--calibration-samples needs --calibration-data FILE")
+        return None
+    return load_data(path, model_task=loaded.task, tokenizer_path=loaded.tokenizer_path,
+                     input_spec=input_spec(loaded.example_args, loaded.example_kwargs))
+
+
+def calibration_samples(args) -> int:
+    """--calibration-samples, or the library's default (128)."""
+    from ..graph.statistics import DEFAULT_SAMPLES
+
+    return getattr(args, "calibration_samples", None) or DEFAULT_SAMPLES
 
 
 def _argparse_kwargs(option: CliOption, owners: tuple[str, ...]) -> dict:

@@ -1,65 +1,48 @@
-"""Calibrate: the root-mean-square of every input feature of the selected layers, on example inputs.
+"""Calibrate: the selected layers' input statistics, on calibration data or on the example inputs.
 
-Activation-aware low-rank (`LowRankConfig(activation_aware=True)`) factorizes W·diag(s) instead
-of W, with s the RMS of each input feature, then undoes the scaling on the down factor:
+With calibration data (`transform(..., calibration=…)`, `--calibration-data FILE`), one streaming
+pass (statistics.py) gives every selected layer its `InputStatistics`: per-feature second moments
+and, for the methods that need it, XᵀX. The data-aware twins start from them (methods/whitening.py,
+wanda.py, sparsegpt.py, gptq.py, scale_grid.py), and activation-aware low-rank takes its RMS
+from them.
 
-    W ≈ A · (B' · diag(1/s)),   A·B' = best rank-r approximation of W·diag(s)
+Without calibration data, activation-aware low-rank (`LowRankConfig(activation_aware=True)`)
+still measures the RMS of each input feature on the example inputs, one forward: it factorizes
+W·diag(s) instead of W, then undoes the scaling on the down factor,
+
+    W ≈ A · (B' · diag(1/s)),   A·B' = best rank-r approximation of W·diag(s),
 
 so the truncation keeps the directions that matter for the activations the layer actually sees
-(the output error ‖(W − AB)·x‖ is what the model feels, not ‖W − AB‖), as ASVD does for LLMs.
-The statistics come from one forward of the captured graph on the example inputs: give real
-inputs (a batch of real data) for them to mean anything.
+(as ASVD does for LLMs). Give real example inputs for that to mean anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from ..methods.base import LayerSite
+from ..methods.calibration import InputStatistics
 from . import contracts
+from .statistics import BATCH, calibration_batches, gather_statistics, statistics_bytes
 
-__all__ = ["input_rms", "with_input_rms"]
+__all__ = ["input_rms", "with_input_rms", "calibrate", "with_statistics"]
 
 log = logging.getLogger(__name__)
 
 
 def input_rms(gm: fx.GraphModule, paths: list[str], example_args: tuple,
               example_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
-    """RMS of each input feature (Linear: last dim; Conv: channel) of every layer in `paths`.
+    """RMS of each input feature (Linear: last dim; Conv: channel) of every layer in `paths`, on the example inputs.
 
     A layer called several times pools every call. Runs in eval mode under no_grad, so batch-norm
     statistics and dropout are untouched.
     """
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def record(path: str, layer: nn.Module, x: torch.Tensor) -> None:
-        x = x.detach().float()
-        if isinstance(layer, nn.Linear):
-            flat = x.reshape(-1, x.shape[-1])
-        else:  # Conv1d / Conv2d: (N, C, ...) → per channel
-            flat = x.transpose(0, 1).reshape(x.shape[1], -1).T
-        sums[path] = sums.get(path, 0) + flat.pow(2).sum(0)
-        counts[path] = counts.get(path, 0) + flat.shape[0]
-
-    handles = []
-    for path in paths:
-        layer = gm.get_submodule(path)
-        handles.append(layer.register_forward_pre_hook(
-            lambda m, args, path=path: record(path, m, args[0]) if args and isinstance(args[0], torch.Tensor) else None))
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            gm(*example_args, **(example_kwargs or {}))
-    finally:
-        gm.train(was_training)
-        for handle in handles:
-            handle.remove()
-    out = {p: (sums[p] / max(counts[p], 1)).sqrt() for p in sums}
+    stats = gather_statistics(gm, paths, [(tuple(example_args), dict(example_kwargs or {}))], gram=False)
+    out = {p: s.rms().float() for p, s in stats.items()}
     log.info("calibrated %d layer(s) on the example inputs", len(out))
     if contracts.active():
         contracts.ensure_input_rms(gm, out)
@@ -68,5 +51,54 @@ def input_rms(gm: fx.GraphModule, paths: list[str], example_args: tuple,
 
 def with_input_rms(sites: dict[str, LayerSite], rms: dict[str, torch.Tensor]) -> dict[str, LayerSite]:
     """The sites, each carrying its input RMS (where one was recorded)."""
-    return {p: LayerSite(s.path, s.module, s.out_shape, s.calls, rms.get(p)) if p in rms else s
+    return {p: dataclasses.replace(s, input_rms=rms[p]) if p in rms else s for p, s in sites.items()}
+
+
+def with_statistics(sites: dict[str, LayerSite], stats: dict[str, InputStatistics]) -> dict[str, LayerSite]:
+    """The sites, each carrying its calibration statistics and the input RMS they give (where measured)."""
+    return {p: dataclasses.replace(s, statistics=stats[p], input_rms=stats[p].rms().float()) if p in stats else s
             for p, s in sites.items()}
+
+
+def calibrate(gm: fx.GraphModule, sites: dict[str, LayerSite], paths: list[str], calibration, *, samples: int,
+              gram: bool, positional: int = 1, fixed_batch: int | None = None) -> tuple[dict[str, LayerSite], str]:
+    """The sites of `paths` with the statistics of `calibration` (pure on `gm`), and a note saying what was measured.
+
+    Args:
+        calibration: a Dataset, a tensor or an iterable of batches (statistics.calibration_batches).
+        samples: how many samples to read at most.
+        gram: also XᵀX (`MethodConfig.needs_gram`).
+        positional: the model's positional inputs (a tuple batch may carry labels after them).
+        fixed_batch: the batch size a graph with a fixed batch runs at, else None.
+
+    Raises:
+        DataError: calibration data of a form the model cannot take, or empty.
+    """
+    batches = calibration_batches(calibration, samples=samples, batch_size=fixed_batch or BATCH,
+                                  positional=positional, pad=fixed_batch is not None)
+    seen = _Counted(batches)
+    stats = gather_statistics(gm, paths, seen, gram=gram)
+    if contracts.active():
+        contracts.ensure_input_rms(gm, {p: s.rms().float() for p, s in stats.items()})
+    memory = statistics_bytes((gm.get_submodule(p) for p in stats), gram=gram)
+    note = (f"calibration: {seen.samples} sample(s) in {seen.batches} batch(es); input statistics of {len(stats)} "
+            f"layer(s){' with XᵀX' if gram else ''}, {_megabytes(memory)}")
+    return with_statistics(sites, stats), note
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+class _Counted:
+    """Passes (args, kwargs) batches through, counting batches and samples."""
+
+    def __init__(self, batches):
+        self.source, self.batches, self.samples = batches, 0, 0
+
+    def __iter__(self):
+        for args, kwargs in self.source:
+            self.batches += 1
+            first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim()), None)
+            self.samples += int(first.shape[0]) if first is not None else 0
+            yield args, kwargs

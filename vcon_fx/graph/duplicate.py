@@ -10,6 +10,7 @@ batch-norm statistics is never shared between branches. Provenance goes into
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from operator import attrgetter
 
@@ -96,7 +97,7 @@ def _duplicate_block(gm, group: Group, method: Method, plans, sites, init: bool,
         if plan.skipped:
             continue
         rel = _relative(path, parent)
-        site = LayerSite(path, dense.get_submodule(rel), sites[path].out_shape, sites[path].calls)
+        site = dataclasses.replace(sites[path], module=dense.get_submodule(rel))  # keeps its input statistics
         compressed.set_submodule(rel, method.build(site, plan, init=init).train(dense.training))
     # a method that couples layers (structured pruning: fc1's rows with fc2's columns) sees the whole block
     block_plans, block_sites = _block_layers(group, parent, plans, sites)

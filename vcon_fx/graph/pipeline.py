@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -19,13 +20,14 @@ from ..errors import ArtifactError, ConfigError, LoadError
 from ..methods.base import LayerPlan, LayerSite, MethodConfig, method_for
 from . import contracts
 from .blend import set_beta
-from .calibrate import input_rms, with_input_rms
+from .calibrate import calibrate, input_rms, with_input_rms
 from .duplicate import duplicate, plan_blocks
 from .normalize import normalize
 from .select import Group, Selection, SelectionConfig, find_sites, select
 from .vanish import vanish_graph
 from .dims import fixed_dims, flatten_inputs
 from .recipe import Recipe, input_spec, recipe_of
+from .statistics import DEFAULT_SAMPLES
 
 __all__ = ["transform", "plan", "vanish", "CompressionPlan", "Plan", "rebuild"]
 
@@ -37,7 +39,8 @@ class CompressionPlan:
     """What `transform` would do to a whole model, without doing it (for `inspect`).
 
     `plans` maps each selected layer path to its `LayerPlan`; `groups` are the blend groups
-    that compress at least one layer; `extra` holds the captured graph and its sites.
+    that compress at least one layer; `extra` holds the captured graph and its sites. `config`
+    is the method config as planned: its `init` settled for calibration data given or not.
     """
 
     capture: str
@@ -47,6 +50,7 @@ class CompressionPlan:
     groups: list[Group]
     total_params: int
     extra: dict = field(default_factory=dict)
+    config: MethodConfig | None = None
 
     @property
     def params_after(self) -> int:
@@ -67,15 +71,18 @@ def plan(
     selection: SelectionConfig | None = None,
     capture: str = "auto",
     seq_inputs: tuple[str, ...] = (),
+    calibration=None,
     **select_options,
 ) -> CompressionPlan:
     """Capture, select and plan every layer (pure: nothing is compressed).
 
-    `selection` (or its fields as keyword options: targets=…, ignore=…) says which layers.
+    `selection` (or its fields as keyword options: targets=…, ignore=…) says which layers;
+    `calibration` (not read here) only whether data-aware starts will have data.
 
     Raises:
         CaptureError, SelectionError, ConfigError: as `transform`.
     """
+    config = config.calibrated(calibration is not None)
     chosen = SelectionConfig.of(selection, **select_options)
     gm, notes, path, sites = _captured(model, example_inputs, example_kwargs, capture, seq_inputs)
     selection = select(gm, sites, chosen)
@@ -88,7 +95,7 @@ def plan(
     plan_blocks(gm, selection.groups, method, plans, sites)  # methods that couple layers refine block plans
     groups = [g for g in selection.groups if any(not plans[p].skipped for p in g.layers)]
     total = sum(p.numel() for p in gm.parameters())
-    return CompressionPlan(path, notes, selection, plans, groups, total, {"gm": gm, "sites": sites})
+    return CompressionPlan(path, notes, selection, plans, groups, total, {"gm": gm, "sites": sites}, config)
 
 
 def transform(
@@ -102,6 +109,8 @@ def transform(
     capture: str = "auto",
     seq_inputs: tuple[str, ...] = (),
     source: dict | None = None,
+    calibration=None,
+    calibration_samples: int = DEFAULT_SAMPLES,
     **select_options,
 ) -> fx.GraphModule:
     """Build the blended model: every selected layer or block gets a compressed twin, β = 1 (pure).
@@ -116,6 +125,10 @@ def transform(
         capture: "auto", "fx" or "export".
         seq_inputs: input names with a sequence axis (dim 1).
         source: how to rebuild `model` (set by the CLI), so `load` needs no model.
+        calibration: data to measure each selected layer's inputs on, one streaming pass: a
+            Dataset (`vcon_fx.load_data`), a tensor, or an iterable of input batches. With it every
+            method whose `init` is "auto" starts data-aware (docs/methods.md).
+        calibration_samples: how many samples of `calibration` to read at most (default 128).
 
     Returns:
         A GraphModule whose outputs equal the model's at β = 1, with its recipe in `.meta["vcon"]`.
@@ -134,13 +147,20 @@ def transform(
     example_inputs, example_kwargs = tuple(example_inputs), dict(example_kwargs or {})
     selection = SelectionConfig.of(selection, **select_options)
     compression_plan = plan(model, config, example_inputs=example_inputs, example_kwargs=example_kwargs,
-                            selection=selection, capture=capture, seq_inputs=seq_inputs)
+                            selection=selection, capture=capture, seq_inputs=seq_inputs, calibration=calibration)
+    config = compression_plan.config
     _refuse_all_skipped(compression_plan, config)
     gm, sites = compression_plan.extra["gm"], compression_plan.extra["sites"]
-    if uses_input_statistics(config):
-        layers = [p for g in compression_plan.groups for p in g.layers if not compression_plan.plans[p].skipped]
+    layers = [p for g in compression_plan.groups for p in g.layers if not compression_plan.plans[p].skipped]
+    if calibration is not None:
+        fixed = fixed_dims(gm, flatten_inputs(model, example_inputs, example_kwargs), tuple(seq_inputs)).get("batch")
+        sites, note = calibrate(gm, sites, layers, calibration, samples=calibration_samples, gram=config.needs_gram,
+                                positional=max(len(example_inputs), 1), fixed_batch=fixed)
+        compression_plan.notes.append(note)
+    elif uses_input_statistics(config):
         sites = with_input_rms(sites, input_rms(gm, layers, example_inputs, example_kwargs))
     duplicate(gm, compression_plan.groups, method_for(config), compression_plan.plans, sites, freeze_dense=freeze_dense)
+    compression_plan.notes.extend(_shift_notes(compression_plan.plans))
     if contracts.active() and (example_inputs or example_kwargs):
         contracts.ensure_blend_branches_agree(gm, example_inputs, example_kwargs)
     gm.meta["vcon"] = _recipe(compression_plan, config, selection, seq_inputs, freeze_dense, source,
@@ -161,6 +181,13 @@ def _inputs_record(model, gm, example_inputs, example_kwargs, seq_inputs) -> dic
     if fixed:
         spec["fixed"] = fixed
     return spec
+
+
+def _shift_notes(plans: dict[str, LayerPlan]) -> list[str]:
+    """One note per layer whose XᵀX was shifted to be positive-definite (methods/whitening.py)."""
+    return [f"layer {path}: XᵀX of its calibration inputs was not positive-definite; shifted by "
+            f"{plan.detail['gram_shift']:.3g} (fewer samples than its {math.prod(plan.shape[1:])} input columns?)"
+            for path, plan in plans.items() if plan.detail.get("gram_shift")]
 
 
 def _refuse_all_skipped(compression_plan: CompressionPlan, config: MethodConfig) -> None:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .calibration import InputStatistics
 
 __all__ = [
     "CliOption",
@@ -114,6 +117,23 @@ class MethodConfig:
         """True when building the twin reads statistics of the example inputs (they must be real data)."""
         return False
 
+    @property
+    def needs_gram(self) -> bool:
+        """True when a data-aware twin reads each layer's Gram matrix XᵀX (not only per-feature moments)."""
+        from .calibration import nested_configs
+
+        return any(part.needs_gram for part in nested_configs(self))
+
+    def calibrated(self, given: bool) -> "MethodConfig":
+        """This config with its `init` settled for calibration data given or not (pure; calibration.py).
+
+        Raises:
+            ConfigError: a data-aware start asked for without calibration data.
+        """
+        from .calibration import map_nested
+
+        return map_nested(self, lambda part: part.calibrated(given))
+
     def deployment_note(self) -> str | None:
         """What the exported model does not gain on onnxruntime's CPU provider, said plainly (or None)."""
         return None
@@ -141,6 +161,7 @@ class LayerSite:
     out_shape: tuple[int, ...] | None = None  # from shape propagation on the example inputs
     calls: int = 1  # how many graph nodes call it (a layer called twice has 2)
     input_rms: torch.Tensor | None = None  # RMS per input feature / channel (activation-aware methods)
+    statistics: "InputStatistics | None" = None  # from calibration data (calibration.py), for data-aware twins
 
     @property
     def kind(self) -> str:
@@ -204,6 +225,10 @@ class Method:
     def materialize(self, compressed: nn.Module) -> nn.Module:
         """The deployable form of a trained twin (masks applied, integers stored). Default: as is."""
         return compressed
+
+    def inner_statistics(self, site: LayerSite, twin: nn.Module) -> dict[str, "InputStatistics"]:
+        """Input statistics of the layers inside a built twin, from the layer's (for a composed second method)."""
+        return {}
 
     def share_dense_weights(self) -> bool:
         """True when the twin computes its weights from the dense layer's own parameters."""

@@ -150,13 +150,14 @@ class ComposeMethod(Method):
     def build(self, site: LayerSite, plan: LayerPlan, *, init: bool = True) -> nn.Module:
         twin = self.first.build(site, _plan_from(plan.detail["first"]), init=init)
         twin.train(site.module.training)  # new modules start in train mode; follow the dense layer's
+        inner = self.first.inner_statistics(site, twin) if init else {}  # calibration data reaches the inner layers
         for path, data in plan.detail["second"].items():
             sub_plan = _plan_from(data)
             if sub_plan.skipped:
                 continue
             layer = twin if path == "" else twin.get_submodule(path)
-            built = self.second.build(LayerSite(_join(site.path, path), layer, site.out_shape, site.calls), sub_plan,
-                                      init=init)
+            built = self.second.build(LayerSite(_join(site.path, path), layer, site.out_shape, site.calls,
+                                                statistics=inner.get(path)), sub_plan, init=init)
             if path == "":
                 twin = built
             else:

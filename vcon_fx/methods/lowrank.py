@@ -7,6 +7,7 @@ the dense weight, √S split between them so they train at similar scales.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -15,7 +16,9 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import CliOption, LayerPlan, LayerSite, Method, MethodConfig, MethodExamples, layer_params, register_method
+from .calibration import INIT, InputStatistics, check_init, resolve_init
 from .svd import truncated_svd
+from .whitening import whitened_factors
 
 __all__ = ["LowRankConfig", "LowRank", "LowRankMethod", "choose_rank", "truncated_svd"]
 
@@ -38,7 +41,11 @@ class LowRankConfig(MethodConfig):
             the layer's smaller side (≥ 256), 3-6× faster and within ~0.7 % of the optimal error.
         activation_aware: factorize W·diag(s), s = RMS of each input feature on the example
             inputs, then undo the scaling (graph/calibrate.py): the truncation keeps what the
-            layer's real inputs use. Needs example inputs that are real data.
+            layer's real inputs use. Statistics from calibration data when given, else from the
+            example inputs (give real ones). The cheap data-aware start.
+        init: "auto" (data-aware when calibration data is given), "plain" (the truncated SVD) or
+            "data-aware": truncation-aware whitening (whitening.py), the SVD of W·S with S the
+            Cholesky factor of the inputs' XᵀX, which minimizes the output error on that data.
     """
 
     method = "lowrank"
@@ -49,10 +56,11 @@ class LowRankConfig(MethodConfig):
         CliOption("--energy", "share of singular-value energy kept (0-1]", type=float),
         CliOption("--ratio", "parameter budget per layer (0-1)", type=float),
         CliOption("--rank-multiple", "round ranks up to a multiple (16 suits CPU kernels)", type=int),
-        CliOption("--activation-aware", "weight the SVD by each input's RMS on the example inputs (give real ones)",
-                  switch=True),
+        CliOption("--activation-aware", "weight the SVD by each input's RMS (on --calibration-data, else on the "
+                  "example inputs)", switch=True),
         CliOption("--svd", "factor initialization (auto: randomized when rank ≤ ¼ of the layer's size)",
                   choices=("auto", "exact", "randomized")),
+        INIT,
     )
     rank: int | None = None
     energy: float | None = None
@@ -60,6 +68,7 @@ class LowRankConfig(MethodConfig):
     rank_multiple: int | None = None
     svd: str = "auto"
     activation_aware: bool = False
+    init: str = "auto"
 
     def __post_init__(self):
         given = [k for k in ("rank", "energy", "ratio") if getattr(self, k) is not None]
@@ -76,10 +85,27 @@ class LowRankConfig(MethodConfig):
             raise ConfigError(f"--rank-multiple must be a positive integer, got {self.rank_multiple!r}")
         if self.svd not in ("auto", "exact", "randomized"):
             raise ConfigError(f"--svd must be auto, exact or randomized, got {self.svd!r}")
+        check_init(self.init, "low-rank")
+        if self.activation_aware and self.init == "plain":
+            raise ConfigError("low-rank: --activation-aware is a data-aware start; drop --init plain (or the flag)")
 
     @property
     def uses_input_statistics(self) -> bool:
         return bool(self.activation_aware)
+
+    @property
+    def needs_gram(self) -> bool:
+        return self.start == "whitened"
+
+    @property
+    def start(self) -> str:
+        """How the factors start: "svd", "activation-aware" (diagonal scaling) or "whitened"."""
+        if self.activation_aware:
+            return "activation-aware"
+        return "whitened" if self.init == "data-aware" else "svd"
+
+    def calibrated(self, given: bool) -> "LowRankConfig":
+        return dataclasses.replace(self, init=resolve_init(self.init, given, has_data_aware=True, method="low-rank"))
 
     @classmethod
     def examples(cls) -> MethodExamples:
@@ -148,6 +174,8 @@ class LowRankMethod(Method):
         rank = choose_rank(self.config, layer)
         after = rank * (in_f + out_f) + bias
         plan.detail = {"rank": rank}
+        if self.config.start != "svd":
+            plan.detail["init"] = self.config.start
         if rank >= min(out_f, in_f) or after >= before:
             plan.skip_reason = (
                 f"rank {rank} would not reduce parameters ({after} ≥ {before}); "
@@ -176,16 +204,35 @@ class LowRankMethod(Method):
             up = conv(rank, layer.out_channels, 1, bias=has_bias, **factory)
         if init:
             with torch.no_grad():
-                a, b = self._factors(site, rank)
+                a, b = self._factors(site, plan, rank)
                 down.weight.copy_(b.reshape(down.weight.shape))
                 up.weight.copy_(a.reshape(up.weight.shape))
                 if has_bias:
                     up.bias.copy_(layer.bias)
         return LowRank(down, up)
 
-    def _factors(self, site: LayerSite, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Truncated SVD of the weight, or of W·diag(s) with the scaling undone (activation-aware)."""
+    def inner_statistics(self, site: LayerSite, twin: nn.Module) -> dict[str, InputStatistics]:
+        """`down` reads the layer's inputs; `up` reads down's outputs B·x, so its XᵀX is B·(XᵀX)·Bᵀ."""
+        stats = site.statistics
+        if stats is None or not isinstance(twin, LowRank) or stats.column_squares.numel() != twin.down.weight[0].numel():
+            return {}
+        inner = {"down": stats}
+        if stats.gram is not None:
+            b = twin.down.weight.detach().reshape(twin.down.weight.shape[0], -1).to(stats.gram)
+            gram = b @ stats.gram @ b.T
+            inner["up"] = InputStatistics(stats.rows, gram.diagonal().clone(), gram.diagonal().clone(), gram)
+        return inner
+
+    def _factors(self, site: LayerSite, plan: LayerPlan, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Truncated SVD of the weight, of W·diag(s) with the scaling undone (activation-aware), or whitened."""
         matrix = _as_matrix(site.module)
+        if self.config.start == "whitened" and site.statistics is not None and site.statistics.gram is not None:
+            a, b, shift = whitened_factors(matrix, site.statistics.hessian(), rank, self.config.svd)
+            if shift:
+                plan.detail["gram_shift"] = shift  # the pipeline turns it into a note
+            return a, b
+        if self.config.start == "whitened":
+            plan.detail["init"] = "svd (no input statistics for this layer)"
         if not self.config.activation_aware or site.input_rms is None:
             return truncated_svd(matrix, rank, self.config.svd)
         layer = site.module

@@ -4,7 +4,9 @@ Unstructured: exactly round(s·numel) zeros per layer. N:M ("2:4"): in every gro
 consecutive input weights (along the input channels, as sparse tensor cores read them) the N
 largest stay. By default the mask is re-chosen from the current latent weight on every forward
 and trained through a straight-through estimator (gradient reaches every latent weight);
-`fixed_mask` keeps the mask chosen at the start.
+`fixed_mask` keeps the mask chosen at the start. With calibration data the score is Wanda's
+|W_ij|·‖X_j‖ within each output row (wanda.py), optionally with SparseGPT's weight update
+(sparsegpt.py).
 
 The twin is a `WeightTwin` (twin.py): it computes its weight from the dense layer's own
 Parameter unless `separate_weights`. `materialize` returns a plain Linear / Conv with the mask
@@ -17,6 +19,7 @@ parameters (and in sparse kernels elsewhere), not in file size or onnxruntime CP
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -25,6 +28,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import CliOption, LayerPlan, LayerSite, MethodConfig, MethodExamples, layer_params, register_method
+from .calibration import INIT, DataAwareStarts, check_init, resolve_init
+from .sparsegpt import sparsegpt_prune
 from .structured import (
     ChannelPrunedLayer,
     build_channel_block,
@@ -34,6 +39,7 @@ from .structured import (
     plan_structured_layer,
 )
 from .twin import SEPARATE_WEIGHTS, WeightTwin, WeightTwinMethod
+from .wanda import feature_norms, lowest_per_row, row_quota, wanda_score
 
 __all__ = [
     "PruneConfig",
@@ -48,7 +54,7 @@ _FLOAT_BYTES = 4
 
 
 @dataclass(frozen=True)
-class PruneConfig(MethodConfig):
+class PruneConfig(DataAwareStarts, MethodConfig):
     """Magnitude pruning; give exactly one of sparsity or pattern.
 
     Args:
@@ -58,22 +64,33 @@ class PruneConfig(MethodConfig):
             outputs, with the next layer's inputs); needs block granularity.
         fixed_mask: keep the mask chosen from the dense weights (default: re-chosen every forward).
         separate_weights: the twin gets its own weight copy (default: it shares the dense layer's).
+        init: "auto" (data-aware when calibration data is given), "plain" (magnitude) or
+            "data-aware": Wanda scores |W|·‖X_j‖ within each output row (wanda.py), kept with the
+            twin so the re-chosen mask uses them too.
+        sparsegpt: with the data-aware start, also update the kept weights from the inputs'
+            XᵀX (sparsegpt.py); the twin then holds its own, updated weight copy.
     """
 
     method = "prune"
     version = 1
+    gram_starts = own_weight_starts = ("sparsegpt",)
     cli_options = (
         CliOption("--sparsity", "share of weights zeroed per layer (0-1)", type=float),
         CliOption("--pattern", "N:M semi-structured sparsity, e.g. 2:4"),
         CliOption("--structured", "remove whole neurons/channels", switch=True),
         CliOption("--fixed-mask", "keep the first mask (default: re-chosen every step)", switch=True),
         SEPARATE_WEIGHTS,
+        INIT,
+        CliOption("--sparsegpt", "with calibration data, update the kept weights to make up for the pruned "
+                  "ones (SparseGPT)", switch=True),
     )
     sparsity: float | None = None
     pattern: str | None = None
     structured: bool = False
     fixed_mask: bool = False
     separate_weights: bool = False
+    init: str = "auto"
+    sparsegpt: bool = False
 
     def __post_init__(self):
         given = [k for k in ("sparsity", "pattern") if getattr(self, k) is not None]
@@ -85,12 +102,30 @@ class PruneConfig(MethodConfig):
                 raise ConfigError(f"--sparsity must lie in (0, 1), got {self.sparsity!r}")
         if self.pattern is not None:
             parse_pattern(self.pattern)
-        for flag in ("structured", "fixed_mask", "separate_weights"):
+        for flag in ("structured", "fixed_mask", "separate_weights", "sparsegpt"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"prune option {flag} must be true or false, got {getattr(self, flag)!r}")
         if self.structured and self.pattern is not None:
             raise ConfigError("structured pruning removes whole channels: give --sparsity (the share of channels "
                               f"removed), not --pattern {self.pattern}")
+        check_init(self.init, "prune")
+        if self.structured and (self.init == "data-aware" or self.sparsegpt):
+            raise ConfigError("structured pruning has no data-aware start: drop --init data-aware / --sparsegpt")
+        if self.sparsegpt and self.init == "plain":
+            raise ConfigError("--sparsegpt is a data-aware start: drop --init plain (or --sparsegpt)")
+
+    @property
+    def start(self) -> str:
+        """How the mask starts: "magnitude", "wanda" or "sparsegpt" (Wanda's re-selection, SparseGPT's weights)."""
+        if self.init != "data-aware":
+            return "magnitude"
+        return "sparsegpt" if self.sparsegpt else "wanda"
+
+    def calibrated(self, given: bool) -> "PruneConfig":
+        if self.sparsegpt and not given:
+            raise ConfigError("--sparsegpt needs calibration data: give --calibration-data FILE (calibration= in Python)")
+        init = resolve_init(self.init, given, has_data_aware=not self.structured, method="prune")
+        return dataclasses.replace(self, init=init)
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -170,19 +205,27 @@ class PrunedLayer(WeightTwin):
     """
 
     def __init__(self, layer: nn.Module, *, zeros: int = 0, nm: tuple[int, int] | None = None,
-                 fixed_mask: bool = False, share: bool = True, init: bool = True):
+                 fixed_mask: bool = False, share: bool = True, init: bool = True, wanda: bool = False,
+                 feature_norm: torch.Tensor | None = None):
         super().__init__(layer, share=share, init=init)
         self.zeros = int(zeros)
         self.nm = tuple(nm) if nm is not None else None
         self.fixed_mask = fixed_mask
+        self.wanda = wanda
+        if wanda:  # ‖X_j‖ of the calibration data (wanda.py); ones: |W| ranked within rows
+            norm = torch.ones(self.weight.shape[1:]) if feature_norm is None else feature_norm
+            self.register_buffer("feature_norm", norm.detach().to(self.weight).clone())
         if fixed_mask:
             mask = self.choose_mask() if init else torch.ones_like(self.weight, dtype=torch.bool)
             self.register_buffer("mask", mask)
 
     def choose_mask(self) -> torch.Tensor:
-        """The keep-mask for the current latent weight."""
+        """The keep-mask for the current latent weight (by |W|, or by Wanda's |W|·‖X_j‖ within rows)."""
+        score = wanda_score(self.weight, self.feature_norm) if self.wanda else self.weight
         if self.nm is not None:
-            return nm_mask(self.weight, *self.nm)
+            return nm_mask(score, *self.nm)
+        if self.wanda:
+            return lowest_per_row(score, row_quota(score.shape[0], self.zeros, score.device))
         return magnitude_mask(self.weight, self.zeros)
 
     def compressed_weight(self) -> torch.Tensor:
@@ -193,7 +236,8 @@ class PrunedLayer(WeightTwin):
 
     def extra_repr(self) -> str:
         what = f"{self.nm[0]}:{self.nm[1]}" if self.nm else f"zeros={self.zeros}"
-        return f"{super().extra_repr()}, {what}, mask={'fixed' if self.fixed_mask else 'dynamic'}"
+        return (f"{super().extra_repr()}, {what}, mask={'fixed' if self.fixed_mask else 'dynamic'}"
+                f"{', wanda' if self.wanda else ''}")
 
 
 @register_method
@@ -234,7 +278,8 @@ class PruneMethod(WeightTwinMethod):
         plan.detail.update({
             "zeros": zeros,
             "mask": "fixed" if config.fixed_mask else "dynamic",
-            "weights": "separate" if config.separate_weights else "shared",
+            "weights": "separate" if config.separate else "shared",
+            **({"init": config.start} if config.start != "magnitude" else {}),
             "note": ("sparse weights kept in a dense float store: bytes and FLOPs unchanged, "
                      "no speed-up on onnxruntime CPU"
                      + ("; N:M runs faster only on sparse tensor cores (NVIDIA Ampere+)" if config.nm else "")),
@@ -245,8 +290,22 @@ class PruneMethod(WeightTwinMethod):
         config: PruneConfig = self.config
         if config.structured:  # roles (producer / consumer) come with build_block, which sees the pairs
             return ChannelPrunedLayer(site.module, share=not config.separate_weights, init=init)
-        return PrunedLayer(site.module, zeros=plan.detail["zeros"], nm=config.nm, fixed_mask=config.fixed_mask,
-                           share=not config.separate_weights, init=init)
+        layer, start = site.module, config.start
+        norms = feature_norms(site.statistics, layer.weight, getattr(layer, "groups", 1)) if init else None
+        twin = PrunedLayer(layer, zeros=plan.detail["zeros"], nm=config.nm, fixed_mask=config.fixed_mask,
+                           share=not config.separate, init=init, wanda=start != "magnitude", feature_norm=norms)
+        if init and start != "magnitude" and norms is None:
+            plan.detail["init"] = f"{start}: no input statistics for this layer, |W| ranked within rows"
+        if init and start == "sparsegpt" and norms is not None and site.statistics.gram is not None:
+            with torch.no_grad():
+                twin.weight.copy_(sparsegpt_prune(twin.weight, site.statistics.hessian(), zeros=plan.detail["zeros"],
+                                                  nm=config.nm))
+                if config.fixed_mask:
+                    twin.mask.copy_(twin.choose_mask())
+        return twin
+
+    def share_dense_weights(self) -> bool:
+        return not self.config.separate
 
     def materialize(self, compressed: nn.Module) -> nn.Module:
         if isinstance(compressed, ChannelPrunedLayer):  # outside a block (materialize_block slices pairs): zeros stay

@@ -5,7 +5,8 @@ Binary (b = 1): q = sign(w), scale_c = mean|w_c|. Ternary (TWN): q ∈ {−1, 0,
 threshold Δ_c = 0.7·mean|w_c|, scale_c = mean of |w| above Δ_c. Every form trains through a
 straight-through estimator on a latent float weight, shared with the dense layer by default.
 Optionally the layer input is fake-quantized to 8 bits (asymmetric, per tensor) with a range
-observed as an exponential moving average while training.
+observed as an exponential moving average while training. With `--clip-search` or a data-aware
+start (GPTQ) the scales are chosen once and kept fixed instead (quant_start.py).
 
 `materialize` stores the integers (int8 in PyTorch whatever b is) and the float scales; its
 forward dequantizes with `quantized_decomposed.dequantize_per_channel`, which exports to ONNX
@@ -15,6 +16,7 @@ QuantizeLinear/DequantizeLinear: a vanished model is ~4× smaller on disk and in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -25,17 +27,13 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import CliOption, LayerPlan, LayerSite, MethodConfig, MethodExamples, layer_params, register_method
+from .calibration import INIT, DataAwareStarts, check_init, resolve_init
+from .quant_start import start_fixed_grid
+from .scale_grid import fixed_fake_quantize, grid_integers
 from .twin import SEPARATE_WEIGHTS, WeightTwin, WeightTwinMethod
 
-__all__ = [
-    "QuantConfig",
-    "QuantMethod",
-    "QuantTwin",
-    "QuantizedLayer",
-    "quantize_weight",
-    "fake_quantize_weight",
-    "SUPPORTED_BITS",
-]
+__all__ = ["QuantConfig", "QuantMethod", "QuantTwin", "QuantizedLayer", "quantize_weight", "fake_quantize_weight",
+           "SUPPORTED_BITS"]
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +44,35 @@ _ACT_MOMENTUM = 0.1  # EMA weight of the newest batch in the observed activation
 
 
 @dataclass(frozen=True)
-class QuantConfig(MethodConfig):
+class QuantConfig(DataAwareStarts, MethodConfig):
     """Weight quantization (fake-quant + STE while blending, integers after vanish).
 
     Args:
         bits: 8, 4, 2, 1 (binary) or "ternary"; per-output-channel symmetric scales.
         act_bits: None, or 8 to fake-quantize each layer's input (observed EMA min/max range).
         separate_weights: the twin gets its own latent weights (default: the dense layer's).
+        init: "auto" (data-aware with calibration data and bits ≤ 4), "plain" (max-abs scales) or
+            "data-aware": GPTQ (gptq.py), the twin starting from its solution in its own weight copy.
+        clip_search: fixed scales by an MSE-optimal clipping search (scale_grid.py), input-weighted
+            with a data-aware start: the cheap option.
     """
 
     method = "quant"
     version = 1
+    gram_starts = own_weight_starts = ("gptq",)
     cli_options = (
         CliOption("--bits", "weight bits 8, 4, 2, 1 or ternary"),
         CliOption("--act-bits", "fake-quantize layer inputs to 8 bits", type=int),
         SEPARATE_WEIGHTS,
+        INIT,
+        CliOption("--clip-search", "per-channel scales by an MSE-optimal clipping search (input-weighted with "
+                  "calibration data), instead of GPTQ", switch=True),
     )
     bits: int | str = 8
     act_bits: int | None = None
     separate_weights: bool = False
+    init: str = "auto"
+    clip_search: bool = False
 
     def __post_init__(self):
         bits = self.bits
@@ -80,8 +88,20 @@ class QuantConfig(MethodConfig):
                 f"--act-bits must be 8 or unset, got {self.act_bits!r}: ONNX QuantizeLinear stores activations "
                 "in 8 bits, so lower widths would not export faithfully"
             )
-        if not isinstance(self.separate_weights, bool):
-            raise ConfigError(f"separate_weights must be true or false, got {self.separate_weights!r}")
+        if not isinstance(self.separate_weights, bool) or not isinstance(self.clip_search, bool):
+            raise ConfigError(f"separate_weights / clip_search must be true or false, got {self!r}")
+        check_init(self.init, "quant")
+
+    @property
+    def start(self) -> str:
+        """How the twin's grid starts: "max-abs" (recomputed every step), "clip-search" or "gptq" (fixed scales)."""
+        if self.clip_search:
+            return "clip-search"
+        return "gptq" if self.init == "data-aware" else "max-abs"
+
+    def calibrated(self, given: bool) -> "QuantConfig":
+        data_aware = self.clip_search or self.bits != 8  # GPTQ is for 4 bits or fewer
+        return dataclasses.replace(self, init=resolve_init(self.init, given, has_data_aware=data_aware, method="quant"))
 
     @property
     def qmax(self) -> int:
@@ -174,14 +194,26 @@ class QuantTwin(_ActRange, WeightTwin):
     """The quantized twin: fake-quantized weights (and inputs) over a latent float weight."""
 
     def __init__(self, layer: nn.Module, *, bits: int | str = 8, act_bits: int | None = None,
-                 share: bool = True, init: bool = True):
+                 share: bool = True, init: bool = True, fixed_scale: bool = False):
         super().__init__(layer, share=share, init=init)
         self.bits = bits
         self.allocated_only = not init  # rebuilt for loading: its state is about to be overwritten
         self._init_act(act_bits, self.weight.device)
+        self.fixed_scale = fixed_scale
+        if fixed_scale:  # one scale per output channel, chosen once (quant_start.py), not recomputed
+            self.register_buffer("scale", quantize_weight(self.weight, bits)[1].float() if init
+                                 else torch.ones(self.weight.shape[0], device=self.weight.device))
 
     def compressed_weight(self) -> torch.Tensor:
+        if self.fixed_scale:
+            return fixed_fake_quantize(self.weight, self.scale, self.bits)
         return fake_quantize_weight(self.weight, self.bits)
+
+    def quantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The integers (as floats) and per-channel scales of the current latent weight (pure)."""
+        if self.fixed_scale:
+            return grid_integers(self.weight, self.scale, self.bits), self.scale
+        return quantize_weight(self.weight, self.bits)
 
     def forward(self, x):
         if self.act_bits is not None:
@@ -283,7 +315,8 @@ class QuantMethod(WeightTwinMethod):
             detail={
                 "bits": config.bits,
                 "act_bits": config.act_bits,
-                "weights": "separate" if config.separate_weights else "shared",
+                "weights": "separate" if config.separate else "shared",
+                **({"init": config.start} if config.start != "max-abs" else {}),
                 "store": ("int8 + per-channel float scale (PyTorch keeps int8 for every width; "
                           f"ONNX INT{packed} after compress_onnx_weights(bits={packed}))"),
                 "note": "same FLOP count; onnxruntime CPU runs integer kernels only where it fuses QDQ",
@@ -292,13 +325,19 @@ class QuantMethod(WeightTwinMethod):
 
     def build(self, site: LayerSite, plan: LayerPlan, *, init: bool = True) -> nn.Module:
         config: QuantConfig = self.config
-        return QuantTwin(site.module, bits=config.bits, act_bits=config.act_bits,
-                         share=not config.separate_weights, init=init)
+        twin = QuantTwin(site.module, bits=config.bits, act_bits=config.act_bits, share=not config.separate,
+                         init=init, fixed_scale=config.start != "max-abs")
+        if init and twin.fixed_scale:
+            start_fixed_grid(twin, config, site, plan)
+        return twin
+
+    def share_dense_weights(self) -> bool:
+        return not self.config.separate
 
     def materialize(self, compressed: nn.Module) -> nn.Module:
         if not isinstance(compressed, QuantTwin):
             return compressed
-        q, scale = quantize_weight(compressed.weight, compressed.bits)
+        q, scale = compressed.quantized()
         if compressed.act_bits is not None and not bool(compressed.act_observed) and not compressed.allocated_only:
             log.warning("quantized %s: no activation range was observed (the model never ran in train mode at β < 1); "
                         "its inputs stay float: fine-tune before vanish to quantize activations", compressed.extra_repr())

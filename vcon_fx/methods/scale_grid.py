@@ -1,0 +1,80 @@
+"""Fixed per-channel scale grids: rounding to them, and the MSE-optimal clipping search that picks them.
+
+The plain quantized twin recomputes its scales from the weight at every step (max|w|/qmax, or
+mean|w| for binary, TWN for ternary). A data-aware or clip-searched twin keeps one scale per
+output channel fixed from the start (a buffer) and rounds every weight to the nearest point of
+{−qmax…qmax}·scale ({−1, +1}·scale for binary; {−1, 0, +1}·scale for ternary and 2 bits).
+
+The clip search tries a grid of shrink ratios r of the plain scale, per output channel, and keeps
+the one with the least error Σ_j m_j·(w_j − Q(w_j))². m_j = 1 without calibration data (the weight
+error); with it, m_j is column j's input second moment, the diagonal of XᵀX, so the error is
+measured where the inputs are. For binary weights the optimum has a closed form,
+scale = Σ m_j|w_j| / Σ m_j.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["grid_integers", "grid_round", "fixed_fake_quantize", "clip_search_scales", "CLIP_RATIOS"]
+
+# r = 1 is the plain scale: the search is never worse than it on its own objective. Shrinking helps
+# integer grids (outliers clipped, finer steps for the rest); ternary may also want a larger scale.
+CLIP_RATIOS = tuple(round(1.0 - 0.02 * k, 2) for k in range(36))  # 1.00 … 0.30
+_TERNARY_RATIOS = tuple(round(0.5 + 0.025 * k, 3) for k in range(41))  # 0.50 … 1.50
+
+
+def _qmax(bits: int | str) -> int:
+    return 2 ** (int(bits) - 1) - 1 if isinstance(bits, int) and bits > 1 else 1
+
+
+def grid_integers(weight: torch.Tensor, scale: torch.Tensor, bits: int | str) -> torch.Tensor:
+    """The nearest grid integers of `weight` for per-output-channel `scale` (floats, `weight`'s shape) (pure)."""
+    w = weight.detach()
+    if bits == 1:
+        return torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
+    s = scale.to(w.dtype).view(-1, *([1] * (w.dim() - 1)))
+    q = _qmax(bits)
+    return torch.clamp(torch.round(w / s), -q, q)
+
+
+def grid_round(weight: torch.Tensor, scale: torch.Tensor, bits: int | str) -> torch.Tensor:
+    """The nearest grid point of every weight, q·scale (pure)."""
+    return grid_integers(weight, scale, bits) * scale.to(weight.dtype).view(-1, *([1] * (weight.dim() - 1)))
+
+
+def fixed_fake_quantize(weight: torch.Tensor, scale: torch.Tensor, bits: int | str) -> torch.Tensor:
+    """q·scale on the fixed grid in the forward, identity gradient to `weight` (straight-through estimator)."""
+    return grid_round(weight, scale, bits).detach() + (weight - weight.detach())
+
+
+@torch.no_grad()
+def clip_search_scales(weight: torch.Tensor, plain_scale: torch.Tensor, bits: int | str,
+                       importance: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-output-channel scales minimizing Σ_j m_j·(w_j − Q(w_j))² over shrink ratios of `plain_scale` (pure).
+
+    Args:
+        weight: (out, …) float weight.
+        plain_scale: (out,) the method's own scales (`quantize_weight`'s).
+        bits: 8, 4, 2, 1 or "ternary".
+        importance: m_j per weight column (shape of one output row, or flat), or None for m = 1.
+
+    Returns:
+        (out,) scales, float32.
+    """
+    w = weight.detach().reshape(weight.shape[0], -1).float()
+    m = torch.ones(w.shape[1], device=w.device) if importance is None else importance.reshape(-1).float().to(w.device)
+    m = m / m.mean().clamp_min(1e-30)
+    plain = plain_scale.detach().float().to(w.device)
+    if bits == 1:
+        best = (w.abs() * m).sum(1) / m.sum().clamp_min(1e-30)
+        return torch.where(best > 0, best, plain)
+    ratios = _TERNARY_RATIOS if bits == "ternary" else CLIP_RATIOS
+    best, best_error = plain.clone(), torch.full_like(plain, float("inf"))
+    for ratio in ratios:
+        scale = plain * ratio
+        error = ((w - grid_round(w, scale, bits)).pow(2) * m).sum(1)
+        better = error < best_error
+        best = torch.where(better, scale, best)
+        best_error = torch.where(better, error, best_error)
+    return best
