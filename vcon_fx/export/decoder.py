@@ -25,6 +25,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..sources.hf import TOKENIZER_FILES
+
 __all__ = ["DecoderLayout", "decoder_layout", "is_causal_lm", "config_is_causal_lm", "flat_cache_forward",
            "example_with_past", "logits_of", "METADATA_KEY", "EXAMPLE_SIZES"]
 
@@ -140,8 +142,7 @@ def decoder_layout(module: nn.Module) -> DecoderLayout:
 def _tokenizer_folder(config) -> str | None:
     # from_pretrained records the folder it read; a tokenizer saved beside the weights is the model's
     folder = Path(str(getattr(config, "_name_or_path", "") or ""))
-    names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
-    if str(folder) and folder.is_dir() and any((folder / n).is_file() for n in names):
+    if str(folder) and folder.is_dir() and any((folder / n).is_file() for n in TOKENIZER_FILES):
         return str(folder.resolve())
     return None
 

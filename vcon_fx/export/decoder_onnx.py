@@ -119,7 +119,7 @@ def _vanished_with_cache(model: fx.GraphModule, recipe: Recipe, folder: Path):
     """The vanished model rebuilt on a capture of its source with the flat cache forward, weights loaded."""
     source = build_hf(folder, load_weights=False).module  # every weight comes from `model` below
     layout = decoder_layout(source)
-    if layout.tokenizer is None and any((folder / f).is_file() for f in TOKENIZER_FILES):
+    if any((folder / f).is_file() for f in TOKENIZER_FILES):  # the recorded source folder's own tokenizer
         layout = dataclasses.replace(layout, tokenizer=str(folder.resolve()))
     example = example_with_past(layout, source.config.vocab_size)
     graph = _capture(source, layout, example)
