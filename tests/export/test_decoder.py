@@ -162,6 +162,21 @@ def test_no_kv_cache_keeps_the_whole_sequence_export(tmp_path):
     assert [i.name for i in ort.InferenceSession(str(path)).get_inputs()] == ["input_ids", "attention_mask"]
 
 
+@pytest.mark.slow
+def test_a_vanished_int4_decoder_exports_matmul_nbits_with_its_cache_and_checks(tmp_path):
+    import onnx
+
+    folder = _folder(tmp_path, "llama")
+    for args in (["transform", "llama", "--method", "quant", "--bits", "4", "-o", "q.vcon"],
+                 ["vanish", "q.vcon", "--force", "-o", "q.small"],
+                 ["export", "q.small", "--onnx", "q.onnx", "--matmul-nbits", "--check"]):
+        done = vcon(*args, cwd=tmp_path)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert "greedy tokens (32 steps" in done.stdout and folder.is_dir()
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node]
+    assert ops.count("MatMulNBits") == 14 and "DequantizeLinear" not in ops  # 7 Linear layers × 2 blocks
+
+
 def test_a_model_without_a_decoder_is_refused_a_cache_and_generate_refuses_its_file(tmp_path, exported, tiny):
     with pytest.raises(UsageError, match="MLP has no KV cache to export: it is not a Hugging Face causal LM"):
         vcon_fx.export_onnx(tiny.MLP(), tmp_path / "m.onnx", (torch.randn(2, 8),), kv_cache=True)

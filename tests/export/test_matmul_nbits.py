@@ -116,3 +116,22 @@ def test_the_cli_refuses_a_block_size_before_any_work(tmp_path, capsys, flags, m
 
     assert main(["export", str(tmp_path / "no-such.vcon"), "--onnx", str(tmp_path / "m.onnx"), *flags]) == 2
     assert message in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.slow
+def test_the_int4_benchmark_runs_tiny(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "int4.py"
+    out, temp = tmp_path / "int4.md", tmp_path / "tmp"
+    temp.mkdir()
+    proc = subprocess.run([sys.executable, str(script), "--tiny", "--out", str(out)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "TMPDIR": str(temp)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    for row in ("| dense fp32 |", "| vcon int4 MatMulNBits |", "| ort RTN symmetric |", "| ort HQQ |", "β = 0"):
+        assert row in text, text
+    assert not [p for p in temp.rglob("*") if p.suffix in (".onnx", ".data")]
