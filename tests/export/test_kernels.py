@@ -26,6 +26,8 @@ CASES = {
     "weight-only": ({"DequantizeLinear", "Conv"}, {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"}, True,
                     {onnx.TensorProto.INT4}),
     "dynamic": ({"DynamicQuantizeMatMul", "DequantizeLinear", "Conv"}, set(), False, {onnx.TensorProto.INT8}),
+    "matmul-nbits": ({"MatMulNBits", "DequantizeLinear", "Conv"}, {"DynamicQuantizeMatMul"}, False,
+                     {onnx.TensorProto.INT4}),
 }
 FOLD_CONV_DEQUANTIZE = {"session.disable_quant_qdq": "1"}  # weight-only int8 Conv weights need it
 
@@ -114,7 +116,7 @@ def test_the_cli_flags_come_from_the_registry():
         args = parser.parse_args(["export", "m.vcon", "--onnx", "o.onnx", kernel.flag])
         assert kernel_for_flags(vars(args)) is kernel
     assert kernel_for_flags(vars(parser.parse_args(["export", "m.vcon", "--onnx", "o.onnx"]))) is None
-    both = parser.parse_args(["export", "m.vcon", "--onnx", "o.onnx", *(k.flag for k in KERNELS.values())])
+    both = parser.parse_args(["export", "m.vcon", "--onnx", "o.onnx", "--int4", "--dynamic-int8"])
     with pytest.raises(UsageError, match="^--int4 and --dynamic-int8 exclude each other: the integer GEMMs take INT8"):
         kernel_for_flags(vars(both))
 
@@ -130,5 +132,5 @@ def test_the_registry_refuses_bad_declarations():
     with pytest.raises(ValueError, match="rtol"):
         ExportKernel(name="new", lower=lambda model, report: None, **{**declared, "rtol": 0.0})
     assert KERNELS == before
-    with pytest.raises(UsageError, match="kernel must be weight-only or dynamic, got 'fast'"):
+    with pytest.raises(UsageError, match=f"kernel must be {' or '.join(KERNELS)}, got 'fast'"):
         get_kernel("fast")

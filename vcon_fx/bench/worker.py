@@ -109,7 +109,8 @@ def synthetic_feeds(session, batch: int = 1, seq: int | None = None, seed: int =
 
     Float inputs are random normal; `*ids` inputs random token ids in [0, 100) (token type ids
     zeros, position ids 0..seq-1); masks and other integers ones. A dynamic dim 0 (or one
-    named "batch") takes `batch`, any other dynamic dim `seq` (128 when None).
+    named "batch") takes `batch`, a KV cache's "past_seq" 0 (a decoder's prompt step), any
+    other dynamic dim `seq` (128 when None).
 
     Args:
         session: an onnxruntime session.
@@ -129,7 +130,7 @@ def synthetic_feeds(session, batch: int = 1, seq: int | None = None, seed: int =
             if isinstance(dim, int) and dim >= 0:
                 shape.append(dim)
             else:
-                shape.append(batch if axis == 0 or dim == "batch" else seq)
+                shape.append(batch if axis == 0 or dim == "batch" else 0 if dim == "past_seq" else seq)
         dtype = _NP_TYPES.get(arg.type)
         if dtype is None:
             raise TypeError(f"input {arg.name!r} has type {arg.type}, which the benchmark cannot fill")

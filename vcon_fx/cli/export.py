@@ -24,6 +24,10 @@ def add_parser(sub) -> None:
     p.add_argument("--static-shapes", action="store_true", help="export fixed shapes (no dynamic batch/sequence axes)")
     for kernel in KERNELS.values():
         p.add_argument(kernel.flag, action="store_true", help=kernel.flag_help)
+    p.add_argument("--block-size", type=int, default=None,
+                   help="--matmul-nbits: weights per block, a power of 2 ≥ 16 (default 32)")
+    p.add_argument("--no-kv-cache", action="store_true",
+                   help="a decoder language model without its KV cache: the whole sequence every call")
     p.add_argument("--force", action="store_true", help="replace an existing output")
 
 
@@ -35,6 +39,8 @@ def run(args) -> int:
     from ..io.atomic import check_output
 
     kernel = kernel_for_flags(vars(args))
+    kernel_options = _kernel_options(args, kernel)
+    kv_cache = False if args.no_kv_cache else None
     out = check_output(args.onnx, force=args.force, inputs=(args.model,))
     if kernel is not None and is_artifact(args.model):
         _refuse_unquantized(args.model, read_recipe(args.model).config, kernel.flag)
@@ -44,11 +50,11 @@ def run(args) -> int:
     if kernel is None:
         with console.status("exporting to ONNX…"):
             export_onnx(model, out, inputs, example_kwargs=kwargs, seq_inputs=seq_inputs, force=args.force,
-                        dynamic_batch=not args.static_shapes)
+                        dynamic_batch=not args.static_shapes, kv_cache=kv_cache)
     else:
         compressed = integer_export(model, out, inputs, kernel=kernel.name, example_kwargs=kwargs,
                                     seq_inputs=seq_inputs, dynamic_batch=not args.static_shapes, force=args.force,
-                                    progress=console.status)
+                                    progress=console.status, kernel_options=kernel_options, kv_cache=kv_cache)
         for note in compressed.notes:
             console.print(f"[dim]{escape(note)}[/]")
     console.print(f"[green]wrote[/] {out} ({fmt_bytes(Path(out).stat().st_size)})")
@@ -66,7 +72,7 @@ def run(args) -> int:
             reference = Path(tmp) / "dense.onnx"
             with console.status("exporting the dense model the same way…"):
                 export_onnx(dense.module, reference, dense.example_args, example_kwargs=dense.example_kwargs,
-                            seq_inputs=dense.seq_inputs, dynamic_batch=not args.static_shapes)
+                            seq_inputs=dense.seq_inputs, dynamic_batch=not args.static_shapes, kv_cache=kv_cache)
         with console.status("checking in onnxruntime…"):
             report = check_onnx(model, out, inputs, example_kwargs=kwargs, reference_onnx=reference, rtol=rtol)
         check_table(report)
@@ -99,6 +105,19 @@ def _load_model(args):
         return model, inputs, kwargs, tuple(recipe.selection.get("seq_inputs") or ()), recipe.source, notes
     loaded = load_source(args, args.model)
     return loaded.module, loaded.example_args, loaded.example_kwargs, loaded.seq_inputs, None, loaded.notes
+
+
+def _kernel_options(args, kernel) -> dict:
+    """The chosen kernel's own settings from the flags; a setting for another kernel is refused."""
+    from ..errors import UsageError
+
+    if args.block_size is None:
+        return {}
+    if kernel is None or kernel.name != "matmul-nbits":
+        raise UsageError("--block-size sets the blocks of --matmul-nbits: add --matmul-nbits, or drop --block-size")
+    from ..export.kernels.matmul_nbits import check_block_size
+
+    return {"block_size": check_block_size(args.block_size)}
 
 
 def _refuse_unquantized(model: str, config, flag: str) -> None:

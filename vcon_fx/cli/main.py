@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from .. import __version__
 from ..errors import VconError
-from . import bench, compress, demo, export, finetune, inspect, transform, vanish
+from . import bench, compress, demo, export, finetune, generate, inspect, transform, vanish
 from .render import errors
 
 __all__ = ["main", "build_parser", "INTERRUPTED"]
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     vanish.add_parser(sub)
     export.add_parser(sub)
     bench.add_parser(sub)
+    generate.add_parser(sub)
     return parser
 
 
@@ -54,6 +55,7 @@ COMMANDS = {
     "vanish": vanish.run,
     "export": export.run,
     "bench": bench.run,
+    "generate": generate.run,
     "demo": demo.cmd_demo,
 }
 

@@ -17,6 +17,7 @@ from torch import nn
 from ..bench.compare import validate_onnx
 from ..bench.worker import make_session, model_size_bytes, time_runs
 from ..errors import LoadError, ParityError, UsageError, message_line
+from .decoder_run import layout_of_session
 from .naming import flatten_inputs, flatten_outputs
 from ..graph.modes import eval_mode
 from .onnx import _as_args, run_model
@@ -122,7 +123,9 @@ def check_onnx(
     """Run the ONNX model in onnxruntime (CPU) and PyTorch on the same inputs; compare (pure).
 
     Any batch (and sequence) size works when the model was exported with dynamic axes, so
-    passing inputs of another batch size than the export's also checks the dynamic axis.
+    passing inputs of another batch size than the export's also checks the dynamic axis. A
+    KV-cache decoder file is checked by generation instead (`decoder_check.py`): the example
+    `input_ids` are the prompt, 32 greedy tokens and the first step's logits are compared.
 
     Args:
         model: the PyTorch model the file was exported from (run in eval mode, flags restored).
@@ -151,12 +154,17 @@ def check_onnx(
         raise UsageError(f"check needs rtol ≥ 0, atol ≥ 0 and runs ≥ 1, got rtol={rtol}, atol={atol}, runs={runs}")
     atol = float(atol or 0.0)
     args, kwargs = _as_args(example_inputs, example_kwargs)
+    session = _session(onnx_path, threads)
+    if layout_of_session(session) is not None:  # a KV-cache decoder: generation parity (decoder_check.py)
+        from .decoder_check import check_decoder
+
+        return check_decoder(model, session, onnx_path, args, kwargs, rtol=rtol, atol=atol,
+                             reference_onnx=reference_onnx, runs=runs, threads=threads)
     with eval_mode(model):
         expected = flatten_outputs(run_model(model, args, kwargs))
     inputs = [(n, t.detach().cpu().numpy()) for n, t in flatten_inputs(model, args, kwargs)]
     shapes = {n: list(a.shape) for n, a in inputs}
 
-    session = _session(onnx_path, threads)
     feeds = _feeds(session, inputs, onnx_path)
     outputs, problems = _parity(session, feeds, expected, onnx_path, shapes, rtol, atol)
     latency = float(np.median(time_runs(session, feeds, warmup=_WARMUP, runs=runs)))

@@ -54,6 +54,8 @@ def integer_export(
     dynamic_batch: bool = True,
     force: bool = False,
     progress: Callable[[str], ContextManager] | None = None,
+    kernel_options: dict | None = None,
+    kv_cache: bool | None = None,
 ) -> CompressReport:
     """Export `model` to ONNX and store its weights as integers run by `kernel` (pure: the model is left as it was).
 
@@ -71,6 +73,8 @@ def integer_export(
         force: replace `path` if it exists.
         progress: called with each step's description; the context manager it returns spans
             the step (the CLI passes its spinner).
+        kernel_options: the kernel's own settings (e.g. `block_size` for "matmul-nbits").
+        kv_cache: as `export_onnx` (a decoder LM takes its KV cache as inputs and outputs).
 
     Returns:
         The CompressReport; its `notes` say what the kernel did.
@@ -86,7 +90,8 @@ def integer_export(
         exported = Path(float_dir) / "float.onnx"
         with step("exporting to ONNX…"):
             export_onnx(model, exported, example_inputs, example_kwargs=example_kwargs, seq_inputs=seq_inputs,
-                        force=force, dynamic_batch=dynamic_batch)
+                        force=force, dynamic_batch=dynamic_batch, kv_cache=kv_cache)
         with step("storing integer weights…"):
             return compress_onnx_weights(exported, path, bits=bits, kernel=chosen.name, require_integers=True,
-                                         force=force, described_as=f"the exported {type(model).__name__}")
+                                         force=force, described_as=f"the exported {type(model).__name__}",
+                                         kernel_options=kernel_options)

@@ -48,6 +48,7 @@ def export_onnx(
     seq_inputs: tuple[str, ...] = (),
     opset: int | None = None,
     force: bool = False,
+    kv_cache: bool | None = None,
 ) -> Path:
     """Export `model` to the ONNX file `path` (pure: the model is left as it was).
 
@@ -64,14 +65,18 @@ def export_onnx(
             "attention_mask")`.
         opset: ONNX opset; None takes the exporter's default.
         force: replace `path` if it exists.
+        kv_cache: a decoder language model (a Hugging Face causal LM, or a vanished vcon model
+            made from one) is exported with its KV cache as inputs and outputs
+            (`decoder_onnx.py`; the example inputs are then not used). None: when it is one
+            and `dynamic_batch`; True: required; False: never, the whole sequence every call.
 
     Returns:
         The written path.
 
     Raises:
         OutputExistsError: `path` exists and `force` is false.
-        UsageError: the example inputs do not fit `model.forward`, or a `seq_inputs` name is
-            not an input.
+        UsageError: the example inputs do not fit `model.forward`, a `seq_inputs` name is
+            not an input, or `kv_cache` and the model is no decoder language model.
         ExportError: the exporter failed, or a requested dynamic dim came out static.
 
     Example:
@@ -79,6 +84,11 @@ def export_onnx(
         PosixPath('.../m.onnx')
     """
     out = check_output(path, force=force)
+    if kv_cache or (kv_cache is None and dynamic_batch):
+        from .decoder_onnx import export_with_cache  # it builds on this module's steps
+
+        if export_with_cache(model, out, opset=opset, required=bool(kv_cache)) is not None:
+            return out
     args, kwargs = _as_args(example_inputs, example_kwargs)
     name = type(model).__name__
     inputs = flatten_inputs(model, args, kwargs)

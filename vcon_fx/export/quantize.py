@@ -54,6 +54,7 @@ def compress_onnx_weights(
     require_integers: bool = False,
     force: bool = False,
     described_as: str | None = None,
+    kernel_options: dict | None = None,
 ) -> CompressReport:
     """Rewrite on-grid float weights of an ONNX model into integers + DequantizeLinear (pure on the input).
 
@@ -76,6 +77,8 @@ def compress_onnx_weights(
         force: replace an existing output.
         described_as: how errors name the model (default: `onnx_path`), e.g. the user's model
             when `onnx_path` is a temporary export of it.
+        kernel_options: the kernel's own settings, passed to its rewrite (e.g. `block_size`
+            for "matmul-nbits").
 
     Returns:
         A CompressReport (tensors rewritten, sizes before/after).
@@ -103,7 +106,7 @@ def compress_onnx_weights(
     model, opset = _opset_for(model, bits, report)
     store_integer_weights(model, report, opset=opset, min_elements=min_elements, fold_transposes=fold_transposes)
     _refuse_or_note_no_integers(model, report, described_as or str(src), require_integers)
-    chosen.lower(model, report)
+    chosen.lower(model, report, **(kernel_options or {}))
     _save(model, src, out)
     report.bytes_after = out.stat().st_size
     log.info("compressed %s: %d weight(s) to integers, %.1f× smaller (%s)", src.name, len(report.rewritten),

@@ -42,7 +42,9 @@ class ExportKernel:
         conflict: why its flag cannot be given with another kernel's ("" when it has no reason
             of its own).
         session_options: path → onnxruntime session config entries a deployment of the file needs.
-        lower: (onnx ModelProto, CompressReport) → None: the kernel's graph rewrite, in place.
+        lower: (onnx ModelProto, CompressReport, **options) → None: the kernel's graph rewrite, in
+            place; options are the kernel's own settings (`kernel_options` of
+            `compress_onnx_weights`, e.g. MatMulNBits' `block_size`).
     """
 
     name: str

@@ -1,0 +1,176 @@
+"""Run INT4 matmuls as onnxruntime's `com.microsoft.MatMulNBits`: blocked 4-bit weights, int8 compute on CPU.
+
+The weight-only storage (`weight_only.py`) leaves DequantizeLinear(W_q INT4 [K, N], s [N]) → MatMul;
+onnxruntime runs that as a float matmul after dequantizing. This kernel packs the same integers
+for the op onnxruntime's own int4 quantizer emits:
+
+    DequantizeLinear(W_q, s) → MatMul(x, ·) [→ Add(bias)]   →   MatMulNBits(x, B, scales[, bias])
+
+B is Wᵀ as unsigned nibbles (q + 8, the op's default zero point 8), `block_size` values of one
+output channel per block, two per byte, low nibble first; K is padded to whole blocks with the
+zero point. vcon-fx's grid is one symmetric scale per output channel, so every block of a row
+takes that row's scale: the weights are exactly the fake-quantized PyTorch weights. With
+`accuracy_level=4` onnxruntime quantizes the activations to int8 per block and runs integer dot
+products (its fast path on x86 and ARM), so the outputs move by that rounding. Gemm(x, DQ(W),
+bias, transB=1) is packed from W directly. Other consumers of integer weights (convolutions,
+embedding gathers) keep the weight-only path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ...bench.worker import session_config
+from ...errors import UsageError
+from ..proto import attribute, consumers, fresh_name
+from .registry import ACTIVATION_ROUNDING_NOTE, ACTIVATION_ROUNDING_RTOL, register_kernel
+
+if TYPE_CHECKING:
+    from ..quantize import CompressReport
+
+__all__ = ["to_matmul_nbits", "lower_to_matmul_nbits", "check_block_size", "pack_int4_blocks", "DEFAULT_BLOCK_SIZE", "ACCURACY_LEVEL"]
+
+_MS_DOMAIN = "com.microsoft"
+DEFAULT_BLOCK_SIZE = 32
+ACCURACY_LEVEL = 4  # int8 activations and integer dot products: onnxruntime's fast CPU path
+_ZERO_POINT = 8  # MatMulNBits' default for 4 bits: stored nibble u means u − 8
+
+
+@register_kernel(
+    name="matmul-nbits",
+    bits=(4,),
+    why_bits="packs INT4 weights: use bits=4",
+    rtol=ACTIVATION_ROUNDING_RTOL,
+    check_note=ACTIVATION_ROUNDING_NOTE,
+    flag="--matmul-nbits",
+    flag_bits=4,
+    flag_help="run INT4 matmuls as onnxruntime's MatMulNBits (int4 blocks, int8 compute: the fast CPU "
+              "kernel; --block-size sets the block)",
+    conflict="MatMulNBits packs the INT4 weights in its own layout",
+    session_options=session_config,  # convolutions keep the weight-only path
+)
+def lower_to_matmul_nbits(model, report: "CompressReport", *, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+    """Run the stored INT4 matmuls as MatMulNBits (in place on `model`; counted and noted in `report`).
+
+    Raises:
+        UsageError: `block_size` is not a power of 2 of at least 16 (what the op takes).
+    """
+    done = to_matmul_nbits(model, check_block_size(block_size))
+    report.notes.append(f"{done} INT4 matmul(s) run as MatMulNBits (block {block_size}, accuracy_level "
+                        f"{ACCURACY_LEVEL}: int8 activations)")
+
+
+def check_block_size(block_size: int) -> int:
+    """`block_size` when MatMulNBits takes it (pure).
+
+    Raises:
+        UsageError: not a power of 2 of at least 16.
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+        raise UsageError(f"--block-size must be a power of 2 of at least 16 (16, 32, 64, 128, …: what MatMulNBits "
+                         f"takes), got {block_size!r}")
+    return block_size
+
+
+@dataclass
+class _Site:
+    x: str  # the float activation
+    q: np.ndarray  # integers, [N, K]
+    scale: np.ndarray  # per output channel, [N]
+    bias: str | None
+    out: str
+    remove: list  # nodes the fused op replaces
+    anchor: object  # the matmul node: the fused op takes its place
+
+
+def to_matmul_nbits(model, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+    """Rewrite the INT4 weight-only matmuls of an onnx ModelProto in place; returns how many."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    readers = consumers(graph)
+    sites = [s for s in (_match(dq, inits, readers) for dq in graph.node if dq.op_type == "DequantizeLinear") if s]
+    taken = set(inits) | {o for node in graph.node for o in node.output} | {node.name for node in graph.node}
+    for site in sites:
+        n, k = site.q.shape
+        weight, scales_name, node_name = (fresh_name(f"{site.anchor.name or site.out}_nbits{suffix}", taken)
+                                          for suffix in ("_weight", "_scales", ""))
+        packed, scales = pack_int4_blocks(site.q, site.scale, block_size)
+        graph.initializer.extend([numpy_helper.from_array(packed, weight), numpy_helper.from_array(scales, scales_name)])
+        inputs = [site.x, weight, scales_name] + (["", "", site.bias] if site.bias else [])
+        node = helper.make_node("MatMulNBits", inputs, [site.out], name=node_name, domain=_MS_DOMAIN,
+                                K=k, N=n, bits=4, block_size=block_size, accuracy_level=ACCURACY_LEVEL)
+        graph.node.insert(list(graph.node).index(site.anchor), node)
+        for old in site.remove:
+            graph.node.remove(old)
+    if sites:
+        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        kept = [i for i in graph.initializer if i.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        if not any(o.domain == _MS_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(_MS_DOMAIN, 1))
+    return len(sites)
+
+
+def pack_int4_blocks(q: np.ndarray, scale: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B [N, blocks, block_size/2] uint8, scales [N·blocks]) of integers q [N, K] in [−8, 7] (pure).
+
+    Each row's scale is repeated for every block of the row; padding past K holds the zero point.
+    """
+    n, k = q.shape
+    blocks = -(-k // block_size)
+    nibbles = np.full((n, blocks * block_size), _ZERO_POINT, np.uint8)
+    nibbles[:, :k] = (q.astype(np.int16) + _ZERO_POINT).astype(np.uint8)
+    nibbles = nibbles.reshape(n, blocks, block_size)
+    packed = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    scales = np.repeat(np.asarray(scale).reshape(-1, 1), blocks, axis=1).reshape(-1)
+    return np.ascontiguousarray(packed, np.uint8), np.ascontiguousarray(scales)
+
+
+def _match(dq, inits: dict, readers: dict) -> _Site | None:
+    """The MatMul (or Gemm) a weight-only DequantizeLinear feeds, as a MatMulNBits site; None otherwise."""
+    from onnx import numpy_helper
+
+    if len(dq.input) < 2 or dq.input[0] not in inits or dq.input[1] not in inits:
+        return None
+    if len(dq.input) > 2 and dq.input[2] and numpy_helper.to_array(inits[dq.input[2]]).any():
+        return None  # vcon-fx's grids are symmetric: a zero point other than 0 is someone else's weight
+    users = readers.get(dq.output[0], [])
+    q = numpy_helper.to_array(inits[dq.input[0]])
+    if q.ndim != 2 or not (q.dtype.kind in "iu" or q.dtype.name in ("int4", "uint4")) or len(users) != 1:
+        return None
+    q = q.astype(np.int16)
+    if q.min() < -_ZERO_POINT or q.max() > _ZERO_POINT - 1:
+        return None  # wider than 4 bits: stays weight-only
+    op, slot = users[0]
+    scale = numpy_helper.to_array(inits[dq.input[1]])
+    axis = attribute(dq, "axis", 1) % 2
+    if op.op_type == "MatMul" and slot == 1 and (scale.ndim == 0 or axis == 1):
+        q, bias = q.T, None  # [K, N] → [N, K]
+    elif (op.op_type == "Gemm" and slot == 1 and attribute(op, "transB", 0) == 1 and attribute(op, "transA", 0) == 0
+          and attribute(op, "alpha", 1.0) == 1.0 and attribute(op, "beta", 1.0) == 1.0 and (scale.ndim == 0 or axis == 0)):
+        bias = op.input[2] if len(op.input) > 2 and op.input[2] else None
+    else:
+        return None
+    scale = np.broadcast_to(scale, (q.shape[0],)).astype(scale.dtype)
+    site = _Site(op.input[0], q, scale, bias, op.output[0], [dq, op], op)
+    if bias is None:
+        _fold_bias(site, inits, readers)
+    return site
+
+
+def _fold_bias(site: _Site, inits: dict, readers: dict) -> None:
+    """MatMul → Add(bias [N]) becomes the op's bias input (in place on `site`)."""
+    after = readers.get(site.out, [])
+    if len(after) != 1 or after[0][0].op_type != "Add":
+        return
+    add, slot = after[0]
+    other = add.input[1 - slot]
+    if other in inits and list(inits[other].dims) == [site.q.shape[0]]:
+        site.bias, site.out = other, add.output[0]
+        site.remove.append(add)
