@@ -129,7 +129,7 @@ def _absorb_relus(graph, inits: dict, table: dict[str, QParams]) -> tuple[set[st
     from onnx import numpy_helper
 
     readers, outputs = consumers(graph), {o.name for o in graph.output}
-    producers = {o for n in graph.node for o in n.output}
+    producers = {o: n for n in graph.node for o in n.output}
     forced, absorbed = set(), 0
     for node in list(graph.node):
         if node.op_type not in ("Relu", "Clip"):
@@ -140,6 +140,8 @@ def _absorb_relus(graph, inits: dict, table: dict[str, QParams]) -> tuple[set[st
             continue
         if len(readers.get(x, [])) != 1:
             continue
+        if params.source != "learned" and not any(_may_run_integer(r, producers, inits) for r, _ in readers.get(y, [])):
+            continue  # nothing integer reads it: quantizing here would only add rounding
         if node.op_type == "Clip":
             bounds = [numpy_helper.to_array(inits[n]).item() if n in inits else None for n in node.input[1:3]]
             if len(bounds) < 2 or bounds[0] != 0 or bounds[1] is None or 255 * params.scale > bounds[1] * (1 + 1e-6):
@@ -152,6 +154,13 @@ def _absorb_relus(graph, inits: dict, table: dict[str, QParams]) -> tuple[set[st
         forced.add(x)
         absorbed += 1
     return forced, absorbed
+
+
+def _may_run_integer(node, producers: dict, inits: dict) -> bool:
+    """Whether `node` is of a kind that can get an integer kernel (its scales not yet known) (pure)."""
+    if node.op_type in WEIGHT_OPS:
+        return len(node.input) > 1 and is_int8_weight(node.input[1], producers, inits)
+    return node.op_type in _BINARY + _UNARY + KEEP_SCALE_OPS + ("Concat",)
 
 
 def _integer_nodes(graph, inits: dict, table: dict[str, QParams]):

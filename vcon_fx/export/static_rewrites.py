@@ -28,22 +28,30 @@ def is_int8_weight(name: str, producers: dict, inits: dict) -> bool:
 
 
 def reduce_mean_to_global_pool(graph, ranks: dict[str, int]) -> None:
-    """ReduceMean(x[N, C, H, W], axes H and W, keepdims) → GlobalAveragePool(x) (in place)."""
+    """ReduceMean(x[N, C, H, W], axes H and W) → GlobalAveragePool(x) [→ Squeeze without keepdims] (in place)."""
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in graph.initializer}
-    for index, node in enumerate(list(graph.node)):
-        if node.op_type != "ReduceMean" or ranks.get(node.input[0]) != 4 or not attribute(node, "keepdims", 1):
+    taken = set(inits) | {o for n in graph.node for o in n.output}
+    for node in list(graph.node):
+        if node.op_type != "ReduceMean" or ranks.get(node.input[0]) != 4:
             continue
         axes = attribute(node, "axes", None)
         if axes is None and len(node.input) > 1 and node.input[1] in inits:
             axes = numpy_helper.to_array(inits[node.input[1]]).tolist()
         if axes is None or sorted(a % 4 for a in axes) != [2, 3]:
             continue
-        pool = helper.make_node("GlobalAveragePool", [node.input[0]], [node.output[0]], name=f"{node.name}_global_pool")
+        keep = attribute(node, "keepdims", 1)
+        pooled = node.output[0] if keep else fresh_name(f"{node.output[0]}_pooled", taken)
+        new = [helper.make_node("GlobalAveragePool", [node.input[0]], [pooled], name=f"{node.name}_global_pool")]
+        if not keep:
+            axes_name = fresh_name(f"{node.output[0]}_axes", taken)
+            graph.initializer.append(numpy_helper.from_array(np.array([2, 3], np.int64), axes_name))
+            new.append(helper.make_node("Squeeze", [pooled, axes_name], [node.output[0]], name=f"{node.name}_squeeze"))
         position = list(graph.node).index(node)
         graph.node.remove(node)
-        graph.node.insert(position, pool)
+        for offset, made in enumerate(new):
+            graph.node.insert(position + offset, made)
 
 
 def gemm_to_matmul(graph) -> dict[str, str]:
