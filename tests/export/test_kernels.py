@@ -15,21 +15,24 @@ from torch import nn
 
 import vcon_fx
 from vcon_fx.errors import UsageError
-from vcon_fx.export import KERNELS, check_onnx, check_tolerance, integer_export, kernel_for_flags
+from vcon_fx.export import KERNELS, check_onnx, check_tolerance, integer_export, kernel_choice, kernel_for_flags
 from vcon_fx.export.check import FLOAT_RTOL
 from vcon_fx.export.kernels import ExportKernel, get_kernel, register_kernel
 from vcon_fx.methods import QuantConfig
 
+FOLD_CONV_DEQUANTIZE = {"session.disable_quant_qdq": "1"}  # weight-only int8 Conv weights need it
 # kernel name → (op types its file must hold, op types it must not, whether matmuls still read a
-# DequantizeLinear, the integer widths it must store)
+# DequantizeLinear, the integer widths it must store, the session config a deployment needs)
 CASES = {
     "weight-only": ({"DequantizeLinear", "Conv"}, {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"}, True,
-                    {onnx.TensorProto.INT4}),
-    "dynamic": ({"DynamicQuantizeMatMul", "DequantizeLinear", "Conv"}, set(), False, {onnx.TensorProto.INT8}),
+                    {onnx.TensorProto.INT4}, FOLD_CONV_DEQUANTIZE),
+    "dynamic": ({"DynamicQuantizeMatMul", "DequantizeLinear", "Conv"}, set(), False, {onnx.TensorProto.INT8},
+                FOLD_CONV_DEQUANTIZE),
+    "static": ({"MatMulIntegerToFloat", "QuantizeLinear", "DequantizeLinear", "Conv"}, {"DynamicQuantizeMatMul"},
+               False, {onnx.TensorProto.INT8}, {}),
     "matmul-nbits": ({"MatMulNBits", "DequantizeLinear", "Conv"}, {"DynamicQuantizeMatMul"}, False,
-                     {onnx.TensorProto.INT4}),
+                     {onnx.TensorProto.INT4}, FOLD_CONV_DEQUANTIZE),
 }
-FOLD_CONV_DEQUANTIZE = {"session.disable_quant_qdq": "1"}  # weight-only int8 Conv weights need it
 
 
 class ConvThenMLP(nn.Module):
@@ -51,8 +54,12 @@ class ConvThenMLP(nn.Module):
 def vanished():
     torch.manual_seed(0)
     model, x = ConvThenMLP().eval(), torch.randn(2, 3, 8, 8)
-    vm = vcon_fx.transform(model, QuantConfig(bits=4), example_inputs=(x,))
+    vm = vcon_fx.transform(model, QuantConfig(bits=4, act_bits=8), example_inputs=(x,))
     vcon_fx.set_beta(vm, 0.0)
+    vm.train()
+    with torch.no_grad():  # observe activation ranges, as fine-tuning does
+        vm(torch.randn(8, 3, 8, 8))
+    vm.eval()
     return vcon_fx.vanish(vm), x
 
 
@@ -77,7 +84,7 @@ def test_every_registered_kernel_has_a_case():
 
 @pytest.mark.parametrize("name", list(KERNELS))
 def test_each_kernel_exports_runs_and_checks_within_its_declared_tolerance(vanished, tmp_path, name):
-    must, must_not, dequantized_matmuls, widths = CASES[name]
+    must, must_not, dequantized_matmuls, widths, session = CASES[name]
     kernel = KERNELS[name]
     small, x = vanished
     steps = []
@@ -88,14 +95,14 @@ def test_each_kernel_exports_runs_and_checks_within_its_declared_tolerance(vanis
 
     path = tmp_path / f"{name}.onnx"
     report = integer_export(small, path, (x,), kernel=name, progress=progress)
-    assert steps == ["exporting to ONNX…", "storing integer weights…"]
+    assert steps[0] == "exporting to ONNX…" and steps[-1] == "storing integer weights…"
     assert report.path == path and sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no float copy left
     ops = _ops(path)
     assert must <= ops and not (must_not & ops), ops
     assert _matmuls_read_dequantize(path) == dequantized_matmuls
     assert _int_widths(path) >= widths
     assert kernel.flag_bits in kernel.bits
-    assert kernel.session_options(path) == FOLD_CONV_DEQUANTIZE
+    assert kernel.session_options(path) == session
 
     rtol, note = check_tolerance(kernel)
     assert (rtol, note) == (kernel.rtol, kernel.check_note) and note
@@ -112,13 +119,22 @@ def test_the_cli_flags_come_from_the_registry():
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
+    flagged = [k for k in KERNELS.values() if k.flag]
     for kernel in KERNELS.values():
-        args = parser.parse_args(["export", "m.vcon", "--onnx", "o.onnx", kernel.flag])
-        assert kernel_for_flags(vars(args)) is kernel
-    assert kernel_for_flags(vars(parser.parse_args(["export", "m.vcon", "--onnx", "o.onnx"]))) is None
+        by_name = parser.parse_args(["export", "m.vcon", "--onnx", "o.onnx", "--kernel", kernel.name])
+        assert kernel_choice(vars(by_name)) == kernel.name and kernel_for_flags(vars(by_name)) is None
+        if kernel.flag:
+            args = parser.parse_args(["export", "m.vcon", "--onnx", "o.onnx", kernel.flag])
+            assert kernel_for_flags(vars(args)) is kernel and kernel_choice(vars(args)) == kernel.name
+    default = vars(parser.parse_args(["export", "m.vcon", "--onnx", "o.onnx"]))
+    assert kernel_for_flags(default) is None and kernel_choice(default) is None
+    assert kernel_choice(vars(parser.parse_args(["export", "m.vcon", "--onnx", "o.onnx", "--kernel", "auto"]))) == "auto"
     both = parser.parse_args(["export", "m.vcon", "--onnx", "o.onnx", "--int4", "--dynamic-int8"])
     with pytest.raises(UsageError, match="^--int4 and --dynamic-int8 exclude each other: the integer GEMMs take INT8"):
         kernel_for_flags(vars(both))
+    mixed = parser.parse_args(["export", "m.vcon", "--onnx", "o.onnx", "--int4", "--kernel", "static"])
+    with pytest.raises(UsageError, match="--int4 chooses kernel 'weight-only', --kernel static another"):
+        kernel_choice(vars(mixed))
 
 
 def test_the_registry_refuses_bad_declarations():

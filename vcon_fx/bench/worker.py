@@ -69,14 +69,19 @@ def session_config(path: str | os.PathLike) -> dict[str, str]:
     dequantizes every weight on every run and cannot fold the BatchNormalization that follows
     (measured: slower than the float model, benchmarks/DEPLOY.md). `session.disable_quant_qdq=1`
     makes it constant-fold those DequantizeLinear at load instead: float speed, the file stays
-    small. Deploy such a model with the same entry. Other models get no entries.
+    small. Deploy such a model with the same entry. A static int8 file (a convolution whose output
+    is quantized: QLinearConv) gets no entry: its integer kernels come from the very QDQ fusion
+    that entry turns off. Other models get no entries.
     """
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
     constants = {i.name for i in graph.initializer}
     dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants}
-    if any(n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in dequantized for n in graph.node):
+    weight_convs = {n.output[0] for n in graph.node if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in dequantized}
+    if any(n.op_type == "QuantizeLinear" and n.input[0] in weight_convs for n in graph.node):
+        return {}
+    if weight_convs:
         return {"session.disable_quant_qdq": "1"}
     return {}
 

@@ -1,4 +1,4 @@
-"""`vcon-fx export`: ONNX, optionally with integer kernels, checked in onnxruntime."""
+"""`vcon-fx export`: ONNX, with the fastest faithful integer kernels for a quantized model, checked in onnxruntime."""
 
 from __future__ import annotations
 
@@ -7,11 +7,15 @@ from pathlib import Path
 
 from rich.markup import escape
 
+from ..export.integer import KERNEL_CHOICES
 from ..export.kernels import KERNELS
 from .options import add_source, load_source
 from .render import check_table, console, fmt_bytes
 
 __all__ = ["add_parser", "run"]
+
+CALIBRATION_EXAMPLES = 64  # the first examples of --calibration-data the static kernel observes
+CALIBRATION_BATCH = 4
 
 
 def add_parser(sub) -> None:
@@ -22,8 +26,13 @@ def add_parser(sub) -> None:
     p.add_argument("--onnx", required=True, help="output .onnx file")
     p.add_argument("--check", action="store_true", help="compare onnxruntime with PyTorch, and with the dense model")
     p.add_argument("--static-shapes", action="store_true", help="export fixed shapes (no dynamic batch/sequence axes)")
+    p.add_argument("--kernel", choices=KERNEL_CHOICES,
+                   help="integer kernels of a quantized model (default auto: the fastest within the check's tolerance)")
+    p.add_argument("--calibration-data", help="data whose first examples calibrate activation ranges for --kernel "
+                                              "static / auto when the model learned none (same formats as --data)")
     for kernel in KERNELS.values():
-        p.add_argument(kernel.flag, action="store_true", help=kernel.flag_help)
+        if kernel.flag:
+            p.add_argument(kernel.flag, action="store_true", help=kernel.flag_help)
     p.add_argument("--block-size", type=int, default=None,
                    help="--matmul-nbits: weights per block, a power of 2 ≥ 16 (default 32)")
     p.add_argument("--no-kv-cache", action="store_true",
@@ -32,35 +41,43 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..export import check_tolerance, integer_export, kernel_for_flags
+    from ..export import check_tolerance, integer_export
     from ..export.check import check_onnx
     from ..export.onnx import export_onnx
     from ..io.artifact import is_artifact, read_recipe
     from ..io.atomic import check_output
 
-    kernel = kernel_for_flags(vars(args))
-    kernel_options = _kernel_options(args, kernel)
+    out = check_output(args.onnx, force=args.force,
+                       inputs=tuple(p for p in (args.model, getattr(args, "calibration_data", None)) if p))
+    kernel, recipe = _choose_kernel(args)
+    kernel_options = _kernel_options(args, KERNELS[kernel] if kernel in KERNELS else None)
     kv_cache = False if args.no_kv_cache else None
-    out = check_output(args.onnx, force=args.force, inputs=(args.model,))
-    if kernel is not None and is_artifact(args.model):
-        _refuse_unquantized(args.model, read_recipe(args.model).config, kernel.flag)
     model, inputs, kwargs, seq_inputs, dense_source, notes = _load_model(args)
     for note in notes:
         console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+    kernels_run = None
     if kernel is None:
         with console.status("exporting to ONNX…"):
             export_onnx(model, out, inputs, example_kwargs=kwargs, seq_inputs=seq_inputs, force=args.force,
                         dynamic_batch=not args.static_shapes, kv_cache=kv_cache)
     else:
-        compressed = integer_export(model, out, inputs, kernel=kernel.name, example_kwargs=kwargs,
-                                    seq_inputs=seq_inputs, dynamic_batch=not args.static_shapes, force=args.force,
-                                    progress=console.status, kernel_options=kernel_options, kv_cache=kv_cache)
+        compressed = integer_export(model, out, inputs, kernel=kernel, example_kwargs=kwargs, seq_inputs=seq_inputs,
+                                    dynamic_batch=not args.static_shapes, force=args.force, progress=console.status,
+                                    calibration=_calibration(args, model), kernel_options=kernel_options,
+                                    kv_cache=kv_cache)
+        kernels_run = compressed.kernels
         for note in compressed.notes:
-            console.print(f"[dim]{escape(note)}[/]")
+            console.print(f"[dim]{escape(note)}[/]", soft_wrap=True)
+        lines = kernel_lines(compressed.layers, recipe.groups if recipe else ())
+        if lines:
+            console.print("kernels:")
+        for line in lines:
+            console.print(line, soft_wrap=True)
+        console.print(f"[yellow]deploy:[/] {escape(_deployment_line(out, compressed.kernels))}", soft_wrap=True)
     console.print(f"[green]wrote[/] {out} ({fmt_bytes(Path(out).stat().st_size)})")
     if not args.check:
         return 0
-    rtol, note = check_tolerance(kernel)
+    rtol, note = check_tolerance(kernels_run)
     if note:
         console.print(f"[yellow]note:[/] {escape(note)}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,6 +98,90 @@ def run(args) -> int:
             console.print(f"[yellow]note:[/] {note}")
         report.assert_ok()
     return 0
+
+
+def _choose_kernel(args):
+    """(the kernel to export with: "auto", a kernel name or None for a float export; the artifact's recipe or None).
+
+    Raises:
+        UsageError: two kernel flags, a kernel for a model with no quantized weight, or calibration
+            data for a model source (it calibrates a vanished quant artifact).
+    """
+    from ..errors import UsageError
+    from ..export import kernel_choice
+    from ..io.artifact import is_artifact, read_recipe
+
+    kernel = kernel_choice(vars(args))
+    recipe = read_recipe(args.model) if is_artifact(args.model) else None
+    quantized = recipe is not None and "quant" in _methods(recipe.config)
+    if getattr(args, "calibration_data", None) and not quantized:
+        raise UsageError(f"--calibration-data calibrates the activations of a vanished quant artifact; {args.model} "
+                         "is not one: leave --calibration-data out, or transform with --method quant first")
+    if kernel in (None, "auto"):
+        if kernel == "auto" and not quantized:
+            console.print(f"[yellow]note:[/] {escape(args.model)} has no quantized weight: --kernel auto exports it "
+                          "in float")
+        return ("auto" if quantized else None), recipe
+    if recipe is not None:
+        flag = KERNELS[kernel].flag if KERNELS[kernel].flag and getattr(args, KERNELS[kernel].flag_dest, False) \
+            else f"--kernel {kernel}"
+        _refuse_unquantized(args.model, recipe.config, flag)
+    return kernel, recipe
+
+
+def _calibration(args, model):
+    """The first CALIBRATION_EXAMPLES examples of --calibration-data as (args, kwargs) batches, or None."""
+    path = getattr(args, "calibration_data", None)
+    if not path:
+        return None
+    from torch.utils.data import DataLoader, Subset
+
+    from ..data import load_data_for
+    from ..training.batches import split_batch
+
+    with console.status("reading the calibration data…"):
+        data = load_data_for(model, path)
+        first = Subset(data, range(min(CALIBRATION_EXAMPLES, len(data))))
+        return [split_batch(batch)[:2] for batch in DataLoader(first, batch_size=CALIBRATION_BATCH)]
+
+
+def kernel_lines(layers: dict[str, str], groups) -> list[str]:
+    """Which kernel each group got, one line per group (one per kernel when there are many groups) (pure)."""
+    if not layers:
+        return []
+    rows = []
+    for group in groups or ():
+        got = [layers[p] for p in group.layers if p in layers]
+        if got:
+            counts = {k: got.count(k) for k in dict.fromkeys(got)}
+            rows.append((group.name, ", ".join(k if n == len(got) else f"{k} ×{n}" for k, n in counts.items())))
+    if not rows:  # no recipe groups: the layers themselves
+        rows = list(layers.items())
+    if len(rows) <= 12:
+        return [f"  [bold]{escape(kernel)}[/]: {escape(name)}" for name, kernel in rows]
+    by_kernel: dict[str, list[str]] = {}
+    for name, kernel in rows:
+        by_kernel.setdefault(kernel, []).append(name)
+    return [f"  [bold]{escape(kernel)}[/]: {len(names)} group(s): {escape(', '.join(names[:4]))}"
+            f"{', …' if len(names) > 4 else ''}" for kernel, names in by_kernel.items()]
+
+
+def _deployment_line(path, kernels: tuple[str, ...]) -> str:
+    """The onnxruntime session options a deployment of `path` must use, in one line."""
+    entries = {}
+    for name in kernels:
+        entries.update(KERNELS[name].session_options(path))
+    if entries:
+        return ("open it with the session config " + ", ".join(f"{k}={v}" for k, v in entries.items())
+                + " (SessionOptions.add_session_config_entry); `vcon-fx bench` does")
+    if "static" in kernels:
+        return ("onnxruntime's default session options (graph optimizations on: they fuse the QDQ pairs into "
+                "integer kernels); do not set session.disable_quant_qdq")
+    return "onnxruntime's default session options"
+
+
+def _methods(config) -> list[str]:
+    return [part.method for part in getattr(config, "configs", (config,))]
 
 
 def _load_model(args):
@@ -124,7 +225,7 @@ def _refuse_unquantized(model: str, config, flag: str) -> None:
     """An integer kernel needs quantized weights: say so before exporting anything."""
     from ..errors import UsageError
 
-    methods = [part.method for part in getattr(config, "configs", (config,))]
+    methods = _methods(config)
     if "quant" not in methods:
         raise UsageError(f"{model} was compressed with {'+'.join(methods)}, which leaves no weight on a quantization grid, so "
                          f"{flag} has nothing to store as integers: export it without {flag}, or compress with quant "

@@ -49,6 +49,7 @@ def export_onnx(
     opset: int | None = None,
     force: bool = False,
     kv_cache: bool | None = None,
+    scopes: dict[str, str] | None = None,
 ) -> Path:
     """Export `model` to the ONNX file `path` (pure: the model is left as it was).
 
@@ -69,6 +70,8 @@ def export_onnx(
             made from one) is exported with its KV cache as inputs and outputs
             (`decoder_onnx.py`; the example inputs are then not used). None: when it is one
             and `dynamic_batch`; True: required; False: never, the whole sequence every call.
+        scopes: when given, filled (in place) with each node's output name → the path of the
+            module that computed it (static int8 export maps layers' recorded ranges by it).
 
     Returns:
         The written path.
@@ -110,6 +113,8 @@ def export_onnx(
         program = _run_exporter(model, args, kwargs, shapes if wanted else None, opset)
     _name_values(program.model, input_names, _output_names(outputs, input_names), name)
     _check_and_name_axes(program, wanted, name)
+    if scopes is not None:
+        scopes.update(_module_scopes(program.model))
     _drop_debug_metadata(program.model)
     external = _save(program, out)
     log.info("exported %s to %s (%d inputs, %d outputs%s)", name, out, len(inputs), len(outputs),
@@ -129,6 +134,25 @@ def _drop_debug_metadata(model) -> None:
         for key in [k for k in node.metadata_props if k.startswith("pkg.torch.onnx.")]:
             del node.metadata_props[key]
 
+
+
+def _module_scopes(model) -> dict[str, str]:
+    """Node output name → the innermost module path the exporter recorded for the node (pure)."""
+    import ast
+
+    import onnx_ir
+
+    found = {}
+    for node in onnx_ir.traversal.RecursiveGraphIterator(model.graph):
+        raw = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+        try:
+            scopes = ast.literal_eval(raw) if raw else None
+        except (ValueError, SyntaxError):
+            continue
+        if isinstance(scopes, list) and len(scopes) >= 2 and scopes[-2]:
+            for value in node.outputs:
+                found[value.name] = scopes[-2]  # the last entry is the op itself
+    return found
 
 
 def run_model(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Any:

@@ -36,7 +36,12 @@ class CompressReport:
     bytes_after: int = 0
     int4: bool = False
     dynamic_matmuls: int = 0  # matmuls turned into integer GEMMs (kernel="dynamic")
+    static_layers: int = 0  # convolutions and matmuls given fixed activation scales (kernel="static")
     notes: list[str] = field(default_factory=list)
+    layer_kernels: dict[str, str] = field(default_factory=dict)  # weight op output name → kernel, where not weight-only
+    kernels: tuple[str, ...] = ()  # the kernels that ran, in order
+    layers: dict[str, str] = field(default_factory=dict)  # quantized layer path → its kernel (integer_export)
+    islands: list = field(default_factory=list)  # float islands between integer kernels (islands.Island)
 
     @property
     def ratio(self) -> float:
@@ -50,7 +55,7 @@ def compress_onnx_weights(
     bits: int = 8,
     min_elements: int = 64,
     fold_transposes: bool = True,
-    kernel: str = "weight-only",
+    kernel: str | tuple[str, ...] = "weight-only",
     require_integers: bool = False,
     force: bool = False,
     described_as: str | None = None,
@@ -71,7 +76,10 @@ def compress_onnx_weights(
             option `session.qdq_matmulnbits_accuracy_level=1` keeps them float.
         kernel: a registered export kernel (`kernels/`): "weight-only" keeps DequantizeLinear
             in front of float ops (outputs as in PyTorch); "dynamic" (bits=8) runs int8 matmuls
-            as integer GEMMs with activations quantized at run time, as `quantize_dynamic` does.
+            as integer GEMMs with activations quantized at run time, as `quantize_dynamic` does;
+            "static" (bits=8) runs layers whose activations have scales as QLinearConv /
+            MatMulIntegerToFloat. A tuple runs several in order, e.g. ("static", "dynamic"): each
+            takes the layers the ones before it left weight-only.
         require_integers: raise instead of writing a float copy when no weight lies on a grid
             and none is stored as integers already.
         force: replace an existing output.
@@ -95,9 +103,10 @@ def compress_onnx_weights(
     """
     if bits not in (8, 4):
         raise UsageError(f"bits must be 8 or 4 (the integer storage widths onnxruntime reads), got {bits!r}")
-    chosen = get_kernel(kernel)
-    if bits not in chosen.bits:
-        raise UsageError(f"kernel={chosen.name!r} {chosen.why_bits}")
+    chain = [get_kernel(name) for name in ((kernel,) if isinstance(kernel, str) else kernel)]
+    for chosen in chain:
+        if bits not in chosen.bits:
+            raise UsageError(f"kernel={chosen.name!r} {chosen.why_bits}")
     src = Path(onnx_path)
     out = Path(out_path) if out_path is not None else src.with_name(f"{src.stem}.int{bits}.onnx")
     check_output(out, force=force, inputs=(src,))
@@ -106,7 +115,9 @@ def compress_onnx_weights(
     model, opset = _opset_for(model, bits, report)
     store_integer_weights(model, report, opset=opset, min_elements=min_elements, fold_transposes=fold_transposes)
     _refuse_or_note_no_integers(model, report, described_as or str(src), require_integers)
-    chosen.lower(model, report, **(kernel_options or {}))
+    for chosen in chain:  # options belong to the kernel that declares them (e.g. MatMulNBits' block_size)
+        chosen.lower(model, report, **((kernel_options or {}) if chosen is chain[-1] else {}))
+    report.kernels = tuple(k.name for k in chain)
     _save(model, src, out)
     report.bytes_after = out.stat().st_size
     log.info("compressed %s: %d weight(s) to integers, %.1f× smaller (%s)", src.name, len(report.rewritten),

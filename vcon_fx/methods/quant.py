@@ -5,8 +5,11 @@ Binary (b = 1): q = sign(w), scale_c = mean|w_c|. Ternary (TWN): q ∈ {−1, 0,
 threshold Δ_c = 0.7·mean|w_c|, scale_c = mean of |w| above Δ_c. Every form trains through a
 straight-through estimator on a latent float weight, shared with the dense layer by default.
 Optionally the layer input is fake-quantized to 8 bits (asymmetric, per tensor) with a range
-observed as an exponential moving average while training. With `--clip-search` or a data-aware
-start (GPTQ) the scales are chosen once and kept fixed instead (quant_start.py).
+observed as an exponential moving average while training; the layer output's range is then
+observed too (per output channel, so that a batch norm folded into the layer at export maps it
+exactly), which static int8 export (`export/kernels/static_int8.py`) turns into output scales.
+With `--clip-search` or a data-aware start (GPTQ) the weight scales are chosen once and kept
+fixed instead (quant_start.py).
 
 `materialize` stores the integers (int8 in PyTorch whatever b is) and the float scales; its
 forward dequantizes with `quantized_decomposed.dequantize_per_channel`, which exports to ONNX
@@ -189,6 +192,30 @@ class _ActRange:
         lo, hi = self.act_range.tolist()
         return _act_qparams(lo, hi)
 
+    # ── the output range (static int8 export reads it; the forward never uses it) ──
+
+    def _init_out_range(self, channels: int, device: torch.device | None = None) -> None:
+        self.register_buffer("out_range", torch.zeros(2, channels, device=device))  # [min, max] per channel
+        self.register_buffer("out_observed", torch.zeros((), dtype=torch.bool, device=device))
+
+    @torch.no_grad()
+    def _observe_out(self, y: torch.Tensor) -> None:
+        channel_dim = -1 if self.layer_type is nn.Linear else 1
+        flat = y.detach().movedim(channel_dim, 0).reshape(y.shape[channel_dim], -1).float()
+        now = torch.stack([flat.amin(1), flat.amax(1)])
+        if bool(self.out_observed):
+            self.out_range.lerp_(now, _ACT_MOMENTUM)
+        else:
+            self.out_range.copy_(now)
+            self.out_observed.fill_(True)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # artifacts written before output ranges were observed load as "not observed"
+        if hasattr(self, "out_range") and prefix + "act_range" in state_dict:
+            state_dict.setdefault(prefix + "out_range", torch.zeros_like(self.out_range))
+            state_dict.setdefault(prefix + "out_observed", torch.zeros((), dtype=torch.bool))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 class QuantTwin(_ActRange, WeightTwin):
     """The quantized twin: fake-quantized weights (and inputs) over a latent float weight."""
@@ -203,6 +230,8 @@ class QuantTwin(_ActRange, WeightTwin):
         if fixed_scale:  # one scale per output channel, chosen once (quant_start.py), not recomputed
             self.register_buffer("scale", quantize_weight(self.weight, bits)[1].float() if init
                                  else torch.ones(self.weight.shape[0], device=self.weight.device))
+        if act_bits is not None:
+            self._init_out_range(self.weight.shape[0], self.weight.device)
 
     def compressed_weight(self) -> torch.Tensor:
         if self.fixed_scale:
@@ -218,7 +247,10 @@ class QuantTwin(_ActRange, WeightTwin):
     def forward(self, x):
         if self.act_bits is not None:
             x = self._quantize_input(x)
-        return self.call(x, self.compressed_weight())
+        y = self.call(x, self.compressed_weight())
+        if self.act_bits is not None and self.training:
+            self._observe_out(y)
+        return y
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -266,6 +298,9 @@ class QuantizedLayer(_ActRange, nn.Module):
         if twin.act_bits is not None:
             self.act_range.copy_(twin.act_range)
             self.act_observed.copy_(twin.act_observed)
+            self._init_out_range(q.shape[0], q.device)
+            self.out_range.copy_(twin.out_range)
+            self.out_observed.copy_(twin.out_observed)
         self._out_dtype = None if twin.weight.dtype == torch.float32 else twin.weight.dtype
         self.train(twin.training)
         self._act = self._act_qparams_now()  # a Python mirror, so forward needs no device sync

@@ -53,9 +53,10 @@ _MS_DOMAIN = "com.microsoft"
 )
 def lower_to_dynamic_int8(model, report: "CompressReport") -> None:
     """Run the stored int8 matmuls as integer GEMMs (in place on `model`; counted and noted in `report`)."""
-    report.dynamic_matmuls = to_dynamic_int8(model)
-    report.notes.append(f"{report.dynamic_matmuls} int8 matmul(s) run as DynamicQuantizeMatMul "
-                        "(activations quantized at run time)")
+    report.dynamic_matmuls = to_dynamic_int8(model, report.layer_kernels)
+    if report.dynamic_matmuls or not report.static_layers:  # after static, silent when it left no matmul
+        report.notes.append(f"{report.dynamic_matmuls} int8 matmul(s) run as DynamicQuantizeMatMul "
+                            "(activations quantized at run time)")
 
 
 @dataclass
@@ -70,8 +71,13 @@ class _Site:
     anchor: object  # the matmul node: the fused op goes where it was
 
 
-def to_dynamic_int8(model) -> int:
-    """Rewrite the weight-only int8 matmuls of an onnx ModelProto in place; returns how many."""
+def to_dynamic_int8(model, layer_kernels: dict[str, str] | None = None) -> int:
+    """Rewrite the weight-only int8 matmuls of an onnx ModelProto in place; returns how many.
+
+    Args:
+        model: the ModelProto.
+        layer_kernels: when given, each rewritten matmul's output name → "dynamic" (in place).
+    """
     from onnx import helper
 
     graph = model.graph
@@ -81,6 +87,9 @@ def to_dynamic_int8(model) -> int:
                          if dq.op_type == "DequantizeLinear") if s is not None]
     if not sites:
         return 0
+    for site in sites:
+        if layer_kernels is not None:
+            layer_kernels[site.anchor.output[0]] = "dynamic"
     by_input: dict[str, list[_Site]] = {}
     for site in sites:
         by_input.setdefault(site.x, []).append(site)

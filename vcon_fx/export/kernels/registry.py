@@ -36,8 +36,9 @@ class ExportKernel:
         why_bits: the end of the error for another width ("kernel='NAME' " + why_bits).
         rtol: the tolerance `check_onnx` judges its files by (fraction of the output range).
         check_note: said next to the `--check` table.
-        flag: the `vcon-fx export` flag that chooses it.
-        flag_bits: the width that flag stores.
+        flag: the `vcon-fx export` flag that chooses it besides `--kernel NAME`, or None (only
+            `--kernel`; the older kernels keep their own flags).
+        flag_bits: the width that flag (and `--kernel NAME`) stores.
         flag_help: the flag's help text.
         conflict: why its flag cannot be given with another kernel's ("" when it has no reason
             of its own).
@@ -52,7 +53,7 @@ class ExportKernel:
     why_bits: str
     rtol: float
     check_note: str
-    flag: str
+    flag: str | None
     flag_bits: int
     flag_help: str
     conflict: str
@@ -60,14 +61,15 @@ class ExportKernel:
     lower: Callable[..., None]
 
     def __post_init__(self) -> None:
-        if self.flag_bits not in self.bits or not self.flag.startswith("--") or not 0 < self.rtol < 1:
+        if (self.flag_bits not in self.bits or (self.flag is not None and not self.flag.startswith("--"))
+                or not 0 < self.rtol < 1):
             raise ValueError(f"export kernel {self.name!r} declares flag {self.flag!r} storing {self.flag_bits} bits "
                              f"of {self.bits} with rtol {self.rtol}: a flag stores a width the kernel has, rtol in (0, 1)")
 
     @property
-    def flag_dest(self) -> str:
-        """The argparse attribute of its flag (`--dynamic-int8` → `dynamic_int8`)."""
-        return self.flag[2:].replace("-", "_")
+    def flag_dest(self) -> str | None:
+        """The argparse attribute of its flag (`--dynamic-int8` → `dynamic_int8`); None without a flag."""
+        return None if self.flag is None else self.flag[2:].replace("-", "_")
 
 
 KERNELS: dict[str, ExportKernel] = {}

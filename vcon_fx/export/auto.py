@@ -1,0 +1,66 @@
+"""Auto kernel choice: the fastest kernels whose onnxruntime outputs stay within the check's tolerance.
+
+Each choice (`integer.AUTO_CHOICES`, fastest first) is stored in a temporary file and run in
+onnxruntime against PyTorch on one batch (the first calibration batch when given, else the
+example inputs); the first within tolerance is kept. A choice that makes no layer faster than
+weight-only is skipped unchecked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, ContextManager, Sequence
+
+from torch import nn
+
+from .check import check_onnx
+from .kernels import get_kernel
+from .quantize import compress_onnx_weights
+
+__all__ = ["first_faithful", "storage_bits"]
+
+
+def storage_bits(choice: tuple[str, ...], bits: int | None) -> int:
+    """The width to store a choice's weights in (pure): INT8 wherever an integer kernel runs."""
+    if bits is not None:
+        return bits
+    return min(get_kernel(name).flag_bits for name in choice) if choice == ("weight-only",) else 8
+
+
+def first_faithful(model: nn.Module, exported: Path, folder: Path, choices: Sequence[tuple[str, ...]],
+                   bits: int | None, check_batch: tuple[tuple, dict], step: Callable[[str], ContextManager],
+                   described_as: str) -> tuple[tuple[str, ...], list[str]]:
+    """(the first choice whose file passes the check, notes on the ones dropped) (pure: writes only in `folder`).
+
+    Args:
+        model: the PyTorch model, the reference.
+        exported: its float ONNX export (ranges attached for the static kernel).
+        folder: where the candidate files go.
+        choices: kernel chains, fastest first; the last is kept unchecked.
+        bits: the storage width, or None (`storage_bits`).
+        check_batch: (args, kwargs) to compare onnxruntime with PyTorch on.
+        step: the progress callback of `integer_export`.
+        described_as: how errors name the model.
+    """
+    notes = []
+    for index, choice in enumerate(choices):
+        if index == len(choices) - 1:
+            return choice, notes
+        candidate = folder / f"candidate{index}.onnx"
+        names = " + ".join(choice)
+        with step(f"trying {names}…"):
+            report = compress_onnx_weights(exported, candidate, bits=storage_bits(choice, bits), kernel=choice,
+                                           require_integers=True, force=True, described_as=described_as)
+        if not report.layer_kernels:
+            continue
+        rtol = max(get_kernel(name).rtol for name in choice)
+        with step(f"checking {names} in onnxruntime…"):
+            parity = check_onnx(model, candidate, check_batch[0], example_kwargs=check_batch[1], rtol=rtol, runs=1)
+        worst = max((o.rel_max_diff for o in parity.outputs), default=0.0)
+        if parity.ok:
+            notes.append(f"auto: {names} kept: onnxruntime within {worst:.2%} of PyTorch's output range "
+                         f"(tolerance {rtol:.0%})")
+            return choice, notes
+        notes.append(f"auto: {names} moved the outputs by {worst:.2%} of their range (> {rtol:.0%}): "
+                     f"trying {' + '.join(choices[index + 1])}")
+    return choices[-1], notes
