@@ -27,6 +27,8 @@ __all__ = [
     "SINGLE_WEIGHT_TYPES",
     "LAYER_TYPES",
     "LAYER_ATTRS",
+    "torch_type",
+    "is_layer_subclass",
     "channel_first",
     "input_positions",
     "copy_layer_attrs",
@@ -53,6 +55,18 @@ LAYER_ATTRS = (
     "num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",  # Embedding
     "sparse",
 )
+
+
+def torch_type(module: nn.Module) -> type:
+    """The torch.nn layer class `module` is (its own, or the one a subclass such as torchvision's
+    Conv3DSimple derives from): what a twin rebuilds it as."""
+    return next((c for c in type(module).__mro__ if c in LAYER_TYPES), type(module))
+
+
+def is_layer_subclass(module: nn.Module) -> bool:
+    """True for a subclass of a compressible layer that computes as it (does not override forward)."""
+    base = torch_type(module)
+    return base is not type(module) and base in LAYER_TYPES and type(module).forward is base.forward
 
 
 def channel_first(module: nn.Module) -> bool:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layer_types import CONV_TYPES, EMBEDDING_TYPES, TRANSPOSED_CONV_TYPES
+from .layer_types import CONV_TYPES, EMBEDDING_TYPES, TRANSPOSED_CONV_TYPES, torch_type
 
 __all__ = ["lowrank_refusal", "factor_layers", "assign_factors", "lowrank_flops"]
 
@@ -53,11 +53,11 @@ def factor_layers(layer: nn.Module, rank: int, **factory) -> tuple[nn.Module, nn
                              scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse, **factory),
                 nn.Linear(rank, layer.embedding_dim, bias=False, **factory))
     if isinstance(layer, TRANSPOSED_CONV_TYPES):
-        down = _POINTWISE[type(layer)](layer.in_channels, rank, 1, bias=False, **factory)
-        up = type(layer)(rank, layer.out_channels, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+        down = _POINTWISE[torch_type(layer)](layer.in_channels, rank, 1, bias=False, **factory)
+        up = torch_type(layer)(rank, layer.out_channels, layer.kernel_size, stride=layer.stride, padding=layer.padding,
                          output_padding=layer.output_padding, dilation=layer.dilation, bias=has_bias, **factory)
         return down, up
-    conv = type(layer)
+    conv = torch_type(layer)
     down = conv(layer.in_channels, rank, layer.kernel_size, stride=layer.stride, padding=layer.padding,
                 dilation=layer.dilation, bias=False, padding_mode=layer.padding_mode, **factory)
     return down, conv(rank, layer.out_channels, 1, bias=has_bias, **factory)

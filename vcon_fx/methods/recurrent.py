@@ -26,7 +26,7 @@ from torch import _VF, nn
 from ..errors import ConfigError
 from . import recurrent_kernels as kernels
 from .base import LayerPlan, LayerSite, layer_params
-from .layer_types import RECURRENT_TYPES, effective_weight
+from .layer_types import RECURRENT_TYPES, effective_weight, torch_type
 
 __all__ = ["RecurrentTwin", "plan_recurrent", "build_recurrent", "materialize_recurrent", "gate_matrices",
            "run_recurrent"]
@@ -123,7 +123,7 @@ class RecurrentTwin(nn.Module):
         super().__init__()
         if not isinstance(rnn, RECURRENT_TYPES):
             raise ConfigError(f"{type(rnn).__name__} is not one of {[c.__name__ for c in RECURRENT_TYPES]}")
-        self.layer_type = type(rnn)
+        self.layer_type = torch_type(rnn)
         self.options = _options(rnn)
         self.flat_names = list(rnn._flat_weights_names)
         self.mats = nn.ModuleDict(mats)

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import CliOption, Method
-from .layer_types import SINGLE_WEIGHT_TYPES, call_layer, copy_layer_attrs, plain_layer
+from .layer_types import SINGLE_WEIGHT_TYPES, call_layer, copy_layer_attrs, plain_layer, torch_type
 
 __all__ = ["WeightTwin", "WeightTwinMethod", "SEPARATE_WEIGHTS"]
 
@@ -32,7 +32,7 @@ class WeightTwin(nn.Module):
         super().__init__()
         if not isinstance(layer, SINGLE_WEIGHT_TYPES):
             raise ConfigError(f"{type(layer).__name__} is not one of {[c.__name__ for c in SINGLE_WEIGHT_TYPES]}")
-        self.layer_type = type(layer)
+        self.layer_type = torch_type(layer)
         self.train(layer.training)  # a twin built into an eval-mode model must not observe or update state
         copy_layer_attrs(self, layer)
         bias = getattr(layer, "bias", None)  # an Embedding has none
