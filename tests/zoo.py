@@ -152,7 +152,7 @@ class UNet(nn.Module):
     """A two-level U-Net from torchvision blocks: Conv2dNormActivation pairs, max-pool down,
     ConvTranspose2d up, skip connections concatenated, a 1×1 conv head (segmentation logits)."""
 
-    def __init__(self, width: int = 16, classes: int = 3):
+    def __init__(self, width: int = 8, classes: int = 3):
         super().__init__()
         from torchvision.ops import Conv2dNormActivation
 
@@ -303,7 +303,7 @@ def unet() -> ZooCase:
     torch.manual_seed(0)
     model = UNet()
     _randomize_bn(model)
-    return ZooCase("unet", model.eval(), (torch.randn(2, 3, 32, 32),))
+    return ZooCase("unet", model.eval(), (torch.randn(2, 3, 16, 16),))
 
 
 def video3d() -> ZooCase:

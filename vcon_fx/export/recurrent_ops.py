@@ -21,8 +21,9 @@ def recurrent_translations() -> dict:
     """{op: onnxscript function} for `torch.onnx.export(custom_translation_table=...)`."""
     from onnxscript import opset18 as op
     from onnxscript.function_libs.torch_lib.ops.core import aten_gru, aten_lstm
-    def rnn(input, hx, params: Sequence, has_biases: bool, num_layers: int, dropout: float, train: bool,
-            bidirectional: bool, batch_first: bool, activation: str):
+    from onnxscript.function_libs.torch_lib.tensor_typing import TFloat
+    def rnn(input: TFloat, hx: TFloat, params: Sequence[TFloat], has_biases: bool, num_layers: int, dropout: float,
+            train: bool, bidirectional: bool, batch_first: bool, activation: str):
         dirs = 2 if bidirectional else 1
         x = op.Transpose(input, perm=[1, 0, 2]) if batch_first else input
         per_dir = 4 if has_biases else 2
@@ -49,16 +50,16 @@ def recurrent_translations() -> dict:
         h_n = states[0] if len(states) == 1 else op.Concat(*states, axis=0)
         return (op.Transpose(x, perm=[1, 0, 2]) if batch_first else x), h_n
 
-    def vcon_lstm(input, h0, c0, weights: Sequence, has_biases: bool, num_layers: int, bidirectional: bool,
-                  batch_first: bool):
+    def vcon_lstm(input: TFloat, h0: TFloat, c0: TFloat, weights: Sequence[TFloat], has_biases: bool,
+                  num_layers: int, bidirectional: bool, batch_first: bool):
         return aten_lstm(input, [h0, c0], weights, has_biases, num_layers, 0.0, False, bidirectional, batch_first)
 
-    def vcon_gru(input, h0, weights: Sequence, has_biases: bool, num_layers: int, bidirectional: bool,
-                 batch_first: bool):
+    def vcon_gru(input: TFloat, h0: TFloat, weights: Sequence[TFloat], has_biases: bool, num_layers: int,
+                 bidirectional: bool, batch_first: bool):
         return aten_gru(input, h0, weights, has_biases, num_layers, 0.0, False, bidirectional, batch_first)
 
-    def vcon_rnn(input, h0, weights: Sequence, has_biases: bool, num_layers: int, bidirectional: bool,
-                 batch_first: bool, relu: bool):
+    def vcon_rnn(input: TFloat, h0: TFloat, weights: Sequence[TFloat], has_biases: bool, num_layers: int,
+                 bidirectional: bool, batch_first: bool, relu: bool):
         return rnn(input, h0, weights, has_biases, num_layers, 0.0, False, bidirectional, batch_first,
                    "Relu" if relu else "Tanh")
 

@@ -12,6 +12,7 @@ BitwiseAnd / BitShift, so the file holds half a byte per value. The arithmetic i
 from __future__ import annotations
 
 import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 import torch.nn.functional as F
 from torch import nn
 
@@ -67,7 +68,15 @@ class QuantizedEmbedding(nn.Module):
         return rows * F.embedding(ids, self.scale.to(self.out_dtype)[:, None])
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The whole float table (q · scale per row): what a tied output head computes with."""
+        """The whole float table (q · scale per row): what a tied output head computes with.
+
+        An int8 table dequantizes as a quantized Linear's weight does (ONNX DequantizeLinear, which
+        the exporter never folds into a float copy); a 4-bit one is unpacked first.
+        """
+        if not self.packed:
+            out_dtype = None if self.out_dtype == torch.float32 else self.out_dtype
+            return torch.ops.quantized_decomposed.dequantize_per_channel(
+                self.table, self.scale, None, 0, -128, 127, torch.int8, out_dtype=out_dtype)
         return self._rows(self.table) * self.scale.to(self.out_dtype)[:, None]
 
     def extra_repr(self) -> str:

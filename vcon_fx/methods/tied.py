@@ -29,10 +29,18 @@ _FLOAT_BYTES = 4
 
 
 def tied_logits(table: nn.Module, h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """h · Wᵀ (+ bias) with W the table `table` computes with (an embedding twin, or its deployed form)."""
+    """h · Wᵀ (+ bias) with W the table `table` computes with (an embedding twin, or its deployed form).
+
+    The product runs on 2-D rows (ONNX Gemm with transB), so the exporter never stores a
+    transposed copy of the shared table beside it.
+    """
+    rows = h.reshape(-1, h.shape[-1])
     if isinstance(table, nn.Sequential) and hasattr(table, "down") and hasattr(table, "up"):  # Embedding → Linear
-        return F.linear(h @ effective_weight(table.up), effective_weight(table.down), bias)
-    return F.linear(h, effective_weight(table), bias)
+        rows = rows @ effective_weight(table.up)
+        logits = F.linear(rows, effective_weight(table.down), bias)
+    else:
+        logits = F.linear(rows, effective_weight(table), bias)
+    return logits.reshape(*h.shape[:-1], logits.shape[-1])
 
 
 class TiedHead(nn.Module):
