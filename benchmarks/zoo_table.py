@@ -8,7 +8,9 @@ randomly initialised (weights=None), at a small input (64×64, or the smallest o
 
 using the invariant checks of tests/helpers.py (one helper per invariant). Detection and
 segmentation models (weights=None, weights_backbone=None) are tried too and their outcome
-listed. Each model runs in its own process with a time limit; results are checkpointed to
+listed, and so are the video models (`torchvision.models.video`, clips of the smallest of
+VIDEO_SIZES frames × pixels they accept) and the optical-flow model raft_small (two 128×128
+frames). Each model runs in its own process with a time limit; results are checkpointed to
 benchmarks/zoo_results.json after every model, so an interrupted sweep resumes where it stopped.
 
     .venv/bin/python benchmarks/zoo_table.py                 # the whole sweep (~30-60 min on 2 cores)
@@ -37,6 +39,11 @@ RESULTS = HERE / "zoo_results.json"
 TABLE = HERE / "ZOO.md"
 DOCS_PAGE = ROOT / "docs" / "zoo.md"
 SIZES = (64, 96, 128, 160, 224, 299)
+VIDEO_SIZES = ((4, 64), (8, 112), (16, 112), (16, 224))  # (frames, pixels), smallest first
+FLOW_SIZE = 128
+FAMILIES = ("classification", "segmentation", "detection", "detection backbone", "video", "optical flow")
+# the sweep's families whose builders take `weights_backbone`
+_BACKBONED = ("segmentation", "detection", "detection backbone")
 TIME_LIMIT_S = 900
 MACHINE = f"{os.cpu_count()} cores"
 RATIO = 0.25
@@ -72,7 +79,7 @@ def run_one(name: str, family: str) -> dict:
     try:
         kwargs = {"weights": None, **BUILD_KWARGS.get(name, {})}
         builder = models.get_model_builder(name.removesuffix(".backbone"))
-        if family != "classification":
+        if family in _BACKBONED:
             kwargs["weights_backbone"] = None
         model = detector = builder(**kwargs).eval()
         if family == "detection backbone":
@@ -83,7 +90,7 @@ def run_one(name: str, family: str) -> dict:
 
         record["stage"] = "input"
         args, size = _example_inputs(model, name, family)
-        record["input"] = size
+        record["input"] = size if isinstance(size, int) else f"{size[0]}×{size[1]}×{size[1]}"  # a clip
 
         record["stage"] = "transform"
         t = time.perf_counter()
@@ -150,18 +157,27 @@ def _detector_identity(detector, backbone, blended, size: int) -> None:
 
 
 def _example_inputs(model, name: str, family: str):
-    """The smallest input from SIZES the model runs on (batch 2), and its size."""
+    """The smallest input the model runs on (batch 2), and its size."""
     import torch
 
     image_size = getattr(model, "image_size", None)
     sizes = (int(image_size),) if image_size else SIZES
     if family.startswith("detection"):
         sizes = (128,) + tuple(s for s in SIZES if s > 128)
+    if family == "video":
+        sizes = VIDEO_SIZES
+    if family == "optical flow":
+        sizes = (FLOW_SIZE,)
     last = None
     for size in sizes:
         gen = torch.Generator().manual_seed(0)
         if family == "detection":
             args = ([torch.rand(3, size, size, generator=gen), torch.rand(3, size, size, generator=gen)],)
+        elif family == "video":
+            frames, pixels = size
+            args = (torch.randn(2, 3, frames, pixels, pixels, generator=gen),)
+        elif family == "optical flow":
+            args = tuple(torch.randn(2, 3, size, size, generator=gen) for _ in range(2))  # two frames
         else:
             args = (torch.randn(2, 3, size, size, generator=gen),)
         try:
@@ -187,6 +203,8 @@ def all_models() -> list[tuple[str, str]]:
     # (the row checks the detector's detections are unchanged with the blended backbone at β = 1,
     # and that it runs with the vanished one).
     out += [(f"{n}.backbone", "detection backbone") for n in models.list_models(module=models.detection)]
+    out += [(n, "video") for n in models.list_models(module=models.video)]
+    out += [(n, "optical flow") for n in models.list_models(module=models.optical_flow)]
     return out
 
 
@@ -198,7 +216,7 @@ def by_size(names: list[tuple[str, str]]) -> list[tuple[str, str]]:
     def size(item):
         name, family = item
         kwargs = {"weights": None, **BUILD_KWARGS.get(name, {})}
-        if family != "classification":
+        if family in _BACKBONED:
             kwargs["weights_backbone"] = None
         for device in ("meta", "cpu"):  # a few builders (RegNet) do not build on meta
             try:
@@ -284,7 +302,7 @@ def markdown(results: dict, machine: str) -> str:
         "were run again (`--only NAME --retry`); the table keeps each model's latest result.",
         "",
     ]
-    for family in ("classification", "segmentation", "detection", "detection backbone"):
+    for family in FAMILIES:
         fam = [r for r in rows if r.get("family") == family]
         if not fam:
             continue
@@ -351,7 +369,7 @@ def zoo_summary(results: dict) -> str:
     order = {n: i for i, (n, _) in enumerate(all_models())}
     rows = sorted(results.values(), key=lambda r: order.get(r["model"], 10**6))
     counts = []
-    for family in ("classification", "segmentation", "detection", "detection backbone"):
+    for family in FAMILIES:
         fam = [r for r in rows if r.get("family") == family]
         if fam:
             counts.append(f"{family} {sum(r['status'] == 'pass' for r in fam)} of {len(fam)}")
@@ -391,10 +409,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", nargs=3, metavar=("NAME", "FAMILY", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="*", help="model names (default: all)")
-    parser.add_argument("--family", choices=("classification", "segmentation", "detection", "detection backbone"))
+    parser.add_argument("--family", choices=FAMILIES)
     parser.add_argument("--retry", action="store_true", help="run models that already have a result again")
     parser.add_argument("--limit", type=int, default=TIME_LIMIT_S, help="seconds per model")
     parser.add_argument("--markdown-only", action="store_true")
+    parser.add_argument("--merge", metavar="DIR", help="add the worker JSONs in DIR (device_video_sweep.sh) to the results")
+    parser.add_argument("--machine", default="another machine", help="with --merge: where those rows ran")
     parser.add_argument("--docs", action="store_true", help="write docs/zoo.md from the JSON (runs no model)")
     parser.add_argument("--largest-first", action="store_true", help="for a second sweep beside the first")
     args = parser.parse_args(argv)
@@ -405,13 +425,22 @@ def main(argv=None) -> int:
         cap = int(os.environ.get("ZOO_MEMORY_GB", "14")) * 2**30
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
         import torch
-        torch.set_num_threads(max(1, (os.cpu_count() or 2)))
+        torch.set_num_threads(int(os.environ.get("ZOO_THREADS", 0)) or max(1, (os.cpu_count() or 2)))
         name, family, out = args.worker
         record = run_one(name, family)
         Path(out).write_text(json.dumps(record))
         return 0
     if args.docs:
         print(f"wrote {write_docs_page(load_results()).relative_to(ROOT)}")
+        return 0
+    if args.merge:
+        results = load_results()
+        for path in sorted(Path(args.merge).glob("*.json")):
+            record = json.loads(path.read_text())
+            record["machine"] = args.machine
+            results[record["model"]] = record
+        save_results(results)
+        print(f"merged {len(list(Path(args.merge).glob('*.json')))} rows from {args.merge}")
         return 0
     names = all_models()
     if args.only:
