@@ -8,8 +8,8 @@ through torch.onnx's own translations of `aten.lstm` / `aten.gru` (gates reorder
 reordering). A dense recurrent layer left in a model keeps torch's export.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch.onnx reads the translations' annotations, and
+# their types (TFloat) are imported inside `recurrent_translations`.
 from typing import Sequence
 
 from ..methods import recurrent_kernels

@@ -17,18 +17,20 @@ from torch import Tensor, _VF
 __all__ = ["lstm", "gru", "rnn"]
 
 
+# The kernels run with train=True and dropout 0: the same arithmetic as eval mode, and cuDNN
+# computes a backward only for a forward in training mode (the backward recomputes through them).
 def _lstm(input, state, weights, has_biases, num_layers, bidirectional, batch_first):
-    out, h_n, c_n = _VF.lstm(input, state, weights, has_biases, num_layers, 0.0, False, bidirectional, batch_first)
+    out, h_n, c_n = _VF.lstm(input, state, weights, has_biases, num_layers, 0.0, True, bidirectional, batch_first)
     return out, h_n, c_n
 
 
 def _gru(input, state, weights, has_biases, num_layers, bidirectional, batch_first):
-    return _VF.gru(input, state[0], weights, has_biases, num_layers, 0.0, False, bidirectional, batch_first)
+    return _VF.gru(input, state[0], weights, has_biases, num_layers, 0.0, True, bidirectional, batch_first)
 
 
 def _rnn(input, state, weights, has_biases, num_layers, bidirectional, batch_first, relu):
     kernel = _VF.rnn_relu if relu else _VF.rnn_tanh
-    return kernel(input, state[0], weights, has_biases, num_layers, 0.0, False, bidirectional, batch_first)
+    return kernel(input, state[0], weights, has_biases, num_layers, 0.0, True, bidirectional, batch_first)
 
 
 @torch.library.custom_op("vcon::lstm", mutates_args=())
