@@ -188,7 +188,8 @@ def stored_values(model: nn.Module, *, nonzero: bool = False) -> int:
     tensors = list(model.parameters()) + [b for b in model.buffers() if not b.is_floating_point() and b.dim() > 1]
     if nonzero:
         return sum(int(torch.count_nonzero(t)) for t in tensors)
-    return sum(t.numel() for t in tensors)
+    # a uint8 weight buffer is a 4-bit table packed two values per byte (methods/embedding.py)
+    return sum(t.numel() * (2 if t.dtype == torch.uint8 else 1) for t in tensors)
 
 
 def _promises_nonzeros(config) -> bool:

@@ -380,3 +380,56 @@ def test_find_sites_reuses_the_capture_check_shapes_only_for_the_same_inputs():
     sites = find_sites(gm, (torch.randn(5, 8),))
     assert calls == [1] and sites["2"].out_shape == (5, 4)  # other inputs: measured again
     handle.remove()
+
+
+# ── stem and head by graph position ──────────────────────────────────────────────────────
+
+
+class _ClipClassifier(nn.Module):
+    """Conv3d features, then two Linears: the first weight layer is the Conv3d, whatever is targeted."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Conv3d(3, 8, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(F.relu(self.features(x)).mean(dim=(2, 3, 4)))))
+
+
+def test_a_layer_that_is_not_targeted_is_still_the_stem():
+    """Targeting only Linears does not make the first Linear a stem: the Conv3d before it is."""
+    model, x = _ClipClassifier().eval(), torch.randn(2, 3, 4, 8, 8)
+    plan = vcon_fx.plan(model, LowRankConfig(rank=2), example_inputs=(x,), targets=("Linear",))
+    assert [g.name for g in plan.groups] == ["fc1"]
+    assert plan.selection.excluded["fc2"].startswith("last layer")
+    assert plan.selection.excluded["features"].startswith("not matched")
+    plan = vcon_fx.plan(model, LowRankConfig(rank=2), example_inputs=(x,))  # the Conv3d is the stem by default
+    assert plan.selection.excluded["features"].startswith("first layer")
+
+
+class _Defined(nn.Module):
+    """Layers declared in another order than the data flows through them."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = nn.Linear(16, 3)
+        self.middle = nn.Linear(16, 16)
+        self.inp = nn.Linear(6, 16)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.middle(torch.tanh(self.inp(x)))))
+
+
+def test_stem_and_head_follow_the_data_not_the_declaration():
+    plan = vcon_fx.plan(_Defined().eval(), LowRankConfig(rank=2), example_inputs=(torch.randn(2, 6),))
+    assert [g.name for g in plan.groups] == ["middle"]
+    assert plan.selection.excluded["inp"].startswith("first layer") and plan.selection.excluded["out"].startswith("last")
+
+
+def test_a_token_embedding_is_the_stem_and_include_stem_compresses_it():
+    case = make("lstm_lm")
+    plan = vcon_fx.plan(case.model, CFG, example_kwargs=case.kwargs, seq_inputs=case.seq_inputs)
+    assert plan.selection.excluded["embed"].startswith("first layer") and [g.name for g in plan.groups] == ["lstm", "proj"]
+    plan = vcon_fx.plan(case.model, CFG, example_kwargs=case.kwargs, seq_inputs=case.seq_inputs, include_stem=True)
+    assert [g.name for g in plan.groups] == ["embed", "lstm", "proj"]

@@ -253,6 +253,59 @@ def test_torchvision_through_the_pipeline(method, name, tmp_path):
     full_pipeline(case, default_config(method, name), tmp_path, other)
 
 
+# ── torchvision video and optical flow ────────────────────────────────────────────────────
+
+# (frames, pixels) of each clip: the smallest every model accepts (MViT and S3D fix 16×224×224)
+VIDEO = {"r3d_18": (4, 64), "mc3_18": (4, 64), "r2plus1d_18": (4, 64), "swin3d_t": (4, 64),
+         "s3d": (16, 224), "mvit_v1_b": (16, 224), "mvit_v2_s": (16, 224)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(VIDEO))
+def test_torchvision_video_through_the_pipeline(name, tmp_path):
+    """Every weight of these models sits in Conv3d (or Linear / attention): all of it is compressible now."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    frames, pixels = VIDEO[name]
+    case = ZooCase(name, model, (torch.randn(2, 3, frames, pixels, pixels),))
+    config = default_config("lowrank", name)
+    vm = vcon_fx.transform(model, config, example_inputs=case.args)
+    inputs = (case.args, {})
+    assert_identity_at_beta_one(model, vm, inputs)
+    small = assert_vanish_parity(vm, inputs)
+    recipe = small.meta["vcon"]
+    assert_params_promised(small, model, recipe)
+    assert stored_values(small) < 0.6 * stored_values(model), "the Conv3d layers were not compressed"
+    stems = [p for p, why in recipe.excluded.items() if why.startswith("first layer")]
+    assert stems and not any(isinstance(model.get_submodule(p), nn.Linear) for p in stems), stems
+    assert_onnx_parity(small, inputs, tmp_path)
+
+
+@pytest.mark.slow
+def test_raft_small_through_the_pipeline(tmp_path):
+    """RAFT compresses and vanishes; its ONNX takes fixed shapes: with a dynamic batch the exporter's
+    constant folding fails on the dense model too (benchmarks/ZOO.md)."""
+    import torchvision
+
+    from vcon_fx.export.onnx import export_onnx
+
+    torch.manual_seed(0)
+    model = torchvision.models.optical_flow.raft_small(weights=None).eval()
+    frames = tuple(torch.randn(2, 3, 128, 128) for _ in range(2))
+    inputs = (frames, {})
+    vm = vcon_fx.transform(model, default_config("lowrank", "raft_small"), example_inputs=frames)
+    assert_identity_at_beta_one(model, vm, inputs)
+    small = assert_vanish_parity(vm, inputs)
+    assert_params_promised(small, model, small.meta["vcon"])
+    path = export_onnx(small, tmp_path / "raft.onnx", frames, dynamic_batch=False)
+    session = _ort_session(path)
+    got = _ort_run(session, inputs)
+    assert_close_outputs(leaves(run(small, inputs)), [torch.from_numpy(g) for g in got], ONNX_TOL,
+                         "onnxruntime vs PyTorch, raft_small at the export shapes")
+
+
 # ── train / eval ──────────────────────────────────────────────────────────────────────────
 
 

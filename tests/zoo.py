@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ZooCase", "ZOO", "SLOW", "make", "MLP", "ConvBNReLU", "ResidualNet", "SharedLinear", "FunctionalLinear"]
+__all__ = ["ZooCase", "ZOO", "SLOW", "make", "MLP", "ConvBNReLU", "ResidualNet", "SharedLinear", "FunctionalLinear",
+           "UNet", "VideoNet", "LSTMLanguageModel", "RecurrentTagger"]
 
 
 @dataclass
@@ -147,6 +148,86 @@ class FunctionalLinear(nn.Module):
         return self.head(x)
 
 
+class UNet(nn.Module):
+    """A two-level U-Net from torchvision blocks: Conv2dNormActivation pairs, max-pool down,
+    ConvTranspose2d up, skip connections concatenated, a 1×1 conv head (segmentation logits)."""
+
+    def __init__(self, width: int = 8, classes: int = 3):
+        super().__init__()
+        from torchvision.ops import Conv2dNormActivation
+
+        def pair(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(Conv2dNormActivation(cin, cout), Conv2dNormActivation(cout, cout))
+
+        w = width
+        self.enc1, self.enc2, self.bottom = pair(3, w), pair(w, 2 * w), pair(2 * w, 4 * w)
+        self.pool = nn.MaxPool2d(2)
+        self.up2, self.dec2 = nn.ConvTranspose2d(4 * w, 2 * w, 2, stride=2), pair(4 * w, 2 * w)
+        self.up1, self.dec1 = nn.ConvTranspose2d(2 * w, w, 2, stride=2), pair(2 * w, w)
+        self.head = nn.Conv2d(w, classes, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        e2 = self.enc2(self.pool(e1))
+        b = self.bottom(self.pool(e2))
+        d2 = self.dec2(torch.cat([self.up2(b), e2], 1))
+        d1 = self.dec1(torch.cat([self.up1(d2), e1], 1))
+        return self.head(d1)
+
+
+class VideoNet(nn.Module):
+    """Conv3d stem, a (2+1)-D pair (1×3×3 then 3×1×1) with BatchNorm3d, a strided Conv3d, a
+    ConvTranspose3d back up, and a 1×1×1 Conv3d head: per-voxel logits of a short clip."""
+
+    def __init__(self, width: int = 16, classes: int = 2):
+        super().__init__()
+        w = width
+        self.stem = nn.Conv3d(3, w, 3, padding=1)
+        self.spatial = nn.Conv3d(w, w, (1, 3, 3), padding=(0, 1, 1), bias=False)
+        self.bn1 = nn.BatchNorm3d(w)
+        self.temporal = nn.Conv3d(w, w, (3, 1, 1), padding=(1, 0, 0), bias=False)
+        self.bn2 = nn.BatchNorm3d(w)
+        self.down = nn.Conv3d(w, 2 * w, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose3d(2 * w, w, 2, stride=2)
+        self.head = nn.Conv3d(w, classes, 1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(self.bn2(self.temporal(F.relu(self.bn1(self.spatial(x))))))
+        return self.head(F.relu(self.up(F.relu(self.down(x)))) + x)
+
+
+class LSTMLanguageModel(nn.Module):
+    """Token embedding → 2-layer LSTM → Linear + tanh → vocabulary head (a word-level LM)."""
+
+    def __init__(self, vocab: int = 120, dim: int = 32, hidden: int = 48):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.lstm = nn.LSTM(dim, hidden, num_layers=2, batch_first=True)
+        self.proj = nn.Linear(hidden, dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        out, _ = self.lstm(self.embed(ids))
+        return self.head(torch.tanh(self.proj(out)))
+
+
+class RecurrentTagger(nn.Module):
+    """Embedding → bidirectional GRU → ReLU RNN (time-major) → a tag per token: GRU and RNN, both directions."""
+
+    def __init__(self, vocab: int = 80, dim: int = 24, hidden: int = 32, tags: int = 5):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.gru = nn.GRU(dim, hidden, batch_first=True, bidirectional=True)
+        self.rnn = nn.RNN(2 * hidden, hidden, nonlinearity="relu")
+        self.head = nn.Linear(hidden, tags)
+
+    def forward(self, ids):
+        out, _ = self.gru(self.embed(ids))
+        out, _ = self.rnn(out.transpose(0, 1))
+        return self.head(out.transpose(0, 1))
+
+
 # ── factories ──────────────────────────────────────────────────────────────────────────────
 
 
@@ -218,11 +299,35 @@ def bert_tiny() -> ZooCase:
                    ("input_ids", "attention_mask"))
 
 
+def unet() -> ZooCase:
+    torch.manual_seed(0)
+    model = UNet()
+    _randomize_bn(model)
+    return ZooCase("unet", model.eval(), (torch.randn(2, 3, 16, 16),))
+
+
+def video3d() -> ZooCase:
+    torch.manual_seed(0)
+    model = VideoNet()
+    _randomize_bn(model)
+    return ZooCase("video3d", model.eval(), (torch.randn(2, 3, 4, 16, 16),))
+
+
+def lstm_lm() -> ZooCase:
+    torch.manual_seed(0)
+    return ZooCase("lstm_lm", LSTMLanguageModel().eval(), (), {"ids": torch.randint(0, 120, (2, 9))}, ("ids",))
+
+
+def recurrent_tagger() -> ZooCase:
+    torch.manual_seed(0)
+    return ZooCase("recurrent_tagger", RecurrentTagger().eval(), (), {"ids": torch.randint(0, 80, (2, 9))}, ("ids",))
+
+
 def _randomize_bn(model: nn.Module) -> None:
     """Non-trivial batch-norm statistics, so eval-mode BN is not the identity."""
     gen = torch.Generator().manual_seed(1)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)):
             m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
             m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
             with torch.no_grad():
@@ -240,6 +345,10 @@ ZOO: dict[str, Callable[[], ZooCase]] = {
     "mobilenet_v3_small": mobilenet_v3_small,
     "vit_b_16": vit_b_16,
     "bert_tiny": bert_tiny,
+    "unet": unet,
+    "video3d": video3d,
+    "lstm_lm": lstm_lm,
+    "recurrent_tagger": recurrent_tagger,
 }
 
 # Heavy cases (86M parameters): only under the `slow` marker.

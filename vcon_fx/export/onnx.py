@@ -25,6 +25,7 @@ from ..graph.dims import dynamic_shapes, fixed_dims
 from ..graph.modes import eval_mode
 from .dynamic_dims import _check_and_name_axes, _wanted_dims
 from .proto import INLINE_LIMIT_BYTES
+from .recurrent_ops import recurrent_translations
 from .naming import _name_values, _output_names, flatten_inputs, flatten_outputs
 
 __all__ = ["export_onnx", "run_model"]
@@ -196,6 +197,7 @@ def _run_exporter(model, args, kwargs, shapes, opset):
             program = torch.onnx.export(
                 model, args, None, kwargs=kwargs or None, dynamo=True, dynamic_shapes=shapes,
                 opset_version=opset, verbose=False, external_data=False,
+                custom_translation_table=recurrent_translations(),
             )
     except Exception as e:
         raise ExportError(

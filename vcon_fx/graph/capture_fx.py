@@ -13,6 +13,7 @@ import inspect
 import torch
 from torch import fx, nn
 
+from ..methods.layer_types import is_layer_subclass
 from .capture_failure import TraceFailure
 from .select import input_signature, matches, recording_layer_shapes
 
@@ -36,6 +37,8 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.paths or any(matches(p, module_qualified_name, m) for p in self.patterns):
+            return True
+        if is_layer_subclass(m):  # torchvision's Conv3DSimple(nn.Conv3d): a compressible layer, kept whole
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -20,6 +20,7 @@ from torch.fx.passes.utils.fuser_utils import validate_partition
 
 from ..errors import SelectionError
 from ..methods.base import LayerPlan, LayerSite, Method
+from ..methods.tied import TiedHead
 from . import contracts
 from .blend import Blend
 from .select import Group
@@ -55,7 +56,9 @@ def duplicate(
     method.check_groups(groups)
     if contracts.active():
         contracts.require_group_layers(gm, groups)
-    for order, group in enumerate(groups):
+    # a head tied to an embedding is built on the embedding's twin: after it, whatever the graph order
+    tied_last = sorted(enumerate(groups), key=lambda item: _tied_to(plans, item[1]) is not None)
+    for order, group in tied_last:
         if group.kind == "layer":
             _duplicate_layer(gm, group, method, plans, sites, init, order)
         else:
@@ -83,8 +86,18 @@ def duplicate(
 
 def _duplicate_layer(gm, group: Group, method: Method, plans, sites, init: bool, order: int) -> None:
     layer = gm.get_submodule(group.path)
-    twin = method.build(sites[group.path], plans[group.path], init=init).train(layer.training)
+    table = _tied_to(plans, group)
+    if table is not None:  # one compressed table for the embedding and its tied head (methods/tied.py)
+        twin = TiedHead(gm.get_submodule(table).compressed, layer, share=method.share_dense_weights(), init=init)
+    else:
+        twin = method.build(sites[group.path], plans[group.path], init=init).train(layer.training)
     gm.set_submodule(group.path, Blend(layer, twin, group.name, order=order))
+
+
+def _tied_to(plans: dict[str, LayerPlan], group: Group) -> str | None:
+    """The embedding a layer group's head is tied to (its plan says so), or None."""
+    plan = plans.get(group.path) if group.kind == "layer" else None
+    return None if plan is None or plan.skipped else plan.detail.get("tied_to")
 
 
 def _duplicate_block(gm, group: Group, method: Method, plans, sites, init: bool, order: int) -> None:

@@ -1,4 +1,4 @@
-"""Normalize: every compressible op becomes a `call_module` of a real Linear / Conv1d / Conv2d.
+"""Normalize: every compressible op becomes a `call_module` of a real Linear / Conv{1,2,3}d / ConvTranspose{1,2,3}d.
 
 An exported graph calls `aten.linear` / `aten.conv2d` on `get_attr` weights, and a traced
 graph may call `F.linear` on a parameter. Both are lifted into modules that hold the very same
@@ -28,11 +28,21 @@ _aten = torch.ops.aten
 _LINEAR = {_aten.linear.default, F.linear, torch._C._nn.linear}
 _ADDMM = {_aten.addmm.default, torch.addmm}
 _CONV = {
-    _aten.conv1d.default: nn.Conv1d, _aten.conv2d.default: nn.Conv2d,
-    _aten.conv1d.padding: nn.Conv1d, _aten.conv2d.padding: nn.Conv2d,
-    torch.conv1d: nn.Conv1d, torch.conv2d: nn.Conv2d, F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d,
+    _aten.conv1d.default: nn.Conv1d, _aten.conv2d.default: nn.Conv2d, _aten.conv3d.default: nn.Conv3d,
+    _aten.conv1d.padding: nn.Conv1d, _aten.conv2d.padding: nn.Conv2d, _aten.conv3d.padding: nn.Conv3d,
+    torch.conv1d: nn.Conv1d, torch.conv2d: nn.Conv2d, torch.conv3d: nn.Conv3d,
+    F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d,
 }
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_T = {
+    _aten.conv_transpose1d.default: nn.ConvTranspose1d, _aten.conv_transpose2d.input: nn.ConvTranspose2d,
+    _aten.conv_transpose3d.input: nn.ConvTranspose3d, F.conv_transpose1d: nn.ConvTranspose1d,
+    F.conv_transpose2d: nn.ConvTranspose2d, F.conv_transpose3d: nn.ConvTranspose3d,
+}
+_CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_WEIGHT_DIMS = {nn.Linear: 2, nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5,
+                nn.ConvTranspose1d: 3, nn.ConvTranspose2d: 4, nn.ConvTranspose3d: 5}
+_LAYERS = tuple(_WEIGHT_DIMS)
 
 
 def normalize(gm: fx.GraphModule) -> fx.GraphModule:
@@ -124,18 +134,19 @@ def _layer_spec(gm: fx.GraphModule, node: fx.Node):
         if bias is None or not isinstance(x, fx.Node):
             return None
         layer_type, options, transposed = nn.Linear, {}, True
-    elif target in _CONV:
-        values = dict(zip(_CONV_ARGS, node.args))
+    elif target in _CONV or target in _CONV_T:
+        names = _CONV_ARGS if target in _CONV else _CONV_T_ARGS
+        values = dict(zip(names, node.args))
         values.update(node.kwargs)
         x, weight, bias = values.get("input"), values.get("weight"), values.get("bias")
-        layer_type = _CONV[target]
-        options = {k: values[k] for k in ("stride", "padding", "dilation", "groups") if k in values}
+        layer_type = _CONV.get(target) or _CONV_T[target]
+        options = {k: values[k] for k in names[3:] if k in values}
     else:
         return None
     if not _is_param_attr(gm, weight) or (bias is not None and not _is_param_attr(gm, bias)):
         return None
     w = attrgetter(weight.target)(gm)
-    expected_dim = {nn.Linear: 2, nn.Conv1d: 3, nn.Conv2d: 4}[layer_type]
+    expected_dim = _WEIGHT_DIMS[layer_type]
     if w.dim() != expected_dim:
         return None
     if transposed and attrgetter(bias.target)(gm).shape != (w.shape[1],):
@@ -179,7 +190,7 @@ def _drop_stale_names(gm: fx.GraphModule, lifted: dict[tuple, str], moved: set[i
         if id(param) not in moved or name in read or owner in layers:
             continue
         holder = gm.get_submodule(owner) if owner else gm
-        if isinstance(holder, (nn.Linear, nn.Conv1d, nn.Conv2d)) or type(holder) is not nn.Module and holder is not gm:
+        if isinstance(holder, _LAYERS) or type(holder) is not nn.Module and holder is not gm:
             continue  # a real module still owns it: a genuine second name (tied), not a leftover
         delattr(holder, attr)
 
@@ -217,7 +228,7 @@ def _fits(gm: fx.GraphModule, path: str, weight_node, bias_node) -> bool:
         holder = gm.get_submodule(path)
     except AttributeError:
         return False
-    if isinstance(holder, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+    if isinstance(holder, _LAYERS):
         return False  # already a real layer: the functional call is a second use, not this layer
     if type(holder) is not nn.Module or list(holder.children()) or list(holder.buffers(recurse=False)):
         return False
@@ -240,11 +251,15 @@ def _make_layer(layer_type, weight: nn.Parameter, bias, options) -> nn.Module:
         layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     else:
         groups = int(options.get("groups", 1))
+        transposed = layer_type in _CONV_T.values()  # weight (in, out / groups, k…)
+        channels = (weight.shape[0], weight.shape[1] * groups) if transposed else (weight.shape[1] * groups,
+                                                                                   weight.shape[0])
+        extra = {"output_padding": _tuple(options.get("output_padding", 0))} if transposed else {}
         layer = layer_type(
-            weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+            *channels, tuple(weight.shape[2:]),
             stride=_tuple(options.get("stride", 1)), padding=_padding(options.get("padding", 0)),
             dilation=_tuple(options.get("dilation", 1)), groups=groups,
-            bias=bias is not None, device="meta",
+            bias=bias is not None, device="meta", **extra,
         )
     layer.weight = weight
     if bias is not None:

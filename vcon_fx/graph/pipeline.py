@@ -18,6 +18,7 @@ from torch import fx, nn
 from .capture import capture as capture_graph
 from ..errors import ArtifactError, ConfigError, LoadError
 from ..methods.base import LayerPlan, LayerSite, MethodConfig, method_for
+from ..methods.tied import tie_plans
 from . import contracts
 from .blend import set_beta
 from .calibrate import calibrate, input_rms, with_input_rms
@@ -93,6 +94,7 @@ def plan(
             _refuse_non_finite(sites[p], config.method)
     plans = {p: method.plan(sites[p]) for g in selection.groups for p in g.layers}
     plan_blocks(gm, selection.groups, method, plans, sites)  # methods that couple layers refine block plans
+    tie_plans(selection.ties, plans)  # a head tied to an embedding computes with its compressed table
     groups = [g for g in selection.groups if any(not plans[p].skipped for p in g.layers)]
     total = sum(p.numel() for p in gm.parameters())
     return CompressionPlan(path, notes, selection, plans, groups, total, {"gm": gm, "sites": sites}, config)

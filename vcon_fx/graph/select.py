@@ -1,17 +1,21 @@
 """Select: targets and ignores → groups (one layer each, or one single-exit block each).
 
 A target or ignore is a layer type (`"Linear"`), a glob on the qualified name
-(`"encoder.layer.*"`) or a regular expression (`"re:.*attn.*"`). By default every
-Linear / Conv1d / Conv2d is matched except the model's first layer (stem, patch embedding) and
-its last (classifier or LM head), as in the paper. Everything left out keeps its reason.
+(`"encoder.layer.*"`) or a regular expression (`"re:.*attn.*"`). By default every compressible
+layer (Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, Embedding, LSTM/GRU/RNN) is matched except
+the model's first weight layer (stem, patch or token embedding: the first reached from the
+inputs) and its last (classifier or LM head: the last before the outputs), as in the paper.
+Both are found by graph position among every weight-holding op, compressible or not: a model
+whose first weights sit in a layer vcon-fx does not compress has no stem to leave dense.
+Everything left out keeps its reason.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import operator
 import re
-from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +27,7 @@ from . import contracts
 
 __all__ = ["Group", "Selection", "SelectionConfig", "find_sites", "select", "matches", "module_paths", "DEFAULT_TARGETS", "GRANULARITIES"]
 
-DEFAULT_TARGETS = ("Linear", "Conv1d", "Conv2d")
+DEFAULT_TARGETS = tuple(t.__name__ for t in COMPRESSIBLE)
 GRANULARITIES = ("layer", "block")
 
 
@@ -91,12 +95,14 @@ class SelectionConfig:
 
 @dataclass
 class Selection:
-    """The groups to compress, every candidate layer, and what was left out (path → reason)."""
+    """The groups to compress, every candidate layer, what was left out (path → reason), and the
+    tied embedding / head pairs compressed together."""
 
     groups: list[Group]
     sites: dict[str, LayerSite]
     excluded: dict[str, str]
     granularity: str
+    ties: dict[str, str] = field(default_factory=dict)  # output head → the embedding whose table it shares
 
 
 def find_sites(gm: fx.GraphModule, example_args: tuple = (), example_kwargs: dict | None = None) -> dict[str, LayerSite]:
@@ -129,12 +135,15 @@ def find_sites(gm: fx.GraphModule, example_args: tuple = (), example_kwargs: dic
 
 @contextlib.contextmanager
 def recording_layer_shapes(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]]):
-    """While active, record the first output shape of every compressible layer the graph calls."""
+    """While active, record the first output shape of every compressible layer the graph calls
+    (of a recurrent layer: its output sequence's)."""
     handles = []
     for path in {n.target for n in gm.graph.nodes if n.op == "call_module"}:
         module = gm.get_submodule(path)
         if isinstance(module, COMPRESSIBLE):
             def hook(_m, _i, out, path=path):
+                if isinstance(out, tuple) and out:  # a recurrent layer: (output, state)
+                    out = out[0]
                 if isinstance(out, torch.Tensor):
                     shapes.setdefault(path, tuple(out.shape))
             handles.append(module.register_forward_hook(hook))
@@ -179,7 +188,9 @@ def select(gm: fx.GraphModule, sites: dict[str, LayerSite], selection: Selection
     chosen: list[str] = []
     tied = gm.meta.get("vcon_tied", {}) if hasattr(gm, "meta") else {}
     shared = _shared_weight_layers(gm, sites)
-    stem, head = _stem(gm, sites), (list(sites)[-1] if sites else None)
+    ties = _embedding_ties(sites) if granularity == "layer" else {}
+    pairs = {p for pair in ties.items() for p in pair}
+    stem, head = _stem_and_head(gm, sites)
     for path, site in sites.items():
         if not any(matches(t, path, site.module) for t in targets):
             excluded[path] = f"not matched by targets {list(targets)}"
@@ -189,10 +200,11 @@ def select(gm: fx.GraphModule, sites: dict[str, LayerSite], selection: Selection
             excluded[path] = "first layer (stem / embedding) stays dense; --include-stem compresses it"
         elif path == head and not include_head:
             excluded[path] = "last layer (classifier / head) stays dense; --include-head compresses it"
-        elif path in tied or path in shared:
+        elif path in tied or (path in shared and path not in pairs):
             excluded[path] = f"refused: {tied.get(path) or shared[path]}; compressing it would untie the weights"
         else:
             chosen.append(path)
+    ties = _keep_whole_ties(ties, chosen, excluded)
     if granularity == "layer":
         groups = [Group(p, "layer", p, [p], [p]) for p in chosen]
     else:
@@ -212,7 +224,7 @@ def select(gm: fx.GraphModule, sites: dict[str, LayerSite], selection: Selection
         )
     if contracts.active():
         contracts.require_group_layers(gm, groups)
-    return Selection(groups, sites, excluded, granularity)
+    return Selection(groups, sites, excluded, granularity, ties)
 
 
 def _patterns(value, what: str) -> tuple[str, ...]:
@@ -226,24 +238,47 @@ def _patterns(value, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _stem(gm: fx.GraphModule, sites: dict[str, LayerSite]) -> str | None:
-    """The first layer, when it reads the raw input (not an embedding's output)."""
-    if not sites:
-        return None
-    first = next(iter(sites))
-    node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == first)
-    seen, queue = set(), deque(node.all_input_nodes)
-    while queue:
-        cur = queue.popleft()
-        if cur in seen:
-            continue
-        seen.add(cur)
-        if cur.op == "call_function" and "embedding" in str(cur.target):
-            return None
-        if cur.op == "call_module" and isinstance(gm.get_submodule(cur.target), nn.Embedding):
-            return None
-        queue.extend(cur.all_input_nodes)
-    return first
+def _stem_and_head(gm: fx.GraphModule, sites: dict[str, LayerSite]) -> tuple[str | None, str | None]:
+    """The first weight layer reached from the inputs and the last one before the outputs, when
+    they are compressible layers (pure).
+
+    Weight layers are every op that reads a weight matrix (a module holding one, or a function on
+    a parameter such as a functional embedding), compressible or not.
+    """
+    weighted = _weight_nodes(gm)
+    from_inputs: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in from_inputs for a in node.all_input_nodes):
+            from_inputs.add(node)
+    to_outputs: set[fx.Node] = set()
+    for node in reversed(gm.graph.nodes):
+        if node.op == "output" or any(u in to_outputs for u in node.users):
+            to_outputs.add(node)
+    first = next((n for n in weighted if n in from_inputs), None)
+    last = next((n for n in reversed(weighted) if n in to_outputs), None)
+
+    def as_site(node):
+        return node.target if node is not None and node.op == "call_module" and node.target in sites else None
+    return as_site(first), as_site(last)
+
+
+def _weight_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Nodes that compute with a weight matrix (≥ 2-D parameter), in graph order."""
+    params = {id(p) for p in gm.parameters() if p.dim() >= 2}
+
+    def holds(node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return any(id(p) in params for p in gm.get_submodule(node.target).parameters())
+        if node.op in ("call_function", "call_method"):
+            return any(a.op == "get_attr" and id(_attr(gm, a.target)) in params for a in node.all_input_nodes)
+        return False
+    return [n for n in gm.graph.nodes if holds(n)]
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    with contextlib.suppress(AttributeError):
+        return operator.attrgetter(target)(gm)
+    return None
 
 
 def _shared_weight_layers(gm: fx.GraphModule, sites: dict[str, LayerSite]) -> dict[str, str]:
@@ -253,11 +288,36 @@ def _shared_weight_layers(gm: fx.GraphModule, sites: dict[str, LayerSite]) -> di
         owners.setdefault(id(param), []).append(name)
     out = {}
     for path, site in sites.items():
-        names = owners.get(id(site.module.weight), [])
-        others = [n for n in names if n != f"{path}.weight"]
-        if others:
-            out[path] = f"its weight is tied to {others[0]}"
+        for own, param in site.module.named_parameters(recurse=False):
+            others = [n for n in owners.get(id(param), []) if n != f"{path}.{own}"]
+            if param.dim() >= 2 and others:
+                out[path] = f"its weight is tied to {others[0]}"
+                break
     return out
+
+
+def _embedding_ties(sites: dict[str, LayerSite]) -> dict[str, str]:
+    """Output heads whose weight IS an embedding's table: head path → embedding path (pure)."""
+    tables = {id(s.module.weight): p for p, s in sites.items() if isinstance(s.module, nn.Embedding)}
+    return {p: tables[id(s.module.weight)] for p, s in sites.items()
+            if isinstance(s.module, nn.Linear) and id(s.module.weight) in tables}
+
+
+def _keep_whole_ties(ties: dict[str, str], chosen: list[str], excluded: dict[str, str]) -> dict[str, str]:
+    """The ties whose two layers are both chosen; a layer whose partner stays dense is refused with the
+    partner's reason (in place on `chosen` / `excluded`): compressing one would untie them."""
+    kept = {}
+    for head, embedding in ties.items():
+        if head in chosen and embedding in chosen:
+            kept[head] = embedding
+            continue
+        for path, other in ((head, embedding), (embedding, head)):
+            if path in chosen:
+                chosen.remove(path)
+                excluded[path] = (f"refused: its weight is tied to {other}, which stays dense ({excluded[other]}); "
+                                  "compressing only one would untie them: select both (e.g. --include-stem "
+                                  "--include-head) and they share one compressed table")
+    return kept
 
 
 def module_paths(gm: fx.GraphModule) -> list[str]:

@@ -41,13 +41,14 @@ def vanish_graph(gm: fx.GraphModule, method: Method, *, force: bool = False) -> 
         log.warning("vanishing %d group(s) with β > 0: outputs change", len(open_groups))
     if contracts.active():
         contracts.require_blend_groups(gm)
+    once = _MaterializeOnce(method)  # a twin in two places (a tied embedding's table) is materialized once
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
         blend = gm.get_submodule(node.target)
         if not isinstance(blend, Blend):
             continue
-        gm.set_submodule(node.target, _materialize(blend.compressed, method))
+        gm.set_submodule(node.target, _materialize(blend.compressed, once))
         node.meta["vcon"] = {**node.meta.get("vcon", {}), "role": "compressed"}
     gm.delete_all_unused_submodules()
     gm.graph.lint()
@@ -59,19 +60,41 @@ def vanish_graph(gm: fx.GraphModule, method: Method, *, force: bool = False) -> 
     return gm
 
 
+class _MaterializeOnce:
+    """`method`, whose `materialize` gives the same module again for a module it has seen (by
+    identity): a twin registered in two places stays one module."""
+
+    def __init__(self, method: Method):
+        self._method = method
+        self._done: dict[int, tuple[nn.Module, nn.Module]] = {}  # originals kept alive: ids are not reused
+
+    def materialize(self, module: nn.Module) -> nn.Module:
+        if id(module) not in self._done:
+            self._done[id(module)] = (module, self._method.materialize(module))
+        return self._done[id(module)][1]
+
+    def __getattr__(self, name):
+        return getattr(self._method, name)
+
+
 def _materialize(branch: nn.Module, method: Method) -> nn.Module:
     """The branch with every twin inside it in deployable form (masks applied, integers stored).
 
-    `method.materialize` returns a module unchanged when it is not one of its twins.
+    `method.materialize` returns a module unchanged when it is not one of its twins; nothing inside
+    a module it replaced is visited again.
     """
     top = method.materialize(branch)
     if top is not branch:
         return top
     if isinstance(branch, fx.GraphModule):
         method.materialize_block(branch)  # couplings across layers (structured pruning slices pairs)
-    for path, module in list(branch.named_modules()):
-        if path and (done := method.materialize(module)) is not module:
+    replaced: list[str] = []
+    for path, module in list(branch.named_modules(remove_duplicate=False)):
+        if not path or any(path.startswith(r + ".") for r in replaced):
+            continue
+        if (done := method.materialize(module)) is not module:
             branch.set_submodule(path, done)
+            replaced.append(path)
     if isinstance(branch, fx.GraphModule):
         branch.recompile()
     return branch

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .layer_types import LAYER_TYPES, channel_first, dense_flops, input_positions
 
 if TYPE_CHECKING:
     from .calibration import InputStatistics
@@ -33,11 +34,13 @@ __all__ = [
     "config_from_dict",
     "declared_options",
     "layer_params",
+    "unchanged_plan",
     "COMPRESSIBLE",
 ]
 
-# The layer types every method understands; normalize() lifts functional calls into these.
-COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+# The layer types every method understands (layer_types.py groups them by weight layout);
+# normalize() lifts functional linear / conv calls into these.
+COMPRESSIBLE = LAYER_TYPES
 
 
 @dataclass(frozen=True)
@@ -169,15 +172,16 @@ class LayerSite:
 
     @property
     def positions(self) -> int:
-        """Output positions per forward (tokens × batch, or H×W × batch): FLOPs scale with it."""
+        """Positions per forward at which the weight is applied (tokens × batch, or H×W × batch; a
+        transposed conv's input positions, a recurrent layer's time steps): FLOPs scale with it."""
         if self.out_shape is None or len(self.out_shape) == 0:
             return 1
-        per_channel_dim = 1 if isinstance(self.module, (nn.Conv1d, nn.Conv2d)) else -1
+        per_channel_dim = 1 if channel_first(self.module) else -1
         total = 1
         for i, d in enumerate(self.out_shape):
             if i != (per_channel_dim % len(self.out_shape)):
                 total *= int(d)
-        return max(total, 1) * self.calls
+        return max(input_positions(self.module, total), 1) * self.calls
 
 
 @dataclass
@@ -202,6 +206,11 @@ class LayerPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> "LayerPlan":
+        """The plan `to_dict` wrote (pure)."""
+        return LayerPlan(**{**data, "shape": tuple(data["shape"])})
 
 
 class Method:
@@ -338,3 +347,14 @@ def declared_options() -> list[tuple[CliOption, tuple[str, ...]]]:
 def layer_params(module: nn.Module) -> int:
     """Parameters of a layer (weight + bias)."""
     return sum(p.numel() for p in module.parameters(recurse=True))
+
+
+def unchanged_plan(site: LayerSite, reason: str) -> LayerPlan:
+    """The plan of a layer a method leaves dense, with the reason (pure)."""
+    params = layer_params(site.module)
+    weight = getattr(site.module, "weight", None)
+    shape = tuple(weight.shape) if weight is not None else tuple(next(site.module.parameters()).shape)
+    flops = dense_flops(site.module, site.positions)
+    return LayerPlan(path=site.path, kind=site.kind, shape=shape, params_before=params, params_after=params,
+                     flops_before=flops, flops_after=flops, bytes_before=4 * params, bytes_after=4 * params,
+                     skip_reason=reason)

@@ -21,6 +21,7 @@ from .base import (
     Method,
     MethodConfig,
     MethodExamples,
+    layer_params,
     method_for,
     register_method,
     registered_methods,
@@ -139,8 +140,10 @@ class ComposeMethod(Method):
             plan.detail["second"][path] = sub.to_dict()
             params += sub.params_before if sub.skipped else sub.params_after
             nbytes += sub.bytes_before if sub.skipped else sub.bytes_after
-        plan.params_after = params
-        plan.bytes_after = nbytes
+        # parameters of the twin outside its inner layers (a recurrent twin's biases) stay as they are
+        outside = 0 if "" in inner else layer_params(twin) - sum(layer_params(m) for m in inner.values())
+        plan.params_after = params + outside
+        plan.bytes_after = nbytes + 4 * outside
         for key in (*self.first.summary_keys, *self.second.summary_keys):  # a readable summary
             for d in (first.detail, *(s["detail"] for s in plan.detail["second"].values())):
                 if key in d:

@@ -1,8 +1,10 @@
 """Low-rank decomposition: W ≈ U_r·S_r·V_rᵀ, so one layer becomes two thinner ones.
 
 Linear(in→out) becomes Linear(in→r) then Linear(r→out); a k×k conv becomes a k×k conv to r
-channels then a 1×1 conv to the original outputs. Both factors start from the truncated SVD of
-the dense weight, √S split between them so they train at similar scales.
+channels then a 1×1 conv to the original outputs; transposed convs and embeddings are factorized
+on their own layouts (layouts.py), recurrent layers gate matrix by gate matrix (recurrent.py).
+Both factors start from the truncated SVD of the dense weight, √S split between them so they
+train at similar scales.
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ from torch import nn
 from ..errors import ConfigError
 from .base import CliOption, LayerPlan, LayerSite, Method, MethodConfig, MethodExamples, layer_params, register_method
 from .calibration import INIT, InputStatistics, check_init, resolve_init
+from .layer_types import CONV_TYPES, RECURRENT_TYPES, dense_flops, single_weight_refusal
+from .layouts import assign_factors, factor_layers, lowrank_flops, lowrank_refusal
+from .recurrent import build_recurrent, materialize_recurrent, plan_recurrent
 from .svd import truncated_svd
 from .whitening import whitened_factors
 
 __all__ = ["LowRankConfig", "LowRank", "LowRankMethod", "choose_rank", "truncated_svd"]
 
 _FLOAT_BYTES = 4
+_SCALED_INPUTS = (nn.Linear, *CONV_TYPES)
 
 
 @dataclass(frozen=True)
@@ -156,20 +162,23 @@ class LowRankMethod(Method):
     summary_keys = ("rank",)
 
     def plan(self, site: LayerSite) -> LayerPlan:
+        if isinstance(site.module, RECURRENT_TYPES):  # each gate matrix as a Linear (recurrent.py)
+            return plan_recurrent(self, site)
         layer = site.module
         weight = layer.weight
         out_f, in_f = weight.shape[0], weight[0].numel()
-        bias = 0 if layer.bias is None else layer.bias.numel()
+        bias = 0 if getattr(layer, "bias", None) is None else layer.bias.numel()
         before = layer_params(layer)
         positions = site.positions
+        flops = dense_flops(layer, positions)
         plan = LayerPlan(
             path=site.path, kind=site.kind, shape=tuple(weight.shape),
-            params_before=before, params_after=before,
-            flops_before=2 * out_f * in_f * positions, flops_after=2 * out_f * in_f * positions,
+            params_before=before, params_after=before, flops_before=flops, flops_after=flops,
             bytes_before=before * _FLOAT_BYTES, bytes_after=before * _FLOAT_BYTES,
         )
-        if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.groups != 1:
-            plan.skip_reason = f"grouped convolution (groups={layer.groups}): low-rank does not apply"
+        refusal = lowrank_refusal(layer) or single_weight_refusal(layer)
+        if refusal:
+            plan.skip_reason = refusal
             return plan
         rank = choose_rank(self.config, layer)
         after = rank * (in_f + out_f) + bias
@@ -184,32 +193,23 @@ class LowRankMethod(Method):
             return plan
         plan.params_after = after
         plan.bytes_after = after * _FLOAT_BYTES
-        plan.flops_after = 2 * rank * (in_f + out_f) * positions
+        plan.flops_after = lowrank_flops(layer, rank, positions)
         return plan
 
     def build(self, site: LayerSite, plan: LayerPlan, *, init: bool = True) -> nn.Module:
         layer = site.module
+        if isinstance(layer, RECURRENT_TYPES):
+            return build_recurrent(self, site, plan, init=init)
         rank = plan.detail["rank"]
-        factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
-        has_bias = layer.bias is not None
-        if isinstance(layer, nn.Linear):
-            down = nn.Linear(layer.in_features, rank, bias=False, **factory)
-            up = nn.Linear(rank, layer.out_features, bias=has_bias, **factory)
-        else:
-            conv = type(layer)
-            down = conv(
-                layer.in_channels, rank, layer.kernel_size, stride=layer.stride, padding=layer.padding,
-                dilation=layer.dilation, bias=False, padding_mode=layer.padding_mode, **factory,
-            )
-            up = conv(rank, layer.out_channels, 1, bias=has_bias, **factory)
+        down, up = factor_layers(layer, rank, device=layer.weight.device, dtype=layer.weight.dtype)
         if init:
             with torch.no_grad():
                 a, b = self._factors(site, plan, rank)
-                down.weight.copy_(b.reshape(down.weight.shape))
-                up.weight.copy_(a.reshape(up.weight.shape))
-                if has_bias:
-                    up.bias.copy_(layer.bias)
+                assign_factors(layer, down, up, a, b)
         return LowRank(down, up)
+
+    def materialize(self, compressed: nn.Module) -> nn.Module:
+        return materialize_recurrent(self, compressed)
 
     def inner_statistics(self, site: LayerSite, twin: nn.Module) -> dict[str, InputStatistics]:
         """`down` reads the layer's inputs; `up` reads down's outputs B·x, so its XᵀX is B·(XᵀX)·Bᵀ."""
@@ -226,14 +226,16 @@ class LowRankMethod(Method):
     def _factors(self, site: LayerSite, plan: LayerPlan, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Truncated SVD of the weight, of W·diag(s) with the scaling undone (activation-aware), or whitened."""
         matrix = _as_matrix(site.module)
-        if self.config.start == "whitened" and site.statistics is not None and site.statistics.gram is not None:
+        # input statistics describe a Linear's / conv's input columns; other layouts (ids, transposed) factor W as is
+        scaled = isinstance(site.module, _SCALED_INPUTS)
+        if self.config.start == "whitened" and scaled and site.statistics is not None and site.statistics.gram is not None:
             a, b, shift = whitened_factors(matrix, site.statistics.hessian(), rank, self.config.svd)
             if shift:
                 plan.detail["gram_shift"] = shift  # the pipeline turns it into a note
             return a, b
         if self.config.start == "whitened":
             plan.detail["init"] = "svd (no input statistics for this layer)"
-        if not self.config.activation_aware or site.input_rms is None:
+        if not self.config.activation_aware or site.input_rms is None or not scaled:
             return truncated_svd(matrix, rank, self.config.svd)
         layer = site.module
         per_column = layer.weight[0].numel() // site.input_rms.numel()  # conv: kh·kw columns per channel

@@ -27,8 +27,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import CliOption, LayerPlan, LayerSite, MethodConfig, MethodExamples, layer_params, register_method
+from .base import (CliOption, LayerPlan, LayerSite, MethodConfig, MethodExamples, layer_params, register_method,
+                   unchanged_plan)
 from .calibration import INIT, DataAwareStarts, check_init, resolve_init
+from .layer_types import CONV_TYPES, RECURRENT_TYPES, dense_flops, single_weight_refusal
+from .recurrent import RecurrentTwin, build_recurrent, materialize_recurrent, plan_recurrent
 from .sparsegpt import sparsegpt_prune
 from .structured import (
     ChannelPrunedLayer,
@@ -51,6 +54,7 @@ __all__ = [
 ]
 
 _FLOAT_BYTES = 4
+CHANNEL_PAIR_TYPES = (nn.Linear, *CONV_TYPES[:2])  # what structured pruning pairs (channel_pairs.py)
 
 
 @dataclass(frozen=True)
@@ -246,17 +250,23 @@ class PruneMethod(WeightTwinMethod):
     summary_keys = ("sparsity", "pattern")
 
     def plan(self, site: LayerSite) -> LayerPlan:
+        config: PruneConfig = self.config
+        if config.structured and not isinstance(site.module, CHANNEL_PAIR_TYPES):
+            return unchanged_plan(site, f"structured pruning pairs the channels of Linear / Conv1d / Conv2d layers: "
+                                        f"a {site.kind} keeps its own (unstructured --sparsity prunes it)")
+        if isinstance(site.module, RECURRENT_TYPES):  # each gate matrix as a Linear (recurrent.py)
+            return plan_recurrent(self, site)
+        if (refusal := single_weight_refusal(site.module)) is not None:
+            return unchanged_plan(site, refusal)
         layer = site.module
         weight = layer.weight
-        out_f, in_f = weight.shape[0], weight[0].numel()
         before = layer_params(layer)
-        flops = 2 * out_f * in_f * site.positions
+        flops = dense_flops(layer, site.positions)
         plan = LayerPlan(
             path=site.path, kind=site.kind, shape=tuple(weight.shape),
             params_before=before, params_after=before, flops_before=flops, flops_after=flops,
             bytes_before=before * _FLOAT_BYTES, bytes_after=before * _FLOAT_BYTES,
         )
-        config: PruneConfig = self.config
         if config.structured:
             return plan_structured_layer(config, layer, plan)
         numel = weight.numel()
@@ -288,6 +298,8 @@ class PruneMethod(WeightTwinMethod):
 
     def build(self, site: LayerSite, plan: LayerPlan, *, init: bool = True) -> nn.Module:
         config: PruneConfig = self.config
+        if isinstance(site.module, RECURRENT_TYPES):
+            return build_recurrent(self, site, plan, init=init)
         if config.structured:  # roles (producer / consumer) come with build_block, which sees the pairs
             return ChannelPrunedLayer(site.module, share=not config.separate_weights, init=init)
         layer, start = site.module, config.start
@@ -308,6 +320,8 @@ class PruneMethod(WeightTwinMethod):
         return not self.config.separate
 
     def materialize(self, compressed: nn.Module) -> nn.Module:
+        if isinstance(compressed, RecurrentTwin):
+            return materialize_recurrent(self, compressed)
         if isinstance(compressed, ChannelPrunedLayer):  # outside a block (materialize_block slices pairs): zeros stay
             return compressed.sliced()
         if not isinstance(compressed, PrunedLayer):

@@ -33,6 +33,10 @@ from .base import CliOption, LayerPlan, LayerSite, MethodConfig, MethodExamples,
 from .calibration import INIT, DataAwareStarts, check_init, resolve_init
 from .quant_start import start_fixed_grid
 from .scale_grid import fixed_fake_quantize, grid_integers
+from .base import unchanged_plan
+from .embedding import QuantizedEmbedding
+from .layer_types import EMBEDDING_TYPES, RECURRENT_TYPES, call_layer, copy_layer_attrs, dense_flops, single_weight_refusal
+from .recurrent import RecurrentTwin, build_recurrent, materialize_recurrent, plan_recurrent
 from .twin import SEPARATE_WEIGHTS, WeightTwin, WeightTwinMethod
 
 __all__ = ["QuantConfig", "QuantMethod", "QuantTwin", "QuantizedLayer", "quantize_weight", "fake_quantize_weight",
@@ -244,10 +248,10 @@ class QuantTwin(_ActRange, WeightTwin):
             return grid_integers(self.weight, self.scale, self.bits), self.scale
         return quantize_weight(self.weight, self.bits)
 
-    def forward(self, x):
+    def forward(self, x, output_size=None):
         if self.act_bits is not None:
             x = self._quantize_input(x)
-        y = self.call(x, self.compressed_weight())
+        y = self.call(x, self.compressed_weight(), output_size=output_size)
         if self.act_bits is not None and self.training:
             self._observe_out(y)
         return y
@@ -284,11 +288,7 @@ class QuantizedLayer(_ActRange, nn.Module):
     def __init__(self, twin: QuantTwin, q: torch.Tensor, scale: torch.Tensor):
         super().__init__()
         self.layer_type = twin.layer_type
-        for attr in ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride", "padding",
-                     "dilation", "groups", "padding_mode", "_reversed_padding_repeated_twice", "transposed",
-                     "output_padding"):
-            if hasattr(twin, attr):
-                setattr(self, attr, getattr(twin, attr))
+        copy_layer_attrs(self, twin)
         self.bits = twin.bits
         self.qmax = 2 ** (twin.bits - 1) - 1 if isinstance(twin.bits, int) and twin.bits > 1 else 1
         self.register_buffer("qweight", q.to(torch.int8))
@@ -311,13 +311,10 @@ class QuantizedLayer(_ActRange, nn.Module):
         return torch.ops.quantized_decomposed.dequantize_per_channel(
             self.qweight, self.scale, None, 0, -128, 127, torch.int8, out_dtype=self._out_dtype)
 
-    def forward(self, x):
+    def forward(self, x, output_size=None):
         if self._act is not None:
             x = _act_fake_quant(x, *self._act)
-        w = self.dequantized_weight()
-        if self.layer_type is nn.Linear:
-            return torch.nn.functional.linear(x, w, self.bias)
-        return self.layer_type._conv_forward(self, x, w, self.bias)
+        return call_layer(self.layer_type, self, x, self.dequantized_weight(), self.bias, output_size)
 
     def extra_repr(self) -> str:
         return (f"{self.layer_type.__name__}, qweight={tuple(self.qweight.shape)} int8, bits={self.bits}, "
@@ -335,15 +332,19 @@ class QuantMethod(WeightTwinMethod):
 
     def plan(self, site: LayerSite) -> LayerPlan:
         config: QuantConfig = self.config
+        if isinstance(site.module, RECURRENT_TYPES):  # each gate matrix as a Linear (recurrent.py)
+            return plan_recurrent(self, site)
+        if (refusal := single_weight_refusal(site.module)) is not None:
+            return unchanged_plan(site, refusal)
         layer = site.module
         weight = layer.weight
-        out_f, in_f = weight.shape[0], weight[0].numel()
-        bias = 0 if layer.bias is None else layer.bias.numel()
+        out_f = weight.shape[0]
+        bias = 0 if getattr(layer, "bias", None) is None else layer.bias.numel()
         before = layer_params(layer)
-        flops = 2 * out_f * in_f * site.positions
+        flops = dense_flops(layer, site.positions)
         packed = 8 if config.bits == 8 else 4  # ONNX container: INT8, or INT4 for ≤ 4 bits
         bytes_after = math.ceil(weight.numel() * packed / 8) + out_f * _FLOAT_BYTES + bias * _FLOAT_BYTES
-        return LayerPlan(
+        plan = LayerPlan(
             path=site.path, kind=site.kind, shape=tuple(weight.shape),
             params_before=before, params_after=before, flops_before=flops, flops_after=flops,
             bytes_before=before * _FLOAT_BYTES, bytes_after=bytes_after,
@@ -357,11 +358,19 @@ class QuantMethod(WeightTwinMethod):
                 "note": "same FLOP count; onnxruntime CPU runs integer kernels only where it fuses QDQ",
             },
         )
+        if isinstance(layer, EMBEDDING_TYPES):
+            plan.detail.update({"act_bits": None, "store": (
+                f"{'int8' if packed == 8 else '4-bit packed'} table + a float scale per row; the rows are gathered, "
+                "then dequantized (Gather → Cast → Mul in ONNX)")})
+        return plan
 
     def build(self, site: LayerSite, plan: LayerPlan, *, init: bool = True) -> nn.Module:
         config: QuantConfig = self.config
-        twin = QuantTwin(site.module, bits=config.bits, act_bits=config.act_bits, share=not config.separate,
-                         init=init, fixed_scale=config.start != "max-abs")
+        if isinstance(site.module, RECURRENT_TYPES):
+            return build_recurrent(self, site, plan, init=init)
+        ids = isinstance(site.module, EMBEDDING_TYPES)  # an embedding's inputs are token ids: never quantized
+        twin = QuantTwin(site.module, bits=config.bits, act_bits=None if ids else config.act_bits,
+                         share=not config.separate, init=init, fixed_scale=config.start != "max-abs")
         if init and twin.fixed_scale:
             start_fixed_grid(twin, config, site, plan)
         return twin
@@ -370,9 +379,13 @@ class QuantMethod(WeightTwinMethod):
         return not self.config.separate
 
     def materialize(self, compressed: nn.Module) -> nn.Module:
+        if isinstance(compressed, RecurrentTwin):
+            return materialize_recurrent(self, compressed)
         if not isinstance(compressed, QuantTwin):
             return compressed
         q, scale = compressed.quantized()
+        if issubclass(compressed.layer_type, EMBEDDING_TYPES):  # gather the integer rows, then dequantize
+            return QuantizedEmbedding(compressed, q, scale)
         if compressed.act_bits is not None and not bool(compressed.act_observed) and not compressed.allocated_only:
             log.warning("quantized %s: no activation range was observed (the model never ran in train mode at β < 1); "
                         "its inputs stay float: fine-tune before vanish to quantize activations", compressed.extra_repr())
