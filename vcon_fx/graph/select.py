@@ -10,6 +10,9 @@ whose first weights sit in a layer vcon-fx does not compress has no stem to leav
 Everything left out keeps its reason.
 """
 
+# long module: the selection rules (layer types, targets / ignores, stem and head by graph position,
+# block regions) are read and changed together; split apart they would pass half-decided state around.
+
 from __future__ import annotations
 
 import contextlib
