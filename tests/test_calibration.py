@@ -92,6 +92,31 @@ def test_statistics_are_the_sums_over_every_row_and_call():
     assert statistics_bytes(layers, gram=True) == 8 * (8 + 72 + 72 ** 2 + 8 + 8 + 8 + 8 ** 2)
 
 
+class Attention(nn.Module):
+    """Q, K and V read the same tensor; `out` reads another of the same shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.q, self.k, self.v, self.out = (nn.Linear(6, 6) for _ in range(5))
+
+    def forward(self, x):
+        x = self.inner(x)
+        return self.out(self.q(x) * self.k(x) + self.v(x))
+
+
+def test_layers_reading_the_same_tensor_share_its_sums_and_others_do_not():
+    net = Attention().eval()
+    gm = vcon_fx.plan(net, vcon_fx.QuantConfig(bits=4), example_inputs=(torch.randn(2, 6),)).extra["gm"]
+    x = torch.randn(32, 6)
+    stats = gather_statistics(gm, ["q", "k", "v", "out"], calibration_batches(x, batch_size=8), gram=True)
+    with torch.no_grad():
+        hidden = net.inner(x).double()
+        mixed = (net.q(net.inner(x)) * net.k(net.inner(x)) + net.v(net.inner(x))).double()
+    for path in ("q", "k", "v"):
+        assert torch.allclose(stats[path].gram, hidden.T @ hidden) and stats[path].rows == 32
+    assert torch.allclose(stats["out"].gram, mixed.T @ mixed)
+
+
 @pytest.mark.parametrize("conv, shape", [
     (nn.Conv2d(3, 4, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(2, 1)), (2, 3, 9, 7)),
     (nn.Conv2d(3, 4, 4, padding="same"), (2, 3, 8, 8)),
@@ -189,6 +214,26 @@ def test_too_few_samples_shift_the_gram_matrix_and_say_so():
     notes = [n for n in vm.meta["vcon"].notes if "not positive-definite" in n]
     assert notes and notes[0].startswith("layer 2:")
     assert_identity_at_beta_one(net, vm, ((torch.randn(3, 4),), {}))
+
+
+class FixedBatch(nn.Module):
+    """A graph that runs only at batch 2 (a reshape with literal sizes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 2)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x))))).reshape(2, 2)
+
+
+def test_a_graph_with_a_fixed_batch_is_calibrated_in_whole_batches(tmp_path):
+    torch.export.save(torch.export.export(FixedBatch().eval(), (torch.randn(2, 8),)), tmp_path / "fixed.pt2")
+    loaded = vcon_fx.load_model(tmp_path / "fixed.pt2")
+    vm = vcon_fx.transform(loaded.module, vcon_fx.QuantConfig(bits=4), example_inputs=loaded.example_args,
+                           calibration=TensorDataset(torch.randn(5, 8)))
+    assert vm.meta["vcon"].inputs["fixed"] == {"batch": 2}
+    assert "calibration: 6 sample(s) in 3 batch(es)" in vm.meta["vcon"].notes[-1]  # the last one filled up
 
 
 def test_data_aware_starts_without_data_are_refused_in_the_users_terms():

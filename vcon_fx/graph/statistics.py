@@ -156,32 +156,65 @@ def statistics_bytes(modules: Iterable[nn.Module], *, gram: bool) -> int:
 class _LayerSums:
     """The running float64 sums of one layer's inputs."""
 
-    def __init__(self, module: nn.Module, gram: bool):
+    def __init__(self, module: nn.Module, gram: bool, last: "_LastInput | None" = None):
         channels, columns = _layout(module)
         device = module.weight.device
-        self.module, self.rows, self.positions = module, 0, 0
+        self.module, self.rows, self.positions, self.last = module, 0, 0, last or _LastInput()
         self.channels = torch.zeros(channels, dtype=torch.float64, device=device)
         self.columns = torch.zeros(columns, dtype=torch.float64, device=device)
         self.gram = torch.zeros(columns, columns, dtype=torch.float64, device=device) if gram and columns else None
+        self.key = ("linear",) if isinstance(module, nn.Linear) else \
+            (module.kernel_size, module.stride, module.dilation, module.padding, module.padding_mode, module.groups)
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
+        positions, channels, rows, columns, gram = self.last.sums(x, self.key, lambda: self._sums(x))
+        self.positions += positions
+        self.channels += channels
+        self.rows += rows
+        if columns is not None:
+            self.columns += columns
+        if gram is not None:
+            self.gram += gram
+
+    def _sums(self, x: torch.Tensor) -> tuple:
+        """(positions, Σx² per channel, rows, Σx² per column, XᵀX) of one input (columns and XᵀX may be None)."""
         x = x.detach().float()
-        per_channel = x.reshape(-1, x.shape[-1]).T if isinstance(self.module, nn.Linear) \
-            else x.transpose(0, 1).reshape(x.shape[1], -1)
-        self.channels += per_channel.pow(2).sum(1).double()
-        self.positions += per_channel.shape[1]
+        linear = isinstance(self.module, nn.Linear)
+        per_channel = x.reshape(-1, x.shape[-1]).T if linear else x.transpose(0, 1).reshape(x.shape[1], -1)
         if not self.columns.numel():  # a grouped convolution: its columns read different channels per row
-            return
-        rows = per_channel.T if isinstance(self.module, nn.Linear) else _patches(self.module, x)
-        self.rows += rows.shape[0]
-        self.columns += rows.pow(2).sum(0).double()
+            return per_channel.shape[1], per_channel.pow(2).sum(1).double(), 0, None, None
+        rows = per_channel.T if linear else _patches(self.module, x)
+        gram = None
         if self.gram is not None:
-            for chunk in rows.split(_CHUNK):
-                self.gram += (chunk.T @ chunk).double()
+            gram = sum((chunk.T @ chunk).double() for chunk in rows.split(_CHUNK))
+            columns = gram.diagonal().clone()
+        else:
+            columns = rows.pow(2).sum(0).double()
+        channels = columns if linear else per_channel.pow(2).sum(1).double()
+        return per_channel.shape[1], channels, rows.shape[0], columns, gram
 
     def result(self) -> InputStatistics:
         return InputStatistics(self.rows, self.channels, self.columns, self.gram, channel_rows=self.positions)
+
+
+class _LastInput:
+    """The sums of the last input seen, for the next layer that reads the very same tensor (Q, K and V).
+
+    It holds that one tensor, so its memory cannot be reused by another while the sums are kept.
+    """
+
+    def __init__(self):
+        self.tensor, self.key, self.value = None, None, None
+
+    def sums(self, x: torch.Tensor, key: tuple, compute) -> tuple:
+        if x is self.tensor and key == self.key:
+            return self.value
+        self.tensor, self.key, self.value = x, key, compute()
+        return self.value
+
+    def clear(self) -> None:
+        self.tensor, self.key, self.value = None, None, None
 
 
 def _patches(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -219,7 +252,8 @@ def gather_statistics(gm: fx.GraphModule, paths: list[str], batches: Iterable[tu
         batches: (args, kwargs) model inputs, e.g. from `calibration_batches`.
         gram: also accumulate XᵀX (the methods whose `needs_gram` is set).
     """
-    sums = {p: _LayerSums(gm.get_submodule(p), gram) for p in paths if _layout(gm.get_submodule(p)) is not None}
+    last = _LastInput()
+    sums = {p: _LayerSums(gm.get_submodule(p), gram, last) for p in paths if _layout(gm.get_submodule(p)) is not None}
     handles = [sums[p].module.register_forward_pre_hook(
         lambda _m, args, acc=sums[p]: acc.add(args[0]) if args and isinstance(args[0], torch.Tensor) else None)
         for p in sums]
@@ -230,7 +264,9 @@ def gather_statistics(gm: fx.GraphModule, paths: list[str], batches: Iterable[tu
             for args, kwargs in batches:
                 gm(*_to(args, device), **_to(kwargs, device))
                 count += 1
+                last.clear()
     finally:
+        last.clear()
         for handle in handles:
             handle.remove()
     log.info("gathered input statistics of %d layer(s) over %d batch(es)", len(sums), count)

@@ -10,8 +10,10 @@ W·S ≈ U_r Σ_r V_rᵀ, factors A = U_r·√Σ_r and B = √Σ_r·V_rᵀ·S⁻
 an inverse). Each truncated singular value is exactly the output error it costs.
 
 XᵀX is singular when the calibration data has fewer rows than the layer has input columns, or
-a feature never varies. Then it is shifted by |λ_min| + ε·trace/n (λ_min its smallest eigenvalue)
-before the Cholesky factorization, and the shift is reported. The product A·B stays bounded
+a feature never varies (a LayerNorm's outputs sum to a constant). Then it is shifted by
+|λ_min| + ε·trace/n (λ_min its smallest eigenvalue, ε = 10⁻⁶) before the Cholesky factorization,
+and the shift is reported. XᵀX is positive semi-definite, so λ_min is 0 up to rounding: ε·trace/n
+is tried first, and λ_min is computed only when that is not enough. The product A·B stays bounded
 whatever the shift: it equals U_r·U_rᵀ·W, W projected onto the kept output directions.
 """
 
@@ -47,12 +49,26 @@ def cholesky_with_shift(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
     if mean_diag <= 0:  # no input ever reached the layer: every direction weighs the same (plain SVD)
         return torch.eye(n, dtype=h.dtype, device=h.device), 0.0
     factor, info = torch.linalg.cholesky_ex(h)
-    if int(info) == 0 and float(factor.diagonal().pow(2).min()) > _PIVOT_FLOOR * mean_diag:
+    if _positive_definite(factor, info, mean_diag):
         return factor, 0.0
-    smallest = float(torch.linalg.eigvalsh(h)[0])
-    shift = abs(smallest) + SHIFT_EPS * mean_diag
-    eye = torch.eye(n, dtype=h.dtype, device=h.device)
-    return torch.linalg.cholesky(h + shift * eye), shift
+    # XᵀX is positive semi-definite by construction: its smallest eigenvalue is 0 up to rounding, and the
+    # floor alone usually makes it definite; the eigenvalue is computed (O(n³) again) only when it does not
+    shift = SHIFT_EPS * mean_diag
+    factor, info = torch.linalg.cholesky_ex(_plus_diagonal(h, shift))
+    if not _positive_definite(factor, info, mean_diag):
+        shift = abs(float(torch.linalg.eigvalsh(h)[0])) + SHIFT_EPS * mean_diag
+        factor = torch.linalg.cholesky(_plus_diagonal(h, shift))
+    return factor, shift
+
+
+def _positive_definite(factor: torch.Tensor, info: torch.Tensor, mean_diag: float) -> bool:
+    return int(info) == 0 and float(factor.diagonal().pow(2).min()) > _PIVOT_FLOOR * mean_diag
+
+
+def _plus_diagonal(h: torch.Tensor, shift: float) -> torch.Tensor:
+    shifted = h.clone()
+    shifted.diagonal().add_(shift)
+    return shifted
 
 
 def whitened_factors(matrix: torch.Tensor, gram: torch.Tensor, rank: int,
@@ -69,8 +85,9 @@ def whitened_factors(matrix: torch.Tensor, gram: torch.Tensor, rank: int,
         (A, B, shift) in `matrix`'s dtype; shift > 0 when XᵀX was not positive-definite (see the module doc).
     """
     factor, shift = cholesky_with_shift(gram.to(matrix.device))
-    a, b = truncated_svd(matrix.detach().double() @ factor, rank, svd)  # A = U√Σ, b = √Σ·Vᵀ
-    b = torch.linalg.solve_triangular(factor, b, upper=False, left=False)  # b·S⁻¹
+    # the SVD in the weight's dtype, as for the plain start (svd.py); the solve in float64
+    a, b = truncated_svd((matrix.detach().double() @ factor).to(matrix.dtype), rank, svd)  # A = U√Σ, b = √Σ·Vᵀ
+    b = torch.linalg.solve_triangular(factor, b.double(), upper=False, left=False)  # b·S⁻¹
     if shift:
         log.warning("XᵀX of a %s layer was not positive-definite: shifted by %.3g before whitening",
                     "×".join(map(str, matrix.shape)), shift)
