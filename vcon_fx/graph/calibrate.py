@@ -25,6 +25,8 @@ __all__ = ["input_rms", "with_input_rms"]
 
 log = logging.getLogger(__name__)
 
+_PER_INPUT_FEATURE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
 
 def input_rms(gm: fx.GraphModule, paths: list[str], example_args: tuple,
               example_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
@@ -40,7 +42,7 @@ def input_rms(gm: fx.GraphModule, paths: list[str], example_args: tuple,
         x = x.detach().float()
         if isinstance(layer, nn.Linear):
             flat = x.reshape(-1, x.shape[-1])
-        else:  # Conv1d / Conv2d: (N, C, ...) → per channel
+        else:  # Conv1d / 2d / 3d: (N, C, ...) → per channel
             flat = x.transpose(0, 1).reshape(x.shape[1], -1).T
         sums[path] = sums.get(path, 0) + flat.pow(2).sum(0)
         counts[path] = counts.get(path, 0) + flat.shape[0]
@@ -48,6 +50,8 @@ def input_rms(gm: fx.GraphModule, paths: list[str], example_args: tuple,
     handles = []
     for path in paths:
         layer = gm.get_submodule(path)
+        if not isinstance(layer, _PER_INPUT_FEATURE):  # ids, transposed or recurrent inputs: nothing to scale
+            continue
         handles.append(layer.register_forward_pre_hook(
             lambda m, args, path=path: record(path, m, args[0]) if args and isinstance(args[0], torch.Tensor) else None))
     was_training = gm.training
