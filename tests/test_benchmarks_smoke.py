@@ -24,10 +24,11 @@ EXPECTED = {
     "transition.py": ["# Training cost over the transition", "blended, β = 0.5", "compressed only (vanished)",
                       "freeze_dense: dense params requires_grad=False, .grad is None: True", "peak MB"],
     "toolspeed.py": ["# Tool speed", "transform", "forward+backward", "truncated SVD", "vcon_fx.plan"],
+    "layers.py": ["# Layer types", "| r3d_18 |", "| gpt2_embedding_tied |", "4-bit (quant bits=4)", "### lstm_lm"],
 }
 
 
-REPORTS = ("DEPLOY.md", "TRANSITION.md", "TOOLSPEED.md")
+REPORTS = ("DEPLOY.md", "TRANSITION.md", "TOOLSPEED.md", "LAYERS.md")
 
 
 def _snapshot(folder: Path) -> dict[str, float]:

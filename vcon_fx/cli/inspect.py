@@ -92,6 +92,11 @@ def _plan_json(compression_plan, config) -> dict:
     }
 
 
+def _weight(layer):
+    """The layer's weight (a recurrent layer's first gate matrix)."""
+    return next(p for p in layer.parameters(recurse=False) if p.dim() >= 2)
+
+
 def _uncaptured_layers(args, model) -> None:
     """The compressible layers a walk of the module tree finds, for a model no tracer captured."""
     from ..methods.base import COMPRESSIBLE
@@ -99,14 +104,14 @@ def _uncaptured_layers(args, model) -> None:
     layers = {name: m for name, m in model.named_modules() if isinstance(m, COMPRESSIBLE)}
     if args.json:
         console.print_json(json.dumps({"capture": None, "layers_found": {
-            n: {"type": type(m).__name__, "shape": list(m.weight.shape), "params": m.weight.numel()}
+            n: {"type": type(m).__name__, "shape": list(_weight(m).shape), "params": _weight(m).numel()}
             for n, m in layers.items()}}))
         return
     table = Table(title=f"{type(model).__name__}: not captured; its module tree holds {len(layers)} compressible layer(s)")
     for col in ("layer", "type", "weight shape", "params"):
         table.add_column(col, justify="left" if col in ("layer", "type") else "right")
     for name, m in layers.items():
-        table.add_row(name, type(m).__name__, "×".join(map(str, m.weight.shape)), fmt_count(m.weight.numel()))
+        table.add_row(name, type(m).__name__, "×".join(map(str, _weight(m).shape)), fmt_count(_weight(m).numel()))
     console.print(table)
     console.print("[yellow]no plan:[/] the graph could not be captured (reason below); layers inside a "
                   "submodule that does trace can be reached by keeping the failing part whole (--ignore it)")

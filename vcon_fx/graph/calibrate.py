@@ -22,7 +22,7 @@ import dataclasses
 import logging
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from ..methods.base import LayerSite
 from ..methods.calibration import InputStatistics
@@ -33,6 +33,8 @@ __all__ = ["input_rms", "with_input_rms", "calibrate", "with_statistics"]
 
 log = logging.getLogger(__name__)
 
+_PER_INPUT_FEATURE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
 
 def input_rms(gm: fx.GraphModule, paths: list[str], example_args: tuple,
               example_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
@@ -41,6 +43,8 @@ def input_rms(gm: fx.GraphModule, paths: list[str], example_args: tuple,
     A layer called several times pools every call. Runs in eval mode under no_grad, so batch-norm
     statistics and dropout are untouched.
     """
+    # ids, transposed or recurrent inputs have no per-feature scale to measure
+    paths = [p for p in paths if isinstance(gm.get_submodule(p), _PER_INPUT_FEATURE)]
     stats = gather_statistics(gm, paths, [(tuple(example_args), dict(example_kwargs or {}))], gram=False)
     out = {p: s.rms().float() for p, s in stats.items()}
     log.info("calibrated %d layer(s) on the example inputs", len(out))

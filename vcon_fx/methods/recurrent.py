@@ -87,6 +87,10 @@ def plan_recurrent(method, site: LayerSite) -> LayerPlan:
     if not done:
         first = next(iter(subs.values()))
         plan.skip_reason = f"every gate matrix stays dense (e.g. {first.path}: {first.skip_reason})"
+    if getattr(rnn, "proj_size", 0):
+        plan.params_after, plan.bytes_after = plan.params_before, plan.bytes_before
+        plan.skip_reason = (f"an LSTM with proj_size={rnn.proj_size}: the ONNX LSTM op has no projection, so its "
+                            "compressed form would not export; it stays dense")
     return plan
 
 
@@ -170,6 +174,15 @@ def run_recurrent(kind: type, options: dict, weights: list[torch.Tensor], input,
         hx = _zero_state(kind, options, input, input.shape[batch_dim])
     args = (weights, options["bias"], options["num_layers"], float(options["dropout"]), training,
             options["bidirectional"], options["batch_first"])
+    with kernels.quiet_flat_weights():
+        out, state = _run(kind, options, weights, input, hx, training, args)
+    if not batched:
+        out = out.squeeze(batch_dim)
+        state = tuple(s.squeeze(1) for s in state) if isinstance(state, tuple) else state.squeeze(1)
+    return out, state
+
+
+def _run(kind, options, weights, input, hx, training, args):
     if training:  # dropout between layers draws from the random stream: the kernels themselves
         if issubclass(kind, nn.LSTM):
             out, h, c = _VF.lstm(input, hx, *args)
@@ -188,9 +201,6 @@ def run_recurrent(kind: type, options: dict, weights: list[torch.Tensor], input,
             out, state = kernels.gru(input, hx, weights, *flags)
         else:
             out, state = kernels.rnn(input, hx, weights, *flags, options["nonlinearity"] == "relu")
-    if not batched:
-        out = out.squeeze(batch_dim)
-        state = tuple(s.squeeze(1) for s in state) if isinstance(state, tuple) else state.squeeze(1)
     return out, state
 
 

@@ -11,10 +11,22 @@ layers needs its random stream).
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 from torch import Tensor, _VF
 
-__all__ = ["lstm", "gru", "rnn"]
+__all__ = ["lstm", "gru", "rnn", "quiet_flat_weights"]
+
+
+@contextlib.contextmanager
+def quiet_flat_weights():
+    """Computed gate matrices never form one flat cuDNN buffer, so cuDNN would warn at every call:
+    the warning is left out (docs/methods.md says what it costs)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous chunk")
+        yield
 
 
 # The kernels run with train=True and dropout 0: the same arithmetic as eval mode, and cuDNN
@@ -85,7 +97,7 @@ def _autograd(op, kernel, states: int):
     def backward(ctx, *grads):
         saved = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
         input, state, weights = saved[0], saved[1:states + 1], saved[states + 1:]
-        with torch.enable_grad():
+        with torch.enable_grad(), quiet_flat_weights():
             outs = kernel(input, tuple(state), weights, *ctx.flags)
             wanted = [t for t in saved if t.requires_grad]
             found = iter(torch.autograd.grad(outs, wanted, grads, allow_unused=True))
