@@ -41,7 +41,9 @@ def plan_table(plans, excluded, title="plan") -> None:
     for col in ("layer", "type", "weight shape", "params", "FLOPs", "→ params", "→ FLOPs", "→ bytes", "decision"):
         table.add_column(col, justify="right" if col not in ("layer", "type", "decision") else "left")
     for path, pl in plans.items():
-        decision = f"[yellow]skipped: {pl.skip_reason}[/]" if pl.skipped else ", ".join(f"{k} {v}" for k, v in pl.detail.items())
+        # nested plans (a composed method's parts, a recurrent layer's gate matrices) are in `inspect --json`
+        decision = f"[yellow]skipped: {pl.skip_reason}[/]" if pl.skipped else ", ".join(
+            f"{k} {v}" for k, v in pl.detail.items() if not isinstance(v, dict))
         table.add_row(path, pl.kind, "×".join(map(str, pl.shape)), fmt_count(pl.params_before), fmt_count(pl.flops_before),
                       fmt_count(pl.params_after), fmt_count(pl.flops_after), fmt_bytes(pl.bytes_after), decision)
     console.print(table)

@@ -58,8 +58,8 @@ class SelectionConfig:
     """Which layers to compress: the one object `plan`, `transform` and the CLI pass along.
 
     targets / ignore: type names, name globs or `re:` regexes (default targets: every
-    Linear / Conv1d / Conv2d). granularity "block" blends whole single-exit regions named by
-    `blocks`. include_stem / include_head also compress the first / last layer.
+    compressible type, `DEFAULT_TARGETS`). granularity "block" blends whole single-exit regions
+    named by `blocks`. include_stem / include_head also compress the first / last weight layer.
     """
 
     targets: tuple[str, ...] | None = None
