@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..errors import ConfigError
+
 __all__ = ["inverse_hessian_factor", "error_feedback_sweep", "DAMP", "BLOCK"]
 
 DAMP = 0.01  # share of the mean diagonal added to H
@@ -46,7 +48,9 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float = DAMP) -> torch.T
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if int(info) == 0:
                 return upper
-    raise torch.linalg.LinAlgError("the calibration Hessian stays indefinite after dampening by 100 % of its diagonal")
+    raise ConfigError("a layer's XᵀX on the calibration data stays indefinite after dampening by 100 % of its "
+                      "diagonal (inputs with NaN/Inf or overflowing activations?): check the calibration data, or "
+                      "start plain with --init plain")
 
 
 @contextlib.contextmanager
