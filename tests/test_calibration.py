@@ -238,15 +238,22 @@ def test_a_graph_with_a_fixed_batch_is_calibrated_in_whole_batches(tmp_path):
 
 def test_data_aware_starts_without_data_are_refused_in_the_users_terms():
     net, x = Net().eval(), (images(2, 0),)
-    for config, words in ((vcon_fx.QuantConfig(bits=4, init="data-aware"), "--calibration-data"),
-                          (vcon_fx.PruneConfig(sparsity=0.5, sparsegpt=True), "--calibration-data"),
-                          (vcon_fx.QuantConfig(bits=8, init="data-aware"), "no data-aware start")):
+    for config in (vcon_fx.QuantConfig(bits=4, init="data-aware"), vcon_fx.PruneConfig(sparsity=0.5, sparsegpt=True)):
+        with pytest.raises(ConfigError, match="--calibration-data"):
+            vcon_fx.transform(net, config, example_inputs=x)
+    for bad, words in ((dict(rank=2, activation_aware=True, init="plain"), "--init plain"),
+                       (dict(rank=2, init="whitened"), "--init must be one of auto, plain, data-aware")):
         with pytest.raises(ConfigError, match=words):
-            vcon_fx.transform(net, config, example_inputs=x, calibration=images(4, 1) if "start" in words else None)
-    with pytest.raises(ConfigError, match="--init plain"):
-        vcon_fx.LowRankConfig(rank=2, activation_aware=True, init="plain")
+            vcon_fx.LowRankConfig(**bad)
+    with pytest.raises(ConfigError, match="structured pruning has no data-aware start"):
+        vcon_fx.PruneConfig(sparsity=0.5, structured=True, init="data-aware")
     plain = vcon_fx.transform(net, vcon_fx.QuantConfig(bits=4, init="plain"), example_inputs=x, calibration=images(4, 1))
     assert plain.meta["vcon"].config.init == "plain" and not plain.get_submodule("body.conv.compressed").fixed_scale
+    eight = vcon_fx.transform(net, vcon_fx.QuantConfig(bits=8), example_inputs=x, calibration=images(4, 1))
+    assert eight.meta["vcon"].config.init == "auto"  # round-to-nearest is close at 8 bits: GPTQ only if asked
+    asked = vcon_fx.transform(net, vcon_fx.QuantConfig(bits=8, init="data-aware"), example_inputs=x,
+                              calibration=images(4, 1))
+    assert asked.get_submodule("body.conv.compressed").fixed_scale
 
 
 # ── the CLI ────────────────────────────────────────────────────────────────────────────────

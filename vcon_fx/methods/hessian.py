@@ -16,9 +16,12 @@ factorization stable when a feature is (nearly) constant on the calibration data
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import torch
+
+from ..errors import ConfigError
 
 __all__ = ["inverse_hessian_factor", "error_feedback_sweep", "DAMP", "BLOCK"]
 
@@ -45,7 +48,25 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float = DAMP) -> torch.T
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if int(info) == 0:
                 return upper
-    raise torch.linalg.LinAlgError("the calibration Hessian stays indefinite after dampening by 100 % of its diagonal")
+    raise ConfigError("a layer's XᵀX on the calibration data stays indefinite after dampening by 100 % of its "
+                      "diagonal (inputs with NaN/Inf or overflowing activations?): check the calibration data, or "
+                      "start plain with --init plain")
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch on one CPU thread for the block (restored after it).
+
+    The per-column operations are small (out × 128): on a busy machine, waking a second thread for
+    each costs more than the operation itself (15× slower on 2 shared cores). The block's matrix
+    product, outside, keeps every thread.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 BlockStart = Callable[[torch.Tensor, torch.Tensor, int], Any]
@@ -79,12 +100,13 @@ def error_feedback_sweep(weight: torch.Tensor, factor: torch.Tensor, round_colum
         u_part = u[first:last, first:last]
         errors = torch.empty_like(part)
         state = start_block(part, u_part.diagonal(), first) if start_block is not None else None
-        for j in range(last - first):
-            rounded = round_column(part[:, j], j, state)
-            error = (part[:, j] - rounded) / u_part[j, j]
-            part[:, j:] -= error[:, None] * u_part[j, j:][None, :]
-            part[:, j] = rounded  # exactly the rounded value, free of the update's float error
-            errors[:, j] = error
+        with _one_thread():
+            for j in range(last - first):
+                rounded = round_column(part[:, j], j, state)
+                error = (part[:, j] - rounded) / u_part[j, j]
+                part[:, j:] -= error[:, None] * u_part[j, j:][None, :]
+                part[:, j] = rounded  # exactly the rounded value, free of the update's float error
+                errors[:, j] = error
         out[:, first:last] = part
         work[:, last:] -= errors @ u[first:last, last:]
     return out.to(weight.dtype)

@@ -59,7 +59,8 @@ class QuantConfig(DataAwareStarts, MethodConfig):
         act_bits: None, or 8 to fake-quantize each layer's input (observed EMA min/max range).
         separate_weights: the twin gets its own latent weights (default: the dense layer's).
         init: "auto" (data-aware with calibration data and bits ≤ 4), "plain" (max-abs scales) or
-            "data-aware": GPTQ (gptq.py), the twin starting from its solution in its own weight copy.
+            "data-aware": GPTQ (gptq.py; at 8 bits only if asked), the twin starting from its solution
+            in its own weight copy.
         clip_search: fixed scales by an MSE-optimal clipping search (scale_grid.py), input-weighted
             with a data-aware start: the cheap option.
     """
@@ -107,7 +108,7 @@ class QuantConfig(DataAwareStarts, MethodConfig):
         return "gptq" if self.init == "data-aware" else "max-abs"
 
     def calibrated(self, given: bool) -> "QuantConfig":
-        data_aware = self.clip_search or self.bits != 8  # GPTQ is for 4 bits or fewer
+        data_aware = self.clip_search or self.bits != 8 or self.init == "data-aware"  # GPTQ at 8 bits if asked
         return dataclasses.replace(self, init=resolve_init(self.init, given, has_data_aware=data_aware, method="quant"))
 
     @property
