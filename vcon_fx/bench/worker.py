@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["model_size_bytes", "make_session", "session_config", "synthetic_feeds", "time_runs", "measure", "main"]
+__all__ = ["model_size_bytes", "make_session", "session_config", "is_static_int8", "synthetic_feeds", "time_runs", "measure", "main"]
 
 # onnxruntime type strings -> numpy dtypes, for the input kinds models take
 _NP_TYPES = {
@@ -76,14 +76,26 @@ def session_config(path: str | os.PathLike) -> dict[str, str]:
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    constants = {i.name for i in graph.initializer}
-    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants}
-    weight_convs = {n.output[0] for n in graph.node if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in dequantized}
-    if any(n.op_type == "QuantizeLinear" and n.input[0] in weight_convs for n in graph.node):
+    if is_static_int8(graph):
         return {}
-    if weight_convs:
+    if _weight_only_convs(graph):
         return {"session.disable_quant_qdq": "1"}
     return {}
+
+
+def _weight_only_convs(graph) -> set[str]:
+    constants = {i.name for i in graph.initializer}
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants}
+    return {n.output[0] for n in graph.node if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in dequantized}
+
+
+def is_static_int8(graph) -> bool:
+    """True when a GraphProto holds static int8 kernels: a convolution with integer weights whose output is
+    quantized (onnxruntime fuses it into QLinearConv), or a MatMulIntegerToFloat fed by a QuantizeLinear."""
+    convs = _weight_only_convs(graph)
+    quantized = {n.output[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    return any((n.op_type == "QuantizeLinear" and n.input[0] in convs)
+               or (n.op_type == "MatMulIntegerToFloat" and n.input and n.input[0] in quantized) for n in graph.node)
 
 
 def make_session(path: str | os.PathLike, threads: int | None = None, config: dict[str, str] | None = None):

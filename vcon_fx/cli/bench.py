@@ -11,6 +11,22 @@ from .render import console
 __all__ = ["add_parser", "run"]
 
 
+def _deployment_note(row: dict) -> str | None:
+    """The session options a deployment of the row's file must use, said for the user (None: nothing special)."""
+    if row.get("session_config"):
+        entries = ", ".join(f"{k}={v}" for k, v in row["session_config"].items())
+        return (f"{row['path']} ran with {entries} (weight-only integer convolutions are dequantized once at load: "
+                "deploy with the same session option)")
+    import onnx
+
+    from ..bench.worker import is_static_int8
+
+    if is_static_int8(onnx.load(row["path"], load_external_data=False).graph):
+        return (f"{row['path']} ran with onnxruntime's default session options: graph optimizations on, which fuse its "
+                "QDQ pairs into integer kernels (static int8); deploy the same way, without session.disable_quant_qdq")
+    return None
+
+
 def add_parser(sub) -> None:
     """Add the `bench` sub-command to an argparse sub-parsers object."""
     p = sub.add_parser("bench", help="time ONNX models in onnxruntime")
@@ -42,10 +58,9 @@ def run(args) -> int:
             table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for k, v in row.items() if k != "session_config"])
     console.print(table)
     for row in rows:
-        if row.get("session_config"):
-            entries = ", ".join(f"{k}={v}" for k, v in row["session_config"].items())
-            console.print(f"[yellow]note:[/] {row['path']} ran with {entries} (weight-only integer convolutions "
-                          "are dequantized once at load: deploy with the same session option)")
+        note = _deployment_note(row)
+        if note:
+            console.print(f"[yellow]deploy:[/] {note}", soft_wrap=True)
     if data.get("ratios"):
         console.print("ratios against baseline: " + ", ".join(f"{k} {v:.3g}" for k, v in data["ratios"].items()))
     return 0

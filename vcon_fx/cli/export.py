@@ -168,13 +168,17 @@ def kernel_lines(layers: dict[str, str], groups) -> list[str]:
 
 def _deployment_line(path, kernels: tuple[str, ...]) -> str:
     """The onnxruntime session options a deployment of `path` must use, in one line."""
+    import onnx
+
+    from ..bench.worker import is_static_int8
+
     entries = {}
     for name in kernels:
         entries.update(KERNELS[name].session_options(path))
     if entries:
         return ("open it with the session config " + ", ".join(f"{k}={v}" for k, v in entries.items())
                 + " (SessionOptions.add_session_config_entry); `vcon-fx bench` does")
-    if "static" in kernels:
+    if "static" in kernels and is_static_int8(onnx.load(str(path), load_external_data=False).graph):
         return ("onnxruntime's default session options (graph optimizations on: they fuse the QDQ pairs into "
                 "integer kernels); do not set session.disable_quant_qdq")
     return "onnxruntime's default session options"

@@ -86,14 +86,15 @@ def to_static_int8(model, ranges: dict | None = None) -> StaticResult:
     matmuls_to_integer(model, integer_outputs)
     _drop_unused_initializers(graph)
     del graph.value_info[:]  # shapes of rewritten tensors changed; onnxruntime infers them again
-    onnx.checker.check_model(model) if model.ByteSize() < (1 << 30) else None
+    if model.ByteSize() < (1 << 30):  # the checker refuses larger protos
+        onnx.checker.check_model(model)
     sources: dict[str, int] = {}
     for name in placed:
         sources[table[name].source] = sources.get(table[name].source, 0) + 1
     return StaticResult(
         integer=[original.get(n.output[0], n.output[0]) for n in integer if n.op_type in WEIGHT_OPS],
-        not_integer={original.get(k, k): why for k, why in not_integer.items()}, quantized_tensors=len(placed), relus_absorbed=absorbed,
-        batch_norms_folded=len(folds), sources=sources,
+        not_integer={original.get(k, k): why for k, why in not_integer.items()}, quantized_tensors=len(placed),
+        relus_absorbed=absorbed, batch_norms_folded=len(folds), sources=sources,
     )
 
 
@@ -166,7 +167,7 @@ def _may_run_integer(node, producers: dict, inits: dict) -> bool:
 def _integer_nodes(graph, inits: dict, table: dict[str, QParams]):
     """(nodes that get integer kernels, weight op output → why it stays float) (pure)."""
     producers = {o: n for n in graph.node for o in n.output}
-    integer, not_integer = [], {}
+    integer, not_integer, passing = [], {}, []
 
     def scaled(name):
         return name in table and name not in inits
@@ -184,12 +185,34 @@ def _integer_nodes(graph, inits: dict, table: dict[str, QParams]):
                 continue
         elif op in KEEP_SCALE_OPS:
             src, out = node.input[0], node.output[0]
-            if not (scaled(src) and scaled(out) and table[src].same_grid(table[out])):
-                continue
+            if scaled(src) and scaled(out) and table[src].same_grid(table[out]):
+                passing.append(node)
+            continue
         else:
             continue
         integer.append(node)
-    return integer, not_integer
+    return _with_passing(graph, integer, passing), not_integer
+
+
+def _with_passing(graph, integer: list, passing: list) -> list:
+    """Add the scale-keeping ops (reshapes, max pool) that touch an integer op, directly or through others (pure).
+
+    Alone they would only add quantization where PyTorch has none (a reshape between float ops).
+    """
+    readers = consumers(graph)
+    producers = {o: n for n in graph.node for o in n.output}
+    chosen = {id(n) for n in integer}
+    changed = True
+    while changed:
+        changed = False
+        for node in passing:
+            if id(node) in chosen:
+                continue
+            before = producers.get(node.input[0])
+            if (before is not None and id(before) in chosen) or any(id(r) in chosen for r, _ in readers.get(node.output[0], [])):
+                chosen.add(id(node))
+                changed = True
+    return [n for n in graph.node if id(n) in chosen]
 
 
 def _why_not_integer(node, producers, inits, scaled) -> str | None:
