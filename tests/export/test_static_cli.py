@@ -3,13 +3,16 @@
 A small CNN (batch norm, residual add, pooling) is taken through transform → finetune → vanish
 on the command line, as a user would: with `--act-bits 8` the default export runs static int8
 (QLinearConv in onnxruntime's graph); `--kernel weight-only` forces the float-speed kernel;
-without activation scales `--kernel static` asks for calibration data and says it used it.
+without activation scales the export calibrates on the data it is given, else on the data the
+model was fine-tuned on, and says which; with neither `--kernel static` is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -77,16 +80,36 @@ def test_default_export_runs_static_int8_and_says_which_kernel_each_group_got(fo
 
 
 def test_static_without_learned_scales_calibrates_on_the_data_given_and_says_so(folder):
-    code, said = vcon("export", folder / "plain.small", "--onnx", folder / "no.onnx", "--kernel", "static")
-    assert code == UsageError.exit_code and "--calibration-data" in said and not (folder / "no.onnx").exists()
-
     code, said = vcon("export", folder / "plain.small", "--onnx", folder / "cal.onnx", "--kernel", "static",
                       "--calibration-data", folder / "train.npz")
     assert code == 0, said
-    assert "learned no activation scales" in said and "calibrated on the first 64 example(s)" in said
+    assert "learned no activation scales" in said and "calibrated on the first 64 example(s) of the calibration data" \
+        in said
     assert kernel_counts(optimized_graph(folder / "cal.onnx")).get("QLinearConv") == 2
 
-    code, said = vcon("export", folder / "plain.small", "--onnx", folder / "plain.onnx")
+
+def test_without_calibration_data_the_training_data_calibrates_and_the_export_says_so(folder):
+    recipe = json.loads((folder / "plain.small" / "recipe.json").read_text())
+    assert recipe["training"]["data"] == str((folder / "train.npz").resolve())
+
+    code, said = vcon("export", folder / "plain.small", "--onnx", folder / "fallback.onnx")
+    assert code == 0, said
+    assert "calibrated on the first 64 example(s) of the training data" in said and "no --calibration-data" in said
+    assert "kernels: static: stem static: c1" in said, said
+    assert kernel_counts(optimized_graph(folder / "fallback.onnx")).get("QLinearConv") == 2
+
+
+def test_static_without_scales_or_any_data_is_refused_and_auto_says_why(folder):
+    orphan = folder / "orphan.small"  # the same model, its training data no longer recorded
+    shutil.copytree(folder / "plain.small", orphan)
+    recipe = json.loads((orphan / "recipe.json").read_text())
+    recipe["training"] = None
+    (orphan / "recipe.json").write_text(json.dumps(recipe))
+
+    code, said = vcon("export", orphan, "--onnx", folder / "no.onnx", "--kernel", "static")
+    assert code == UsageError.exit_code and "--calibration-data" in said and not (folder / "no.onnx").exists()
+
+    code, said = vcon("export", orphan, "--onnx", folder / "plain.onnx")
     assert code == 0, said
     assert "static int8 not possible" in said and "dynamic: head" in said
 

@@ -61,9 +61,11 @@ def run(args) -> int:
             export_onnx(model, out, inputs, example_kwargs=kwargs, seq_inputs=seq_inputs, force=args.force,
                         dynamic_batch=not args.static_shapes, kv_cache=kv_cache)
     else:
+        calibration, calibration_name = _calibration(args, model, recipe, kernel)
         compressed = integer_export(model, out, inputs, kernel=kernel, example_kwargs=kwargs, seq_inputs=seq_inputs,
                                     dynamic_batch=not args.static_shapes, force=args.force, progress=console.status,
-                                    calibration=_calibration(args, model), kernel_options=kernel_options,
+                                    calibration=calibration, calibration_name=calibration_name,
+                                    kernel_options=kernel_options,
                                     kv_cache=kv_cache)
         kernels_run = compressed.kernels
         for note in compressed.notes:
@@ -129,20 +131,34 @@ def _choose_kernel(args):
     return kernel, recipe
 
 
-def _calibration(args, model):
-    """The first CALIBRATION_EXAMPLES examples of --calibration-data as (args, kwargs) batches, or None."""
-    path = getattr(args, "calibration_data", None)
+def _calibration(args, model, recipe, kernel: str):
+    """(the first CALIBRATION_EXAMPLES examples of the calibration data as (args, kwargs) batches, or None; its name).
+
+    --calibration-data first; without it, a model the static kernel would have to calibrate
+    (a quantized layer recorded no range while fine-tuning) uses the data it was fine-tuned on,
+    as its recipe records it, and the export notes say so.
+    """
+    path, name = getattr(args, "calibration_data", None), "the calibration data"
+    training = recipe.training if recipe is not None else None
+    if not path and training and kernel in ("auto", "static"):
+        from ..export.static_inputs import needs_calibration
+
+        if needs_calibration(model) and Path(training["data"]).exists():
+            path = training["data"]
+            name = f"the training data ({path}; no --calibration-data given)"
     if not path:
-        return None
+        return None, name
     from torch.utils.data import DataLoader, Subset
 
     from ..data import load_data_for
     from ..training.batches import split_batch
 
-    with console.status("reading the calibration data…"):
-        data = load_data_for(model, path)
+    columns = {k: training[k] for k in ("seq_len", "text_column", "label_column")
+               if training and path == training["data"] and training.get(k) is not None}
+    with console.status(f"reading {name}…"):
+        data = load_data_for(model, path, **columns)
         first = Subset(data, range(min(CALIBRATION_EXAMPLES, len(data))))
-        return [split_batch(batch)[:2] for batch in DataLoader(first, batch_size=CALIBRATION_BATCH)]
+        return [split_batch(batch)[:2] for batch in DataLoader(first, batch_size=CALIBRATION_BATCH)], name
 
 
 def kernel_lines(layers: dict[str, str], groups) -> list[str]:

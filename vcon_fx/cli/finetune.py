@@ -146,9 +146,19 @@ def run_finetune(args) -> int:
             progress.stop()  # before any message, so the bar does not overwrite it
     if not main_rank:
         return 0
+    _record_training_data(vm, args.data, columns)
     save(vm, out, force=args.force)
     console.print(_summary(result, out), soft_wrap=True)
     return 0
+
+
+def _record_training_data(model, data: str, columns: dict) -> None:
+    """Note in `model`'s recipe which data it was fine-tuned on (in place): export calibrates on it when asked nothing else."""
+    from ..graph.recipe import recipe_of
+
+    path = Path(data)
+    where = str(path.resolve()) if path.exists() else data
+    model.meta["vcon"] = recipe_of(model).replace(training={"data": where, **columns})
 
 
 def _config(args, transition: int | None, checkpoint_dir: Path):

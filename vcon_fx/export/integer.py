@@ -96,6 +96,7 @@ def integer_export(
     kernel_options: dict | None = None,
     kv_cache: bool | None = None,
     calibration: Sequence[tuple[tuple, dict]] | None = None,
+    calibration_name: str = "the calibration data",
 ) -> CompressReport:
     """Export `model` to ONNX and store its weights as integers run by `kernel` (pure: the model is left as it was).
 
@@ -117,6 +118,7 @@ def integer_export(
         kv_cache: as `export_onnx` (a decoder LM takes its KV cache as inputs and outputs).
         calibration: (args, kwargs) batches of real inputs: the static kernel calibrates the
             activations of a model that learned no scales on them, and auto checks on the first.
+        calibration_name: what the notes call `calibration`.
 
     Returns:
         The CompressReport; `notes` say what the kernels did, `layers` which kernel each
@@ -139,7 +141,8 @@ def integer_export(
         static = StaticInputs(ops=_layer_ops(model, exported, scopes))
         if any("static" in choice for choice in choices):
             with step("reading activation scales…"):
-                static = prepare_static(model, exported, scopes, calibration, required=kernel == "static")
+                static = prepare_static(model, exported, scopes, calibration, required=kernel == "static",
+                                        calibration_name=calibration_name)
             if not static.usable:
                 choices = tuple(c for c in choices if "static" not in c) or choices
         check_batch = calibration[0] if calibration else (tuple(example_inputs), dict(example_kwargs or {}))

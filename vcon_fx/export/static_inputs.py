@@ -18,7 +18,7 @@ from .calibrate_onnx import calibrate_ranges
 from .layer_ranges import attach_ranges, has_learned_scales, layer_ops, observed_ranges, quantized_layers
 from .naming import flatten_inputs
 
-__all__ = ["StaticInputs", "prepare_static", "calibration_feeds"]
+__all__ = ["StaticInputs", "prepare_static", "calibration_feeds", "needs_calibration"]
 
 
 @dataclass
@@ -40,8 +40,14 @@ def calibration_feeds(model: nn.Module, batches: Sequence[tuple[tuple, dict]]) -
             for args, kwargs in batches]
 
 
+def needs_calibration(model: nn.Module) -> bool:
+    """True when some quantized layer of `model` recorded no output range while fine-tuning (pure)."""
+    return any(not bool(getattr(m, "out_observed", False)) for m in quantized_layers(model).values())
+
+
 def prepare_static(model: nn.Module, exported: Path, scopes: dict[str, str],
-                   calibration: Sequence[tuple[tuple, dict]] | None, *, required: bool) -> StaticInputs:
+                   calibration: Sequence[tuple[tuple, dict]] | None, *, required: bool,
+                   calibration_name: str = "the calibration data") -> StaticInputs:
     """Attach the activation ranges static int8 needs to the float export `exported` (in place on that file).
 
     Args:
@@ -50,6 +56,7 @@ def prepare_static(model: nn.Module, exported: Path, scopes: dict[str, str],
         scopes: node output name → module path, from that export.
         calibration: (args, kwargs) batches to calibrate on when the model recorded no ranges.
         required: the static kernel was asked for by name: no ranges at all is an error.
+        calibration_name: what the notes call `calibration` (the CLI falls back to the training data).
 
     Raises:
         UsageError: `required`, and neither learned scales nor calibration data.
@@ -68,8 +75,8 @@ def prepare_static(model: nn.Module, exported: Path, scopes: dict[str, str],
         ranges = {**calibrate_ranges(exported, calibration_feeds(model, calibration)), **ranges}
         why = ("the model learned no activation scales (quantized without --act-bits 8)" if not learned
                else f"{missing} quantized layer(s) recorded no output range")
-        found.notes.append(f"static int8: {why}: activation ranges calibrated on the first {count} example(s) of the "
-                           "calibration data (min / max)")
+        found.notes.append(f"static int8: {why}: activation ranges calibrated on the first {count} example(s) of "
+                           f"{calibration_name} (min / max)")
         found.usable = True
     elif not found.usable:
         message = ("the model learned no activation scales (it was quantized without --act-bits 8) and no calibration "
@@ -80,7 +87,7 @@ def prepare_static(model: nn.Module, exported: Path, scopes: dict[str, str],
         found.notes.append(f"static int8 not possible: {message} (pass --calibration-data FILE to calibrate)")
         return found
     elif calibration:
-        found.notes.append("static int8: the model's own activation scales are used; the calibration data was not needed")
+        found.notes.append(f"static int8: the model's own activation scales are used; {calibration_name} was not needed")
     attach_ranges(proto, ranges)
     onnx.save(proto, str(exported))
     return found

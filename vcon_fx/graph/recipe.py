@@ -39,6 +39,9 @@ class Recipe:
     inputs: dict[str, Any] = field(default_factory=dict)  # example-input spec (shapes, dtypes)
     excluded: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # The data finetune read (path and reader options): export's static int8 calibrates on it
+    # when no other calibration data is given.
+    training: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -55,6 +58,7 @@ class Recipe:
             "inputs": self.inputs,
             "excluded": self.excluded,
             "notes": self.notes,
+            "training": self.training,
         }
 
     @staticmethod
@@ -81,6 +85,7 @@ class Recipe:
                 inputs=dict(data.get("inputs") or {}),
                 excluded=dict(data.get("excluded") or {}),
                 notes=list(data.get("notes") or []),
+                training=dict(data["training"]) if data.get("training") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"recipe.json is incomplete or malformed ({type(exc).__name__}: {exc}); re-create it with `vcon-fx transform`") from None
