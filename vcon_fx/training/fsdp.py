@@ -67,7 +67,10 @@ def sharded_copy(vm: nn.Module, device: torch.device) -> nn.Module:
     mesh = init_device_mesh(device.type, (tdist.get_world_size(),))
     for blend in blend_modules(twin).values():
         fully_shard(blend, mesh=mesh)
-    fully_shard(twin, mesh=mesh)
+    # The root reshards after every forward too (FSDP's default keeps it whole until the backward):
+    # the forwards without a backward (probes, evaluation) would otherwise leave its whole weights
+    # registered, where the optimizer and `gather_into` expect the sharded ones.
+    fully_shard(twin, mesh=mesh, reshard_after_forward=True)
     return twin
 
 
