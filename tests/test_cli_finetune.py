@@ -151,3 +151,30 @@ def test_torchrun_two_processes(files, tmp_path):
     assert proc.stdout.count("wrote") == 1  # rank 0 alone prints and writes
     assert set(get_betas(load(out)).values()) == {0.0}
     assert sorted(p.name for p in (tmp_path / "ddp.ckpt").iterdir()) == ["step-3", "step-6"]
+
+
+def test_fsdp_in_one_process_is_refused_before_loading(files, tmp_path):
+    from vcon_fx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="single process.*torchrun") as info:
+        run([str(files / "tiny.vcon"), "--data", str(files / "train.npz"), "--steps", "2", "--fsdp",
+             "-o", str(tmp_path / "out")])
+    assert info.value.exit_code == 2 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_fsdp(files, tmp_path):
+    out = tmp_path / "fsdp"
+    torchrun = str(Path(PY).with_name("torchrun"))
+    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", *ENTRY, "finetune",
+                           str(files / "tiny.vcon"), "--data", str(files / "train.npz"), "--steps", "6",
+                           "--batch-size", "8", "--save-every", "3", "--fsdp", "-o", str(out)],
+                          capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote") == 1
+    assert set(get_betas(load(out)).values()) == {0.0}
+    assert sorted(p.name for p in (tmp_path / "fsdp.ckpt" / "step-6" / "shards").iterdir()) == [
+        "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
+    small = tmp_path / "small"
+    assert subprocess.run([PY, *ENTRY, "vanish", str(out), "-o", str(small)], capture_output=True).returncode == 0
+    assert load(small) is not None

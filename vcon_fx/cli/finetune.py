@@ -1,7 +1,7 @@
 """`vcon-fx finetune`: fine-tune a blended artifact while β falls 1 → 0 (part of the CLI: it prints).
 
     vcon-fx finetune model.vcon --data train.npz --steps 1000 [--transition 200] [-o model.tuned]
-    torchrun --nproc-per-node 2 -m vcon_fx finetune model.vcon --data train.npz --steps 1000
+    torchrun --nproc-per-node 2 -m vcon_fx finetune model.vcon --data train.npz --steps 1000 [--fsdp]
 
 cli/main.py wires it in with `add_finetune_parser(subparsers)` and `cmd_finetune(args)`. Under
 torchrun only rank 0 prints and writes.
@@ -58,6 +58,8 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
                    help="a table's label column: class indices or names (default label; absent: unlabelled)")
     p.add_argument("--seq-len", type=int, help="tokens per text example (default: the model's example length)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each rank's own GPU)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model over the processes with FSDP2 instead of DDP replicas")
     p.add_argument("--trust-pickle", action="store_true", help="the artifact's source is a pickled module you trust")
     p.add_argument("-o", "--output", help="tuned artifact folder (default: MODEL with suffix .tuned)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
@@ -118,6 +120,7 @@ def run_finetune(args) -> int:
         check_output(out, force=args.force, inputs=(args.model, args.data, args.eval_data))
     transition = _transition(args.transition, args.steps)
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.name + ".ckpt")
+    _config(args, transition, checkpoint_dir)  # a refused setting (--fsdp in one process, …) fails before loading
     _, batch_note = training_batch_size(recipe.inputs, args.batch_size)  # a conflict fails here, before any work
     if batch_note and main_rank:
         console.print(f"[yellow]note:[/] {batch_note}", soft_wrap=True)
@@ -164,12 +167,15 @@ def _record_training_data(model, data: str, columns: dict) -> None:
 def _config(args, transition: int | None, checkpoint_dir: Path):
     """The FinetuneConfig the command line asks for."""
     from ..training import FinetuneConfig
+    from ..training.fsdp import check_fsdp_settings
 
+    if args.fsdp:  # compress builds the config before its first stage: this refuses --fsdp there
+        check_fsdp_settings(int(os.environ.get("WORLD_SIZE", "1")), args.match_groups)
     return FinetuneConfig(steps=args.steps, transition=transition, schedule=args.schedule, lr=args.lr,
                           batch_size=args.batch_size, loss=args.loss, eval_every=args.eval_every, seed=args.seed,
                           save_every=args.save_every, checkpoint_dir=checkpoint_dir, resume=args.resume,
                           log_path=args.log, device=args.device, distill=args.distill, match_groups=args.match_groups,
-                          teacher_after=args.teacher_after)
+                          teacher_after=args.teacher_after, fsdp=args.fsdp)
 
 
 def _step_text(info: dict) -> str:

@@ -6,6 +6,10 @@
 The callback steps the same `BetaSchedule` as `vcon_fx.finetune`, once per optimizer step, with
 β set from `state.global_step` (so gradient accumulation and resuming from a Trainer
 checkpoint keep β in step). Only this module imports transformers.
+
+Under DDP or FSDP the model Trainer hands to callbacks is wrapped (DDP, FSDP1's wrapper) or
+sharded in place (FSDP2's `fully_shard`); the blends are found through `model.modules()` either
+way, and β, a buffer, stays whole and the same on every rank (each rank steps the same schedule).
 """
 
 from __future__ import annotations

@@ -52,6 +52,9 @@ class FinetuneConfig:
             branch's (‖c − d‖² / ‖d‖², averaged over groups), added to the loss.
         teacher_after: keep `distill` and `match_groups` on after β reaches 0 (default: they stop
             there, with the transition).
+        fsdp: under torchrun, shard the model over the processes with FSDP2 (each Blend a unit)
+            instead of a whole DDP replica per process; checkpoints are sharded (`checkpoint.py`).
+            Refused in one process and with `match_groups`.
 
     Raises:
         ConfigError: an invalid value (the message names the field and the fix).
@@ -76,6 +79,7 @@ class FinetuneConfig:
     distill: float = 0.0
     match_groups: float = 0.0
     teacher_after: bool = False
+    fsdp: bool = False
 
     def __post_init__(self):
         _whole("steps", self.steps, 1)

@@ -92,11 +92,12 @@ def evaluate(vm: nn.Module, data: Dataset, metric: str, *, batch_size: int, devi
     total, count = 0.0, 0.0
     with eval_mode(vm):
         idx = list(range(dist.rank, len(ds), dist.world))
-        for lo in range(0, len(idx), batch_size):
-            chunk = idx[lo:lo + batch_size]
-            real = len(chunk)
+        # Every rank runs as many forwards as rank 0 (FSDP's are collective); a spare one counts nothing.
+        for lo in range(0, len(range(0, len(ds), dist.world)), batch_size):
+            chunk = idx[lo:lo + batch_size] or [0]
+            real = len(idx[lo:lo + batch_size])
             if pad:
-                chunk = chunk + chunk[:1] * (batch_size - real)
+                chunk = chunk + chunk[:1] * (batch_size - len(chunk))
             args, kwargs, labels = split_batch(default_collate([ds[i] for i in chunk]))
             args, kwargs = to_device(args, device), to_device(kwargs, device)
             out = vm(*args, **kwargs)
@@ -167,7 +168,8 @@ class GapProbe:
 
             self.handles.append(blend.dense.register_forward_hook(record("dense")))
             self.handles.append(blend.compressed.register_forward_hook(record("compressed")))
-            self.handles.append(blend.register_forward_hook(finish, with_kwargs=True))
+            # prepend: ahead of FSDP's post-forward hook, while the unit's weights are still whole
+            self.handles.append(blend.register_forward_hook(finish, with_kwargs=True, prepend=True))
         return self
 
     def __exit__(self, *exc) -> None:

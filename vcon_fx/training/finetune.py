@@ -15,7 +15,9 @@ renamed; the newest two are kept (`checkpoint.py`).
 
 Under `torchrun` the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on GPU);
 each rank takes its slice of every global batch, β is the same on every rank (the schedule is
-a pure function of the step; checked), and only rank 0 writes files (`distributed.py`).
+a pure function of the step; checked), and only rank 0 writes files (`distributed.py`). With
+`fsdp=True` the ranks train a copy sharded with FSDP2 instead, write sharded checkpoints, and
+copy the trained weights back into `vm` at the end (`fsdp.py`).
 The loss, the metric and the per-group gap are measured as `evaluate.py` describes; the step
 records go to `records.py`'s JSON-lines log; ^C is handled by `interrupt.py`.
 """
@@ -108,7 +110,7 @@ def finetune(
     else:
         eval_data = _as_dataset(vm, eval_data, "eval")
 
-    with Distributed(config.device) as dist:
+    with Distributed(config.device, fsdp=config.fsdp) as dist:
         return FinetuneRun(vm, train_data, eval_data, dist, config, on_step=on_step, eval_on=eval_on).train()
 
 

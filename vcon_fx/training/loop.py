@@ -23,7 +23,8 @@ from ..errors import ConfigError, DataError, TrainingError
 from ..graph.blend import get_betas, mean_beta
 from ..schedules.schedule import make_schedule
 from .batches import StepBatches, mix_seed, split_batch, to_device
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (latest_checkpoint, load_checkpoint, load_sharded_checkpoint, save_checkpoint,
+                         save_sharded_checkpoint)
 from .config import FinetuneConfig, training_batch_size
 from ..graph.recipe import recipe_of
 from .distributed import Distributed
@@ -75,14 +76,15 @@ class FinetuneRun:
         """Run every step (in place on the model); returns what the run did."""
         vm, config = self.vm, self.config
         was_training = vm.training
-        vm.to(self.device)
+        self.dist.check_sharding(config.match_groups)
+        self.vm = self.dist.place(vm)  # from here on the model trained: `vm`, or (FSDP) its sharded copy
         self._prepare()
         start = self._restore() if config.resume else 0
         self.t0 = time.monotonic()
         try:
             self.records.open(start)
             self._check_betas_agree()
-            model = self.dist.wrap(vm)
+            model = self.dist.wrap(self.vm)
             if start == 0:
                 self._evaluate_start()
             with sigint_flag(self._on_sigint):
@@ -91,6 +93,7 @@ class FinetuneRun:
                 self.metrics["after"] = self._evaluate()
             if config.save_every and self.schedule.t > start:
                 self._save(self.schedule.t)
+            self.dist.finish(self.vm, vm)
         finally:
             self.records.close()
             vm.train(was_training)
@@ -280,9 +283,12 @@ class FinetuneRun:
     def _save(self, t: int) -> None:
         if self.checkpoint_dir is None:
             return
-        if self.dist.main:
-            save_checkpoint(self.checkpoint_dir, t, self.vm, self.optimizer, self.schedule, run=self._run_settings(),
-                            seed=self.config.seed, metrics=self.metrics, history=self.records.history)
+        settings = dict(run=self._run_settings(), seed=self.config.seed, metrics=self.metrics,
+                        history=self.records.history)
+        if self.dist.sharded:
+            save_sharded_checkpoint(self.checkpoint_dir, t, self.vm, self.optimizer, self.schedule, self.dist, **settings)
+        elif self.dist.main:
+            save_checkpoint(self.checkpoint_dir, t, self.vm, self.optimizer, self.schedule, **settings)
         self.last_checkpoint = self.checkpoint_dir / f"step-{t}"
 
     def _restore(self) -> int:
@@ -290,8 +296,8 @@ class FinetuneRun:
         if found is None:
             log.info("no checkpoint in %s: starting from step 0", self.checkpoint_dir)
             return 0
-        state = load_checkpoint(found, self.vm, self.optimizer, self.schedule, run=self._run_settings(),
-                                device=self.device)
+        load = load_sharded_checkpoint if self.dist.sharded else load_checkpoint
+        state = load(found, self.vm, self.optimizer, self.schedule, run=self._run_settings(), device=self.device)
         self.metrics = dict(state.get("metrics", {}))
         step = int(state["step"])
         self.records.history = self.records.logged(step) or list(state.get("history", []))
