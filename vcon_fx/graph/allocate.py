@@ -3,8 +3,8 @@
 `plan` calls `allocate_plans` once the layers are planned uniformly and the calibration statistics
 (with XᵀX) are gathered. Each measurable layer (a Linear / Conv1d / Conv2d with statistics, not
 tied to another) gets one setting of its method's candidate set (methods/allocation.py), chosen by
-methods/budget.py so that the layers together hold what the uniform setting would hold: the same
-parameters (quant: the same weight bits; `--allocate flops`: the same FLOPs, low-rank only). Its
+methods/budget.py so that the layers together hold no more than the uniform setting asks, nor more
+than it would hold: parameters (quant: weight bits; `--allocate flops`: FLOPs, low-rank only). Its
 plan then records the setting and the measured error (`detail["allocated"]`, `detail["error"]`):
 the recipe keeps the plans, so a saved model rebuilds with the same per-layer settings without the
 data. Other layers keep the uniform setting and are left out of the budget.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import ConfigError
-from ..methods.allocation import Option, layer_options, layer_target, measurable, space_for
+from ..methods.allocation import Option, layer_budget, layer_options, measurable, space_for
 from ..methods.base import LayerPlan, LayerSite, MethodConfig
 from ..methods.budget import Infeasible, spread
 from .select import Selection
@@ -73,7 +73,7 @@ def allocate_plans(config: MethodConfig, plans: dict[str, LayerPlan], sites: dic
     if not options:
         raise ConfigError(f"--allocate found no layer to measure among {len(paths)} selected (it measures Linear, "
                           "Conv1d and Conv2d layers on their calibration inputs); drop --allocate")
-    budget = sum(layer_target(space, config, plans[p], unit) for p in options)
+    budget = sum(layer_budget(space, config, plans[p], unit) for p in options)
     try:
         picks = spread(options, budget)
     except Infeasible as exc:

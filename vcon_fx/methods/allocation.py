@@ -36,8 +36,8 @@ from .prune import PruneConfig
 from .quant import QuantConfig
 from .twin import WeightTwin
 
-__all__ = ["Space", "Option", "UNITS", "space_for", "layer_options", "layer_target", "relative_output_error",
-           "twin_matrix"]
+__all__ = ["Space", "Option", "UNITS", "space_for", "layer_options", "layer_budget", "relative_output_error",
+           "twin_matrix", "measurable"]
 
 UNITS = ("params", "flops")
 _FLOAT_BITS = 32
@@ -105,16 +105,19 @@ def _bits(value) -> int:
     return 2 if value == "ternary" else int(value)
 
 
-def layer_target(space: Space, config: MethodConfig, dense: LayerPlan, unit: str) -> float:
-    """What the uniform setting asks of this layer, in the budget's unit (pure): the layer's share of the budget."""
+def layer_budget(space: Space, config: MethodConfig, uniform: LayerPlan, unit: str) -> float:
+    """This layer's share of the budget, in its unit (pure): what the uniform setting asks of it (ratio × its
+    weights, …), or what the uniform plan holds where that is less (a rank rounded down)."""
     value = getattr(config, space.field)
-    weights = math.prod(dense.shape)
+    weights = math.prod(uniform.shape)
     if unit == "flops":
-        return float(value) * dense.flops_before
-    if space.field == "bits":
-        return weights * _bits(value) + (dense.params_before - weights) * _FLOAT_BITS
-    kept = float(value) if space.field == "ratio" else 1.0 - float(value)
-    return weights * kept + (dense.params_before - weights)
+        asked = float(value) * uniform.flops_before
+    elif space.field == "bits":
+        asked = weights * _bits(value) + (uniform.params_before - weights) * _FLOAT_BITS
+    else:
+        kept = float(value) if space.field == "ratio" else 1.0 - float(value)
+        asked = weights * kept + (uniform.params_before - weights)
+    return min(asked, _cost(space, uniform, unit))
 
 
 def _cost(space: Space, plan: LayerPlan, unit: str) -> float:
