@@ -21,7 +21,7 @@ from ..methods.base import LayerPlan, LayerSite, MethodConfig, method_for
 from ..methods.tied import tie_plans
 from . import contracts
 from .blend import set_beta
-from .allocate import allocate_plans, check_allocation
+from .allocate import calibrate_and_allocate, check_allocation
 from .calibrate import calibrate, input_rms, with_input_rms
 from .duplicate import duplicate, plan_blocks
 from .normalize import normalize
@@ -101,11 +101,12 @@ def plan(
     tie_plans(selection.ties, plans)  # a head tied to an embedding computes with its compressed table
     extra = {"gm": gm, "sites": sites}
     if chosen.allocate:  # the statistics (XᵀX) are gathered here once; transform reuses them
-        layers = [p for g in selection.groups for p in g.layers]
-        sites, note = _calibrated(model, gm, sites, layers, calibration, calibration_samples, True,
-                                  example_inputs, example_kwargs, seq_inputs)
-        notes = [*notes, note, *allocate_plans(config, plans, sites, selection, chosen.allocate)]
-        extra.update(sites=sites, calibrated=note)
+        fixed = fixed_dims(gm, flatten_inputs(model, example_inputs, example_kwargs), tuple(seq_inputs)).get("batch")
+        sites, allocated = calibrate_and_allocate(gm, config, plans, sites, selection, chosen.allocate, calibration,
+                                                  samples=calibration_samples, positional=max(len(example_inputs), 1),
+                                                  fixed_batch=fixed)
+        notes = [*notes, *allocated]
+        extra.update(sites=sites, calibrated=True)
     groups = [g for g in selection.groups if any(not plans[p].skipped for p in g.layers)]
     total = sum(p.numel() for p in gm.parameters())
     return CompressionPlan(path, notes, selection, plans, groups, total, extra, config)

@@ -37,7 +37,7 @@ from .quant import QuantConfig
 from .twin import WeightTwin
 
 __all__ = ["Space", "Option", "UNITS", "space_for", "layer_options", "layer_budget", "relative_output_error",
-           "twin_matrix", "measurable"]
+           "twin_matrix", "measurable", "quiet_whitening"]
 
 UNITS = ("params", "flops")
 _FLOAT_BITS = 32
@@ -61,12 +61,18 @@ class Space:
 
 @dataclass
 class Option:
-    """One setting of one layer: its plan, its cost in the budget's unit, its measured output error."""
+    """One setting of one layer: its config and plan, its cost in the budget's unit, its measured output error.
+
+    `layer_error` is the layer's own relative output error; `error`, what the spread compares, is the
+    model's output error it predicts (the layer error times the layer's gain, graph/sensitivity.py).
+    """
 
     label: str
+    config: MethodConfig | None
     plan: LayerPlan
     cost: float
-    error: float
+    layer_error: float
+    error: float = 0.0
 
 
 def space_for(config: MethodConfig, unit: str) -> Space:
@@ -146,7 +152,7 @@ def layer_options(config: MethodConfig, space: Space, site: LayerSite, unit: str
     options: list[Option] = []
     if space.dense:
         dense = unchanged_plan(site, "kept dense by --allocate")
-        options.append(Option("dense", dense, _cost(space, dense, unit), 0.0))
+        options.append(Option("dense", None, dense, _cost(space, dense, unit), 0.0))
     widest: LowRank | None = None  # low-rank: one factorization at the largest rank, truncated for the others
     for value in space.values:
         candidate = dataclasses.replace(config, **{space.field: value})
@@ -154,7 +160,7 @@ def layer_options(config: MethodConfig, space: Space, site: LayerSite, unit: str
         plan = method.plan(site)
         if plan.skipped:
             continue
-        with torch.no_grad(), _quiet_whitening():
+        with torch.no_grad(), quiet_whitening():
             if widest is not None:
                 matrix = _truncated(widest, plan.detail["rank"])
             else:
@@ -163,10 +169,10 @@ def layer_options(config: MethodConfig, space: Space, site: LayerSite, unit: str
                 widest = twin if isinstance(twin, LowRank) else None
             error = relative_output_error(site.module.weight, matrix, site.statistics.gram)
         options.append(Option(f"{space.field} {value:g}" if isinstance(value, float) else f"{space.field} {value}",
-                              plan, _cost(space, plan, unit), error))
+                              candidate, plan, _cost(space, plan, unit), error))
     by_cost: dict[float, Option] = {}
     for option in options:
-        if option.cost not in by_cost or option.error < by_cost[option.cost].error:
+        if option.cost not in by_cost or option.layer_error < by_cost[option.cost].layer_error:
             by_cost[option.cost] = option
     return sorted(by_cost.values(), key=lambda o: -o.cost)
 
@@ -181,7 +187,7 @@ def _truncated(twin: LowRank, rank: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _quiet_whitening():
+def quiet_whitening():
     """A shifted XᵀX is said once, when the chosen twin is built (and noted in its plan), not per candidate."""
     logger = logging.getLogger(f"{__package__}.whitening")
     was, logger.disabled = logger.disabled, True
