@@ -222,3 +222,14 @@ def test_allocate_refused_in_the_users_terms(files, argv, fix, capsys):
     err = capsys.readouterr().err
     assert fix in err and "--allocate" in err, err
     assert not (files / "never.vcon").exists()
+
+
+def test_compress_and_inspect_take_the_flag_as_transform_does():
+    from vcon_fx.cli.main import build_parser
+
+    parser = build_parser()
+    for argv in (["compress", "m.pt2", "--method", "lowrank", "--ratio", "0.5", "--allocate", "--data", "d.npz",
+                  "--steps", "4", "--onnx", "m.onnx"],
+                 ["inspect", "m.pt2", "--allocate", "flops"], ["transform", "m.pt2", "--method", "quant"]):
+        args = parser.parse_args(argv)
+        assert args.allocate == {"compress": "params", "inspect": "flops", "transform": None}[argv[0]]
