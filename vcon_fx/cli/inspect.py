@@ -7,7 +7,8 @@ import json
 from rich.table import Table
 
 from ..errors import CaptureError
-from .options import add_calibration, add_method, add_source, load_calibration, load_source, method_config, selection_kwargs
+from .options import (add_calibration, add_method, add_source, calibration_samples, load_calibration, load_source,
+                      method_config, selection_kwargs)
 from .render import console, describe, fmt_bytes, fmt_count, plan_table
 
 __all__ = ["add_parser", "run"]
@@ -42,7 +43,8 @@ def run(args) -> int:
     try:
         compression_plan = plan(loaded.module, config, example_inputs=loaded.example_args,
                                 example_kwargs=loaded.example_kwargs, seq_inputs=loaded.seq_inputs,
-                                calibration=calibration, **selection_kwargs(args))
+                                calibration=calibration, calibration_samples=calibration_samples(args),
+                                **selection_kwargs(args))
     except CaptureError:
         _uncaptured_layers(args, loaded.module)  # what the module tree alone tells, then the error
         raise
@@ -71,14 +73,14 @@ def run(args) -> int:
 def _statistics_memory(args, compression_plan, calibration) -> dict | None:
     """What the calibration pass would read and hold (None without --calibration-data)."""
     from ..graph.statistics import statistics_bytes
-    from .options import calibration_samples
 
     if calibration is None:
         return None
     sites, config = compression_plan.extra["sites"], compression_plan.config
     layers = [sites[p].module for g in compression_plan.groups for p in g.layers if not compression_plan.plans[p].skipped]
+    gram = config.needs_gram or bool(getattr(args, "allocate", None))  # --allocate reads every layer's XᵀX
     return {"data": args.calibration_data, "samples": min(len(calibration), calibration_samples(args)),
-            "layers": len(layers), "gram": config.needs_gram, "bytes": statistics_bytes(layers, gram=config.needs_gram)}
+            "layers": len(layers), "gram": gram, "bytes": statistics_bytes(layers, gram=gram)}
 
 
 def _plan_json(compression_plan, config) -> dict:

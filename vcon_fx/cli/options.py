@@ -34,6 +34,9 @@ def add_method(p: argparse.ArgumentParser, required: bool) -> None:
     s.add_argument("--blocks", action="append", default=[], help="block regions, e.g. 'layer*.*' or 'encoder.layer.*.intermediate+output'")
     s.add_argument("--include-stem", action="store_true", help="compress the first layer too")
     s.add_argument("--include-head", action="store_true", help="compress the last layer too")
+    s.add_argument("--allocate", nargs="?", const="params", choices=("params", "flops"),
+                   help="the --ratio / --sparsity / --bits as one budget over all layers (params, the default, or "
+                        "flops), each layer's setting chosen by its output error on --calibration-data")
 
 
 def add_calibration(p: argparse.ArgumentParser) -> None:
@@ -104,7 +107,8 @@ def selection_kwargs(args) -> dict:
 
     return dict(selection=SelectionConfig(targets=tuple(args.targets) if args.targets else None, ignore=tuple(args.ignore),
                                           granularity=args.granularity, blocks=tuple(args.blocks),
-                                          include_stem=args.include_stem, include_head=args.include_head),
+                                          include_stem=args.include_stem, include_head=args.include_head,
+                                          allocate=getattr(args, "allocate", None)),
                 capture=args.capture)
 
 

@@ -38,14 +38,17 @@ def fmt_bytes(n: float) -> str:
 
 def plan_table(plans, excluded, title="plan") -> None:
     table = Table(title=title)
-    for col in ("layer", "type", "weight shape", "params", "FLOPs", "→ params", "→ FLOPs", "→ bytes", "decision"):
+    allocated = any("error" in pl.detail for pl in plans.values())  # --allocate measured each layer's output error
+    for col in ("layer", "type", "weight shape", "params", "FLOPs", "→ params", "→ FLOPs", "→ bytes",
+                *(("output error",) if allocated else ()), "decision"):
         table.add_column(col, justify="right" if col not in ("layer", "type", "decision") else "left")
     for path, pl in plans.items():
         # nested plans (a composed method's parts, a recurrent layer's gate matrices) are in `inspect --json`
         decision = f"[yellow]skipped: {pl.skip_reason}[/]" if pl.skipped else ", ".join(
-            f"{k} {v}" for k, v in pl.detail.items() if not isinstance(v, dict))
+            f"{k} {v}" for k, v in pl.detail.items() if not isinstance(v, dict) and k != "error")
+        error = (f"{pl.detail['error']:.3g}" if "error" in pl.detail else "",) if allocated else ()
         table.add_row(path, pl.kind, "×".join(map(str, pl.shape)), fmt_count(pl.params_before), fmt_count(pl.flops_before),
-                      fmt_count(pl.params_after), fmt_count(pl.flops_after), fmt_bytes(pl.bytes_after), decision)
+                      fmt_count(pl.params_after), fmt_count(pl.flops_after), fmt_bytes(pl.bytes_after), *error, decision)
     console.print(table)
     for path, reason in excluded.items():
         if path not in plans:

@@ -21,6 +21,7 @@ from ..methods.base import LayerPlan, LayerSite, MethodConfig, method_for
 from ..methods.tied import tie_plans
 from . import contracts
 from .blend import set_beta
+from .allocate import calibrate_and_allocate, check_allocation
 from .calibrate import calibrate, input_rms, with_input_rms
 from .duplicate import duplicate, plan_blocks
 from .normalize import normalize
@@ -73,18 +74,21 @@ def plan(
     capture: str = "auto",
     seq_inputs: tuple[str, ...] = (),
     calibration=None,
+    calibration_samples: int = DEFAULT_SAMPLES,
     **select_options,
 ) -> CompressionPlan:
     """Capture, select and plan every layer (pure: nothing is compressed).
 
     `selection` (or its fields as keyword options: targets=…, ignore=…) says which layers;
-    `calibration` (not read here) only whether data-aware starts will have data.
+    `calibration` whether data-aware starts will have data. It is read here only with
+    `allocate` (graph/allocate.py), which measures every layer's settings on it.
 
     Raises:
         CaptureError, SelectionError, ConfigError: as `transform`.
     """
     config = config.calibrated(calibration is not None)
     chosen = SelectionConfig.of(selection, **select_options)
+    check_allocation(config, calibration, chosen.allocate)
     gm, notes, path, sites = _captured(model, example_inputs, example_kwargs, capture, seq_inputs)
     selection = select(gm, sites, chosen)
     method = method_for(config)
@@ -95,9 +99,17 @@ def plan(
     plans = {p: method.plan(sites[p]) for g in selection.groups for p in g.layers}
     plan_blocks(gm, selection.groups, method, plans, sites)  # methods that couple layers refine block plans
     tie_plans(selection.ties, plans)  # a head tied to an embedding computes with its compressed table
+    extra = {"gm": gm, "sites": sites}
+    if chosen.allocate:  # the statistics (XᵀX) are gathered here once; transform reuses them
+        fixed = fixed_dims(gm, flatten_inputs(model, example_inputs, example_kwargs), tuple(seq_inputs)).get("batch")
+        sites, allocated = calibrate_and_allocate(gm, config, plans, sites, selection, chosen.allocate, calibration,
+                                                  samples=calibration_samples, positional=max(len(example_inputs), 1),
+                                                  fixed_batch=fixed)
+        notes = [*notes, *allocated]
+        extra.update(sites=sites, calibrated=True)
     groups = [g for g in selection.groups if any(not plans[p].skipped for p in g.layers)]
     total = sum(p.numel() for p in gm.parameters())
-    return CompressionPlan(path, notes, selection, plans, groups, total, {"gm": gm, "sites": sites}, config)
+    return CompressionPlan(path, notes, selection, plans, groups, total, extra, config)
 
 
 def transform(
@@ -149,16 +161,17 @@ def transform(
     example_inputs, example_kwargs = tuple(example_inputs), dict(example_kwargs or {})
     selection = SelectionConfig.of(selection, **select_options)
     compression_plan = plan(model, config, example_inputs=example_inputs, example_kwargs=example_kwargs,
-                            selection=selection, capture=capture, seq_inputs=seq_inputs, calibration=calibration)
+                            selection=selection, capture=capture, seq_inputs=seq_inputs, calibration=calibration,
+                            calibration_samples=calibration_samples)
     config = compression_plan.config
     _refuse_all_skipped(compression_plan, config)
     gm, sites = compression_plan.extra["gm"], compression_plan.extra["sites"]
     layers = [p for g in compression_plan.groups for p in g.layers if not compression_plan.plans[p].skipped]
     if calibration is not None:
-        fixed = fixed_dims(gm, flatten_inputs(model, example_inputs, example_kwargs), tuple(seq_inputs)).get("batch")
-        sites, note = calibrate(gm, sites, layers, calibration, samples=calibration_samples, gram=config.needs_gram,
-                                positional=max(len(example_inputs), 1), fixed_batch=fixed)
-        compression_plan.notes.append(note)
+        if "calibrated" not in compression_plan.extra:  # --allocate gathered them already
+            sites, note = _calibrated(model, gm, sites, layers, calibration, calibration_samples, config.needs_gram,
+                                      example_inputs, example_kwargs, seq_inputs)
+            compression_plan.notes.append(note)
     elif uses_input_statistics(config):
         sites = with_input_rms(sites, input_rms(gm, layers, example_inputs, example_kwargs))
     duplicate(gm, compression_plan.groups, method_for(config), compression_plan.plans, sites, freeze_dense=freeze_dense)
@@ -170,6 +183,13 @@ def transform(
     log.info("transformed %d group(s) with %s (capture: %s)", len(compression_plan.groups), config.method,
              compression_plan.capture)
     return gm
+
+
+def _calibrated(model, gm, sites, layers, calibration, samples, gram, example_inputs, example_kwargs, seq_inputs):
+    """`calibrate` on the graph as captured: whole batches where the graph fixed its batch size."""
+    fixed = fixed_dims(gm, flatten_inputs(model, example_inputs, example_kwargs), tuple(seq_inputs)).get("batch")
+    return calibrate(gm, sites, layers, calibration, samples=samples, gram=gram,
+                     positional=max(len(example_inputs), 1), fixed_batch=fixed)
 
 
 def _inputs_record(model, gm, example_inputs, example_kwargs, seq_inputs) -> dict:

@@ -32,6 +32,7 @@ __all__ = ["Group", "Selection", "SelectionConfig", "find_sites", "select", "mat
 
 DEFAULT_TARGETS = tuple(t.__name__ for t in COMPRESSIBLE)
 GRANULARITIES = ("layer", "block")
+ALLOCATE_UNITS = ("params", "flops")  # what --allocate keeps within the budget (graph/allocate.py)
 
 
 @dataclass
@@ -60,6 +61,8 @@ class SelectionConfig:
     targets / ignore: type names, name globs or `re:` regexes (default targets: every
     compressible type, `DEFAULT_TARGETS`). granularity "block" blends whole single-exit regions
     named by `blocks`. include_stem / include_head also compress the first / last weight layer.
+    allocate: "params" (or True) / "flops" makes the method's ratio, sparsity or bits one budget for
+    all the selected layers, spread by measured sensitivity (graph/allocate.py); None: every layer alike.
     """
 
     targets: tuple[str, ...] | None = None
@@ -68,6 +71,7 @@ class SelectionConfig:
     blocks: tuple[str, ...] = ()
     include_stem: bool = False
     include_head: bool = False
+    allocate: str | None = None
 
     def __post_init__(self):
         # frozen: normalise through object.__setattr__ (lists and bare strings become tuples)
@@ -77,6 +81,11 @@ class SelectionConfig:
         object.__setattr__(self, "blocks", _patterns(self.blocks, "blocks"))
         if self.granularity not in GRANULARITIES:
             raise UsageError(f"--granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.allocate is True:
+            object.__setattr__(self, "allocate", "params")
+        if self.allocate not in (None, False, *ALLOCATE_UNITS):
+            raise UsageError(f"allocate must be one of {ALLOCATE_UNITS} (or None), got {self.allocate!r}")
+        object.__setattr__(self, "allocate", self.allocate or None)
 
     @staticmethod
     def of(selection: "SelectionConfig | None" = None, **options) -> "SelectionConfig":
@@ -93,7 +102,7 @@ class SelectionConfig:
         """The recipe's form (lists, None for the default targets)."""
         return {"targets": list(self.targets) if self.targets else None, "ignore": list(self.ignore),
                 "granularity": self.granularity, "blocks": list(self.blocks), "include_stem": self.include_stem,
-                "include_head": self.include_head}
+                "include_head": self.include_head, **({"allocate": self.allocate} if self.allocate else {})}
 
 
 @dataclass

@@ -369,6 +369,8 @@ class QuantMethod(WeightTwinMethod):
         config: QuantConfig = self.config
         if isinstance(site.module, RECURRENT_TYPES):
             return build_recurrent(self, site, plan, init=init)
+        if plan.detail.get("bits", config.bits) != config.bits:  # --allocate gave this layer its own width
+            config = dataclasses.replace(config, bits=plan.detail["bits"])
         ids = isinstance(site.module, EMBEDDING_TYPES)  # an embedding's inputs are token ids: never quantized
         twin = QuantTwin(site.module, bits=config.bits, act_bits=None if ids else config.act_bits,
                          share=not config.separate, init=init, fixed_scale=config.start != "max-abs")
