@@ -20,6 +20,7 @@ from ..errors import StageError, UsageError
 from ..graph.blend import mean_beta
 from ..schedules.schedule import SCHEDULES
 from ..training.evaluate import LOSSES
+from .options import add_dtype
 from .render import console, errors
 
 __all__ = ["add_finetune_parser", "cmd_finetune", "run_finetune"]
@@ -58,6 +59,7 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
                    help="a table's label column: class indices or names (default label; absent: unlabelled)")
     p.add_argument("--seq-len", type=int, help="tokens per text example (default: the model's example length)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each rank's own GPU)")
+    add_dtype(p, default=None)
     p.add_argument("--trust-pickle", action="store_true", help="the artifact's source is a pickled module you trust")
     p.add_argument("-o", "--output", help="tuned artifact folder (default: MODEL with suffix .tuned)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
@@ -159,7 +161,7 @@ def _config(args, transition: int | None, checkpoint_dir: Path):
                           batch_size=args.batch_size, loss=args.loss, eval_every=args.eval_every, seed=args.seed,
                           save_every=args.save_every, checkpoint_dir=checkpoint_dir, resume=args.resume,
                           log_path=args.log, device=args.device, distill=args.distill, match_groups=args.match_groups,
-                          teacher_after=args.teacher_after)
+                          teacher_after=args.teacher_after, dtype=getattr(args, "dtype", None))
 
 
 def _step_text(info: dict) -> str:

@@ -7,7 +7,8 @@ import json
 from rich.table import Table
 
 from ..errors import CaptureError
-from .options import add_calibration, add_method, add_source, load_calibration, load_source, method_config, selection_kwargs
+from .options import (add_calibration, add_dtype, add_method, add_source, load_calibration, load_source, method_config,
+                      selection_kwargs)
 from .render import console, describe, fmt_bytes, fmt_count, plan_table
 
 __all__ = ["add_parser", "run"]
@@ -18,6 +19,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("inspect", help="matched layers, parameters, FLOPs and the plan")
     p.add_argument("model", help="model source: .pt2, torchvision:NAME, HF folder, .pt, or a vcon artifact")
     add_source(p)
+    add_dtype(p)
     add_method(p, required=False)
     add_calibration(p)
     p.add_argument("--graph", action="store_true", help="print the captured graph")
@@ -42,7 +44,7 @@ def run(args) -> int:
     try:
         compression_plan = plan(loaded.module, config, example_inputs=loaded.example_args,
                                 example_kwargs=loaded.example_kwargs, seq_inputs=loaded.seq_inputs,
-                                calibration=calibration, **selection_kwargs(args))
+                                calibration=calibration, copy_model=False, **selection_kwargs(args))
     except CaptureError:
         _uncaptured_layers(args, loaded.module)  # what the module tree alone tells, then the error
         raise

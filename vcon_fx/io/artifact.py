@@ -109,6 +109,7 @@ def load(path: str | Path, *, model: nn.Module | None = None, example_inputs: tu
         raise ArtifactError(f"{folder / RECIPE_FILE} has unusable example inputs ({first_line(exc)}); re-create it") from None
     if example_inputs is not None:
         args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
+    built_here = model is None  # a model rebuilt from its source is ours: the graph takes its weights, no copy
     if model is None:
         if not recipe.source:
             raise ArtifactError(
@@ -124,7 +125,7 @@ def load(path: str | Path, *, model: nn.Module | None = None, example_inputs: tu
             raise ArtifactError(f"{folder / RECIPE_FILE} records an unusable model source ({first_line(exc)}); "
                                 "re-create the artifact") from None
     try:
-        gm = rebuild(model, recipe, args, kwargs)
+        gm = rebuild(model, recipe, args, kwargs, copy_model=not built_here)
     except VconError:
         raise
     except Exception as exc:  # a hand-edited or damaged recipe: wrong shapes, ranks, capture modes

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import ConfigError
+from ..graph.precision import DTYPES
 from ..schedules.registry import check_kind
 from .evaluate import LOSSES
 
@@ -52,6 +53,8 @@ class FinetuneConfig:
             branch's (‖c − d‖² / ‖d‖², averaged over groups), added to the loss.
         teacher_after: keep `distill` and `match_groups` on after β reaches 0 (default: they stop
             there, with the transition).
+        dtype: "fp32", "bf16" or "fp16": the model's weights (so its gradients and Adam states) are cast
+            to it before training; β stays float32. None (default): the dtype it was transformed in.
 
     Raises:
         ConfigError: an invalid value (the message names the field and the fix).
@@ -76,6 +79,7 @@ class FinetuneConfig:
     distill: float = 0.0
     match_groups: float = 0.0
     teacher_after: bool = False
+    dtype: str | None = None
 
     def __post_init__(self):
         _whole("steps", self.steps, 1)
@@ -95,6 +99,8 @@ class FinetuneConfig:
         if self.loss not in LOSSES:
             raise ConfigError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
         check_kind(self.schedule)
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} (or None: the model's own), got {self.dtype!r}")
         if (self.save_every is not None or self.resume) and self.checkpoint_dir is None:
             raise ConfigError(f"{'resume' if self.resume else 'save_every'} needs checkpoint_dir: "
                               "say where checkpoints live")
