@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 from rich.table import Table
 
@@ -27,6 +28,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..graph.memory import memory_estimate
     from ..graph.pipeline import plan
     from ..io.artifact import is_artifact, read_recipe
 
@@ -50,8 +52,11 @@ def run(args) -> int:
         raise
     config = compression_plan.config
     memory = _statistics_memory(args, compression_plan, calibration)
+    peaks = memory_estimate(compression_plan)
     if args.json:
-        console.print_json(json.dumps({**_plan_json(compression_plan, config), "calibration": memory}))
+        console.print_json(json.dumps({**_plan_json(compression_plan, config), "calibration": memory,
+                                       "memory": {**asdict(peaks), "transform_peak": peaks.transform,
+                                                  "step_peak": peaks.step}}))
         return 0
     console.print(f"[bold]{args.model}[/] ({type(loaded.module).__name__}): captured with "
                   f"[bold]{compression_plan.capture}[/]")
@@ -63,11 +68,20 @@ def run(args) -> int:
     before, after = compression_plan.total_params, compression_plan.params_after
     console.print(f"{len(compression_plan.groups)} group(s) ({compression_plan.selection.granularity}); parameters "
                   f"{fmt_count(before)} → {fmt_count(after)} ({after / max(before, 1):.1%})")
+    _memory_lines(peaks)
     if memory:
         console.print(f"calibration: {memory['samples']} sample(s) of {memory['data']}; the input statistics of "
                       f"{memory['layers']} layer(s) take {fmt_bytes(memory['bytes'])}"
                       + (" (XᵀX: input columns² × 8 bytes per layer)" if memory["gram"] else " (per-feature moments)"))
     return 0
+
+
+def _memory_lines(peaks) -> None:
+    """The two peaks of graph/memory.py's estimate, after the plan."""
+    console.print(f"peak memory (estimate, activations excluded): transform {fmt_bytes(peaks.transform)} (model "
+                  f"{fmt_bytes(peaks.dense)} + twins {fmt_bytes(peaks.twins)} + work space {fmt_bytes(peaks.workspace)})")
+    console.print(f"  one training step {fmt_bytes(peaks.step)} (model and twins + gradients {fmt_bytes(peaks.gradients)} "
+                  f"+ Adam {fmt_bytes(peaks.adam)})")
 
 
 def _statistics_memory(args, compression_plan, calibration) -> dict | None:
