@@ -218,12 +218,19 @@ def _load_model(args):
         recipe = read_recipe(args.model)
         if recipe.stage != "vanished":
             raise StageError(f"{args.model} still has its dense branch (stage {recipe.stage}); run `vcon-fx vanish {args.model}` first")
-        model = load(args.model, trust_pickle=args.trust_pickle)
+        # onnxruntime's CPU kernels take float32: a bf16 / fp16 model is rebuilt in float32, its weights cast
+        model = load(args.model, trust_pickle=args.trust_pickle, dtype="fp32")
         inputs, kwargs = inputs_from_spec(recipe.inputs)
         fixed = recipe.inputs.get("fixed")
         notes = [f"the model computes with fixed {' and '.join(f'{k} {v}' for k, v in fixed.items())} (see `vcon-fx "
                  "transform`'s note): the ONNX takes exactly those sizes"] if fixed else []
-        return model, inputs, kwargs, tuple(recipe.selection.get("seq_inputs") or ()), recipe.source, notes
+        if (recipe.source or {}).get("dtype"):
+            from ..graph.precision import cast_inputs, torch_dtype
+
+            inputs, kwargs = cast_inputs(inputs, torch_dtype("fp32")), cast_inputs(kwargs, torch_dtype("fp32"))
+            notes.append(f"the model was made in {recipe.source['dtype']}: exported in float32")
+        dense = {k: v for k, v in (recipe.source or {}).items() if k != "dtype"} or None  # the reference: float32 too
+        return model, inputs, kwargs, tuple(recipe.selection.get("seq_inputs") or ()), dense, notes
     loaded = load_source(args, args.model)
     return loaded.module, loaded.example_args, loaded.example_kwargs, loaded.seq_inputs, None, loaded.notes
 

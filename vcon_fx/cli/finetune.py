@@ -20,6 +20,7 @@ from ..errors import StageError, UsageError
 from ..graph.blend import mean_beta
 from ..schedules.schedule import SCHEDULES
 from ..training.evaluate import LOSSES
+from .options import add_dtype
 from .render import console, errors
 
 __all__ = ["add_finetune_parser", "cmd_finetune", "run_finetune"]
@@ -60,6 +61,7 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each rank's own GPU)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the model over the processes with FSDP2 instead of DDP replicas")
+    add_dtype(p, default=None)
     p.add_argument("--trust-pickle", action="store_true", help="the artifact's source is a pickled module you trust")
     p.add_argument("-o", "--output", help="tuned artifact folder (default: MODEL with suffix .tuned)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
@@ -175,7 +177,7 @@ def _config(args, transition: int | None, checkpoint_dir: Path):
                           batch_size=args.batch_size, loss=args.loss, eval_every=args.eval_every, seed=args.seed,
                           save_every=args.save_every, checkpoint_dir=checkpoint_dir, resume=args.resume,
                           log_path=args.log, device=args.device, distill=args.distill, match_groups=args.match_groups,
-                          teacher_after=args.teacher_after, fsdp=args.fsdp)
+                          teacher_after=args.teacher_after, fsdp=args.fsdp, dtype=getattr(args, "dtype", None))
 
 
 def _step_text(info: dict) -> str:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 from rich.table import Table
 
 from ..errors import CaptureError
-from .options import (add_calibration, add_method, add_source, calibration_samples, load_calibration, load_source,
-                      method_config, selection_kwargs)
+from .options import (add_calibration, add_dtype, add_method, add_source, calibration_samples, load_calibration,
+                      load_source, method_config, selection_kwargs)
 from .render import console, describe, fmt_bytes, fmt_count, plan_table
 
 __all__ = ["add_parser", "run"]
@@ -19,6 +20,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("inspect", help="matched layers, parameters, FLOPs and the plan")
     p.add_argument("model", help="model source: .pt2, torchvision:NAME, HF folder, .pt, or a vcon artifact")
     add_source(p)
+    add_dtype(p)
     add_method(p, required=False)
     add_calibration(p)
     p.add_argument("--graph", action="store_true", help="print the captured graph")
@@ -26,6 +28,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..graph.memory import memory_estimate
     from ..graph.pipeline import plan
     from ..io.artifact import is_artifact, read_recipe
 
@@ -44,14 +47,17 @@ def run(args) -> int:
         compression_plan = plan(loaded.module, config, example_inputs=loaded.example_args,
                                 example_kwargs=loaded.example_kwargs, seq_inputs=loaded.seq_inputs,
                                 calibration=calibration, calibration_samples=calibration_samples(args),
-                                **selection_kwargs(args))
+                                copy_model=False, **selection_kwargs(args))
     except CaptureError:
         _uncaptured_layers(args, loaded.module)  # what the module tree alone tells, then the error
         raise
     config = compression_plan.config
     memory = _statistics_memory(args, compression_plan, calibration)
+    peaks = memory_estimate(compression_plan)
     if args.json:
-        console.print_json(json.dumps({**_plan_json(compression_plan, config), "calibration": memory}))
+        console.print_json(json.dumps({**_plan_json(compression_plan, config), "calibration": memory,
+                                       "memory": {**asdict(peaks), "transform_peak": peaks.transform,
+                                                  "step_peak": peaks.step}}))
         return 0
     console.print(f"[bold]{args.model}[/] ({type(loaded.module).__name__}): captured with "
                   f"[bold]{compression_plan.capture}[/]")
@@ -63,11 +69,20 @@ def run(args) -> int:
     before, after = compression_plan.total_params, compression_plan.params_after
     console.print(f"{len(compression_plan.groups)} group(s) ({compression_plan.selection.granularity}); parameters "
                   f"{fmt_count(before)} → {fmt_count(after)} ({after / max(before, 1):.1%})")
+    _memory_lines(peaks)
     if memory:
         console.print(f"calibration: {memory['samples']} sample(s) of {memory['data']}; the input statistics of "
                       f"{memory['layers']} layer(s) take {fmt_bytes(memory['bytes'])}"
                       + (" (XᵀX: input columns² × 8 bytes per layer)" if memory["gram"] else " (per-feature moments)"))
     return 0
+
+
+def _memory_lines(peaks) -> None:
+    """The two peaks of graph/memory.py's estimate, after the plan."""
+    console.print(f"peak memory (estimate, activations excluded): transform {fmt_bytes(peaks.transform)} (model "
+                  f"{fmt_bytes(peaks.dense)} + twins {fmt_bytes(peaks.twins)} + work space {fmt_bytes(peaks.workspace)})")
+    console.print(f"  one training step {fmt_bytes(peaks.step)} (model and twins + gradients {fmt_bytes(peaks.gradients)} "
+                  f"+ Adam {fmt_bytes(peaks.adam)})")
 
 
 def _statistics_memory(args, compression_plan, calibration) -> dict | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..methods import CliOption, declared_options
 
-__all__ = ["add_source", "add_method", "add_calibration", "method_config", "load_source", "load_calibration",
+__all__ = ["add_source", "add_dtype", "add_method", "add_calibration", "method_config", "load_source", "load_calibration",
            "calibration_samples", "selection_kwargs", "default_output"]
 
 
@@ -19,6 +19,13 @@ def add_source(p: argparse.ArgumentParser) -> None:
     g.add_argument("--input-shape", help="example input shape, e.g. 1x3x224x224")
     g.add_argument("--seq-len", type=int, help="example sequence length for text models")
     g.add_argument("--capture", default="auto", choices=("auto", "fx", "export"), help="graph capture path")
+
+
+def add_dtype(p: argparse.ArgumentParser, default: str | None = "fp32") -> None:
+    """--dtype: the precision the model is loaded, transformed and fine-tuned in (graph/precision.py)."""
+    own = "fp32" if default else "the model's own: the dtype it was transformed in"
+    p.add_argument("--dtype", default=default, choices=("fp32", "bf16", "fp16"),
+                   help=f"precision of the weights, gradients and Adam states; β stays fp32 (default {own})")
 
 
 def add_method(p: argparse.ArgumentParser, required: bool) -> None:
@@ -98,7 +105,7 @@ def load_source(args, source: str):
 
     shape = parse_shape(args.input_shape) if getattr(args, "input_shape", None) else None
     return load_model(source, weights=args.weights, arch=args.arch, trust_pickle=args.trust_pickle,
-                      input_shape=shape, seq_len=args.seq_len)
+                      input_shape=shape, seq_len=args.seq_len, dtype=getattr(args, "dtype", None) or "fp32")
 
 
 def selection_kwargs(args) -> dict:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from rich.markup import escape
 
-from .options import (add_calibration, add_method, add_source, calibration_samples, default_output, load_calibration,
-                      load_source, method_config, selection_kwargs)
+from .options import (add_calibration, add_dtype, add_method, add_source, calibration_samples, default_output,
+                      load_calibration, load_source, method_config, selection_kwargs)
 from .render import console, describe, fmt_count
 
 __all__ = ["add_parser", "run"]
@@ -16,6 +16,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("transform", help="add compressed twins and blends (β = 1)")
     p.add_argument("model")
     add_source(p)
+    add_dtype(p)
     add_method(p, required=True)
     add_calibration(p)
     p.add_argument("--freeze-dense", action="store_true", help="do not train the dense branch")
@@ -38,7 +39,8 @@ def run(args) -> int:
     with console.status("capturing and transforming…"):
         vm = transform(loaded.module, config, example_inputs=loaded.example_args, example_kwargs=loaded.example_kwargs,
                        seq_inputs=loaded.seq_inputs, freeze_dense=args.freeze_dense, source=loaded.source,
-                       calibration=calibration, calibration_samples=calibration_samples(args), **selection_kwargs(args))
+                       calibration=calibration, calibration_samples=calibration_samples(args), copy_model=False,
+                       **selection_kwargs(args))
     recipe = vm.meta["vcon"]
     console.print(f"capture path: [bold]{recipe.capture}[/]" + "".join(f"\n  [dim]{n}[/]" for n in recipe.notes))
     if uses_input_statistics(config) and calibration is None:

@@ -25,7 +25,7 @@ def run(args) -> int:
     from ..io.atomic import check_output
     out = check_output(args.output or default_output(args.model, ".small"), force=args.force, inputs=(args.model,))
     vm = load(args.model, trust_pickle=args.trust_pickle)
-    small = vanish(vm, force=args.force)
+    small = vanish(vm, force=args.force, copy_model=False)  # the loaded model is ours: no second copy
     save(small, out, force=args.force)
     size = lambda p: sum(f.stat().st_size for f in Path(p).iterdir())
     console.print(f"[green]wrote[/] {out} ({fmt_bytes(size(out))}; was {fmt_bytes(size(args.model))})")

@@ -24,7 +24,8 @@ def storage_bits(choice: tuple[str, ...], bits: int | None) -> int:
     """The width to store a choice's weights in (pure): INT8 wherever an integer kernel runs."""
     if bits is not None:
         return bits
-    return min(get_kernel(name).flag_bits for name in choice) if choice == ("weight-only",) else 8
+    first = get_kernel(choice[0])  # weight-only: its flag's width; a kernel that stores no INT8 (MatMulNBits): its own
+    return first.flag_bits if choice == ("weight-only",) or 8 not in first.bits else 8
 
 
 def first_faithful(model: nn.Module, exported: Path, folder: Path, choices: Sequence[tuple[str, ...]],

@@ -124,7 +124,7 @@ def _vanished_with_cache(model: fx.GraphModule, recipe: Recipe, folder: Path):
     example = example_with_past(layout, source.config.vocab_size)
     graph = _capture(source, layout, example)
     try:
-        rebuilt = rebuild(graph, recipe, example, {})
+        rebuilt = rebuild(graph, recipe, example, {}, copy_model=False)  # the capture is ours: no copy
     except Exception as exc:
         raise ExportError(f"could not re-apply the recipe of {type(model).__name__} to its source captured with a "
                           f"KV cache ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "

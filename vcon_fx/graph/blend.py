@@ -1,7 +1,7 @@
 """The Blend module: y = β·dense(x) + (1−β)·compressed(x), with β a per-group buffer.
 
-β is a registered 0-dim buffer, so it lives in the state dict and can follow a per-group
-schedule. At β = 1 only the dense branch runs and at β = 0 only the compressed one: a finished
+β is a registered 0-dim float32 buffer, so it lives in the state dict and can follow a per-group
+schedule; it stays float32 in a bf16 / fp16 model (`--dtype`). At β = 1 only the dense branch runs and at β = 0 only the compressed one: a finished
 transition costs nothing extra. `set_beta` is the only writer of β.
 """
 
@@ -40,6 +40,14 @@ class Blend(nn.Module):
         # set_beta and by loading a state dict.
         self._beta = float(beta)
         self.register_load_state_dict_post_hook(_refresh_beta_mirror)
+
+    def _apply(self, fn, recurse=True):
+        # β stays float32 whatever dtype the model is cast to (bf16 would round β = 0.999 to 1.0);
+        # forward mixes with the Python float, which keeps the activations' dtype.
+        super()._apply(fn, recurse)
+        if self.beta.dtype != torch.float32:
+            self.beta = self.beta.float()
+        return self
 
     @property
     def beta_value(self) -> float:

@@ -2,7 +2,7 @@
 
 Layer groups: the Blend takes the layer's place (same path), wrapping the original layer and
 its twin. Block groups: the block's nodes are extracted into a GraphModule (the dense branch);
-a deep copy with its compressible layers replaced is the compressed branch, so state such as
+a copy with its compressible layers replaced (those never copied) is the compressed branch, so state such as
 batch-norm statistics is never shared between branches. Provenance goes into
 `node.meta["vcon"]` (role dense | compressed | blend, group, method), never into names.
 """
@@ -104,7 +104,11 @@ def _duplicate_block(gm, group: Group, method: Method, plans, sites, init: bool,
     nodes = region_nodes(gm, group.members)
     parent = _block_root(group)
     dense, inputs, output = extract_region(gm, nodes, parent)
-    compressed = copy.deepcopy(dense)
+    # The layers about to be replaced by their twins are not copied (a quant or prune twin shares their
+    # weights): the copy holds only the block's other modules (norms, activations), never a second block.
+    replaced = {id(dense.get_submodule(_relative(p, parent))): dense.get_submodule(_relative(p, parent))
+                for p in group.layers if not plans[p].skipped}
+    compressed = copy.deepcopy(dense, memo=dict(replaced))
     for path in group.layers:
         plan = plans[path]
         if plan.skipped:

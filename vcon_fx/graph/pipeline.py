@@ -28,6 +28,7 @@ from .normalize import normalize
 from .select import Group, Selection, SelectionConfig, find_sites, select
 from .vanish import vanish_graph
 from .dims import fixed_dims, flatten_inputs
+from .precision import match_input_dtype
 from .recipe import Recipe, input_spec, recipe_of
 from .statistics import DEFAULT_SAMPLES
 
@@ -75,13 +76,15 @@ def plan(
     seq_inputs: tuple[str, ...] = (),
     calibration=None,
     calibration_samples: int = DEFAULT_SAMPLES,
+    copy_model: bool = True,
     **select_options,
 ) -> CompressionPlan:
     """Capture, select and plan every layer (pure: nothing is compressed).
 
     `selection` (or its fields as keyword options: targets=…, ignore=…) says which layers;
     `calibration` whether data-aware starts will have data. It is read here only with
-    `allocate` (graph/allocate.py), which measures every layer's settings on it.
+    `allocate` (graph/allocate.py), which measures every layer's settings on it. `copy_model=False`
+    captures the model's own weights instead of a copy (nothing is written to them here).
 
     Raises:
         CaptureError, SelectionError, ConfigError: as `transform`.
@@ -89,7 +92,7 @@ def plan(
     config = config.calibrated(calibration is not None)
     chosen = SelectionConfig.of(selection, **select_options)
     check_allocation(config, calibration, chosen.allocate)
-    gm, notes, path, sites = _captured(model, example_inputs, example_kwargs, capture, seq_inputs)
+    gm, notes, path, sites = _captured(model, example_inputs, example_kwargs, capture, seq_inputs, copy_model)
     selection = select(gm, sites, chosen)
     method = method_for(config)
     method.check_groups(selection.groups)
@@ -125,6 +128,7 @@ def transform(
     source: dict | None = None,
     calibration=None,
     calibration_samples: int = DEFAULT_SAMPLES,
+    copy_model: bool = True,
     **select_options,
 ) -> fx.GraphModule:
     """Build the blended model: every selected layer or block gets a compressed twin, β = 1 (pure).
@@ -143,6 +147,9 @@ def transform(
             Dataset (`vcon_fx.load_data`), a tensor, or an iterable of input batches. With it every
             method whose `init` is "auto" starts data-aware (docs/methods.md).
         calibration_samples: how many samples of `calibration` to read at most (default 128).
+        copy_model: True (default) works on a copy of `model`. False makes `model`'s own weights the
+            dense branch (and, for prune and quant, the twins' latent weights): no second copy of the
+            model in memory, but training the result changes `model`'s weights. The CLI passes False.
 
     Returns:
         A GraphModule whose outputs equal the model's at β = 1, with its recipe in `.meta["vcon"]`.
@@ -162,7 +169,7 @@ def transform(
     selection = SelectionConfig.of(selection, **select_options)
     compression_plan = plan(model, config, example_inputs=example_inputs, example_kwargs=example_kwargs,
                             selection=selection, capture=capture, seq_inputs=seq_inputs, calibration=calibration,
-                            calibration_samples=calibration_samples)
+                            calibration_samples=calibration_samples, copy_model=copy_model)
     config = compression_plan.config
     _refuse_all_skipped(compression_plan, config)
     gm, sites = compression_plan.extra["gm"], compression_plan.extra["sites"]
@@ -240,8 +247,10 @@ def _recipe(compression_plan: CompressionPlan, config: MethodConfig, selection: 
     )
 
 
-def vanish(model: fx.GraphModule, *, force: bool = False) -> fx.GraphModule:
+def vanish(model: fx.GraphModule, *, force: bool = False, copy_model: bool = True) -> fx.GraphModule:
     """The compressed model alone: dense branches and blends removed (pure: returns a copy).
+
+    `copy_model=False` vanishes `model` itself (in place, returned): no second copy in memory.
 
     Raises:
         StageError: not a vcon model, already vanished, or β > 0 in some group without `force`.
@@ -250,16 +259,20 @@ def vanish(model: fx.GraphModule, *, force: bool = False) -> fx.GraphModule:
         >>> small = vcon_fx.vanish(vcon_model)  # after β has reached 0
     """
     recipe = recipe_of(model)
-    gm = copy.deepcopy(model)
+    gm = match_input_dtype(copy.deepcopy(model)) if copy_model else model
     vanish_graph(gm, method_for(recipe.config), force=force)
     gm.meta["vcon"] = recipe.replace(stage="vanished")
     return gm
 
 
-def rebuild(model: nn.Module, recipe: Recipe, example_args: tuple, example_kwargs: dict) -> fx.GraphModule:
-    """Re-apply a recorded recipe to its source model without initializing twins (for `load`)."""
+def rebuild(model: nn.Module, recipe: Recipe, example_args: tuple, example_kwargs: dict, *,
+            copy_model: bool = True) -> fx.GraphModule:
+    """Re-apply a recorded recipe to its source model without initializing twins (for `load`).
+
+    `copy_model=False` builds on `model`'s own weights (a model built only for this: no second copy).
+    """
     gm, _notes, _path, sites = _captured(model, example_args, example_kwargs, recipe.capture,
-                                         tuple(recipe.selection.get("seq_inputs") or ()))
+                                         tuple(recipe.selection.get("seq_inputs") or ()), copy_model)
     method = method_for(recipe.config)
     missing = [p for g in recipe.groups for p in g.layers if p not in sites]
     if missing:
@@ -286,9 +299,11 @@ def _refuse_non_finite(site: LayerSite, method: str) -> None:
                             f"compress it: fix or retrain the model, or leave the layer dense with --ignore {site.path}")
 
 
-def _captured(model, example_inputs, example_kwargs, mode, seq_inputs):
-    model = copy.deepcopy(model)
+def _captured(model, example_inputs, example_kwargs, mode, seq_inputs, copy_model: bool = True):
+    # The one full copy at the boundary keeps the caller's model unchanged; without it the capture
+    # shares the model's weights (both tracers keep the module's own Parameters).
+    model = copy.deepcopy(model) if copy_model else model
     captured = capture_graph(model, tuple(example_inputs), dict(example_kwargs or {}), mode=mode, seq_inputs=seq_inputs)
-    gm = normalize(captured.gm)
+    gm = match_input_dtype(normalize(captured.gm))  # a bf16 / fp16 model takes float32 data as its own dtype
     sites: dict[str, LayerSite] = find_sites(gm, tuple(example_inputs), dict(example_kwargs or {}))
     return gm, captured.notes, captured.path, sites

@@ -84,7 +84,7 @@ def read_recipe(path: str | Path) -> Recipe:
 
 
 def load(path: str | Path, *, model: nn.Module | None = None, example_inputs: tuple | None = None,
-         example_kwargs: dict | None = None, trust_pickle: bool = False) -> fx.GraphModule:
+         example_kwargs: dict | None = None, trust_pickle: bool = False, dtype: str | None = None) -> fx.GraphModule:
     """Rebuild a saved vcon model: identical outputs and β values (no unpickling).
 
     Args:
@@ -93,6 +93,8 @@ def load(path: str | Path, *, model: nn.Module | None = None, example_inputs: tu
             rather than a file or name (the recipe then has no source).
         example_inputs / example_kwargs: default to inputs synthesized from the recipe.
         trust_pickle: allow rebuilding a source that is a pickled module (runs its code).
+        dtype: rebuild the source in "fp32" / "bf16" / "fp16" instead of the dtype it was made in
+            (the weights are cast as they load; export uses "fp32").
 
     Raises:
         ArtifactError: missing, corrupt or inconsistent artifact.
@@ -100,6 +102,9 @@ def load(path: str | Path, *, model: nn.Module | None = None, example_inputs: tu
     """
     folder = Path(path)
     recipe = read_recipe(folder)
+    if dtype is not None and recipe.source:
+        recipe = recipe.replace(source={**{k: v for k, v in recipe.source.items() if k != "dtype"},
+                                        **({} if dtype == "fp32" else {"dtype": dtype})})
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise ArtifactError(f"{weights} is missing; the artifact is incomplete: re-create it")
@@ -109,6 +114,7 @@ def load(path: str | Path, *, model: nn.Module | None = None, example_inputs: tu
         raise ArtifactError(f"{folder / RECIPE_FILE} has unusable example inputs ({first_line(exc)}); re-create it") from None
     if example_inputs is not None:
         args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
+    built_here = model is None  # a model rebuilt from its source is ours: the graph takes its weights, no copy
     if model is None:
         if not recipe.source:
             raise ArtifactError(
@@ -124,7 +130,7 @@ def load(path: str | Path, *, model: nn.Module | None = None, example_inputs: tu
             raise ArtifactError(f"{folder / RECIPE_FILE} records an unusable model source ({first_line(exc)}); "
                                 "re-create the artifact") from None
     try:
-        gm = rebuild(model, recipe, args, kwargs)
+        gm = rebuild(model, recipe, args, kwargs, copy_model=not built_here)
     except VconError:
         raise
     except Exception as exc:  # a hand-edited or damaged recipe: wrong shapes, ranks, capture modes

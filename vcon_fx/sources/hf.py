@@ -60,7 +60,7 @@ def config_files(folder: Path) -> list[Path]:
 
 def build_hf(folder: Path, *, load_weights: bool = True, trust_pickle: bool = False,
              input_shape: tuple[int, ...] | None = None, seq_len: int | None = None,
-             batch_size: int = 2) -> LoadedModel:
+             batch_size: int = 2, dtype: torch.dtype | None = None) -> LoadedModel:
     """Build the model a Hugging Face folder describes, offline.
 
     Args:
@@ -70,6 +70,7 @@ def build_hf(folder: Path, *, load_weights: bool = True, trust_pickle: bool = Fa
         input_shape: text: (batch, seq); vision: (batch, channels, height, width).
         seq_len: the example sequence length for text models (default 16).
         batch_size: the example batch size.
+        dtype: the floating dtype weights are read into (default float32): never a float32 copy first.
 
     Returns:
         A LoadedModel in eval mode; inputs are keyword arguments.
@@ -95,7 +96,7 @@ def build_hf(folder: Path, *, load_weights: bool = True, trust_pickle: bool = Fa
     auto = _auto_class(transformers, config.model_type, arch)
     files, pickled = weight_files(folder) if load_weights else ([], False)
     # trust_remote_code=False, not unset: unset, transformers asks on stdin and "y" runs the folder's code.
-    common = {"attn_implementation": "eager", "dtype": torch.float32, "trust_remote_code": False}
+    common = {"attn_implementation": "eager", "dtype": dtype or torch.float32, "trust_remote_code": False}
     try:
         with seeded(), _no_progress_bars():
             if files:
@@ -220,7 +221,8 @@ class HfSource(SourceKind):
     def load(self, request: SourceRequest) -> tuple[LoadedModel, dict[str, Any]]:
         path = request.path
         request.refuse("arch", "a Hugging Face folder names its architecture in config.json")
-        lm = build_hf(path, load_weights=request.weights is None, trust_pickle=request.trust_pickle, **request.inputs)
+        lm = build_hf(path, load_weights=request.weights is None, trust_pickle=request.trust_pickle, dtype=request.dtype,
+                      **request.inputs)
         files = config_files(path) + ([] if request.weights is not None else weight_files(path)[0])
         spec = {"path": str(path), "sha256": request.hash_many(files)}
         return lm, {**spec, **request.load_weights(lm, path)}

@@ -20,11 +20,14 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
+
 from ..errors import LoadError, UsageError
 from .base import ACCEPTED, LoadedModel
 from .registry import SHAPE_KEYS, SourceKind, source_kinds
 from .request import SourceRequest, hash_file
 from .example_sizes import widen_examples
+from ..graph.precision import DEFAULT_DTYPE, cast_floating, cast_inputs, dtype_name, torch_dtype
 # Importing a kind's file registers it, in the order errors list them (so no kind's file is imported
 # above this line): a new kind is one file, imported here.
 from .pt2 import Pt2Source
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 
 def load_model(source: str | os.PathLike, *, weights: str | os.PathLike | None = None, arch: str | None = None,
                trust_pickle: bool = False, input_shape: tuple[int, ...] | None = None,
-               seq_len: int | None = None, batch_size: int = 2) -> LoadedModel:
+               seq_len: int | None = None, batch_size: int = 2, dtype: str | torch.dtype = DEFAULT_DTYPE) -> LoadedModel:
     """Load a model source into an eval-mode module with example inputs (pure: files are only read).
 
     Args:
@@ -53,6 +56,8 @@ def load_model(source: str | os.PathLike, *, weights: str | os.PathLike | None =
         input_shape: the full example input shape, batch first (e.g. (2, 3, 224, 224)).
         seq_len: the example sequence length of text models (default 16).
         batch_size: the batch of default example inputs.
+        dtype: "fp32" (default), "bf16" or "fp16": the model's floating weights and example inputs are
+            cast to it (a Hugging Face folder is read straight into it); recorded in `source`.
 
     Returns:
         A LoadedModel; its `source` rebuilds the same architecture with `rebuild_model`.
@@ -60,26 +65,43 @@ def load_model(source: str | os.PathLike, *, weights: str | os.PathLike | None =
     Raises:
         LoadError: missing, unknown, empty or corrupt source; weights that do not fit.
         UnsafeFileError: the file needs unpickling and `trust_pickle` is false.
-        UsageError: invalid shape, sequence length or batch size, or a flag that does not apply.
+        UsageError: invalid shape, sequence length, batch size or dtype, or a flag that does not apply.
 
     Example:
         >>> load_model("torchvision:mobilenet_v3_small").example_args[0].shape
         torch.Size([2, 3, 224, 224])
     """
     return _load(source, weights=weights, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape,
-                 seq_len=seq_len, batch_size=batch_size, hashes={})
+                 seq_len=seq_len, batch_size=batch_size, hashes={}, dtype=dtype)
 
 
-def _load(source, *, weights, arch, trust_pickle, input_shape, seq_len, batch_size, hashes) -> LoadedModel:
+def _load(source, *, weights, arch, trust_pickle, input_shape, seq_len, batch_size, hashes, dtype) -> LoadedModel:
     input_shape = _check_shape(input_shape)
     _check_positive("seq_len", seq_len, allow_none=True)
     _check_positive("batch_size", batch_size)
+    dtype = torch_dtype(dtype)
     shape_spec = {"input_shape": list(input_shape) if input_shape else None, "seq_len": seq_len, "batch_size": batch_size}
+    if dtype != torch_dtype(DEFAULT_DTYPE):  # absent means float32: specs written before --dtype stay valid
+        shape_spec["dtype"] = dtype_name(dtype)
     request = SourceRequest(source, weights=weights, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape,
-                            seq_len=seq_len, batch_size=batch_size, hashes=hashes)
+                            seq_len=seq_len, batch_size=batch_size, hashes=hashes, dtype=dtype)
     kind = _kind_for(request)
     lm, spec = kind.load(request)
-    return _done(lm, {"kind": kind.name, **spec}, shape_spec)
+    return _done(_cast(lm, dtype, request), {"kind": kind.name, **spec}, shape_spec)
+
+
+def _cast(lm: LoadedModel, dtype: torch.dtype, request: SourceRequest) -> LoadedModel:
+    """The loaded model and its floating example inputs in `dtype` (in place on `lm`)."""
+    if dtype == torch_dtype(DEFAULT_DTYPE):
+        return lm
+    if lm.exported is not None:
+        raise UsageError(f"--dtype {dtype_name(dtype)} does not apply to {request.path}: a torch.export archive fixes "
+                         "its dtypes in its graph; cast the model before exporting it (model.to(torch.bfloat16)), "
+                         "or load it without --dtype")
+    cast_floating(lm.module, dtype)
+    lm.example_args = cast_inputs(lm.example_args, dtype)
+    lm.example_kwargs = cast_inputs(lm.example_kwargs, dtype)
+    return lm
 
 
 def _kind_for(request: SourceRequest) -> SourceKind:
@@ -145,7 +167,8 @@ def rebuild_model(spec: Mapping, *, trust_pickle: bool = False) -> LoadedModel:
             _verify(Path(value), spec[sha_key], hashes)
     shape = spec.get("input_shape")
     kwargs = {"input_shape": tuple(shape) if shape else None, "seq_len": spec.get("seq_len"),
-              "batch_size": spec.get("batch_size", 2), "trust_pickle": trust_pickle, "hashes": hashes}
+              "batch_size": spec.get("batch_size", 2), "trust_pickle": trust_pickle, "hashes": hashes,
+              "dtype": spec.get("dtype") or DEFAULT_DTYPE}
     lm = _load(kind.source_of(spec), weights=spec.get("weights"), arch=spec.get("arch"), **kwargs)
     # Folder hashes (config + shards) are only known after loading; compare them now.
     for key in ("sha256", "arch_sha256"):

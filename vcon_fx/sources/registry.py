@@ -16,8 +16,9 @@ from .request import SourceRequest
 
 __all__ = ["SourceKind", "register_source", "source_kinds", "SHAPE_KEYS"]
 
-# The keys every spec records besides its kind's own: the example-input settings.
-SHAPE_KEYS = ("kind", "input_shape", "seq_len", "batch_size")
+# The keys every spec records besides its kind's own: the example-input settings, and the
+# dtype (only when not float32, sources/dtypes.py).
+SHAPE_KEYS = ("kind", "input_shape", "seq_len", "batch_size", "dtype")
 
 
 class SourceKind:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import LoadError, UsageError
 from .base import LoadedModel, load_weights_into, read_state_dict, sha256_file, sha256_files, torch_load_safely, \
     unwrap_checkpoint
@@ -28,7 +30,7 @@ class SourceRequest:
     Attributes:
         source: the source as given (a name like "torchvision:resnet18", or a path).
         path: the resolved path, once `load_model` has found it (None for named sources).
-        weights / arch / trust_pickle / input_shape / seq_len / batch_size: `load_model`'s options.
+        weights / arch / trust_pickle / input_shape / seq_len / batch_size / dtype: `load_model`'s options.
         hashes: resolved path → sha256, shared with `rebuild_model`'s checks.
     """
 
@@ -40,6 +42,7 @@ class SourceRequest:
     seq_len: int | None = None
     batch_size: int = 2
     hashes: dict[str, str] = field(default_factory=dict)
+    dtype: torch.dtype | None = None
     path: Path | None = None
     _content: Any = field(default=_UNREAD, repr=False)
 

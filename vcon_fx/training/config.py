@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import ConfigError
+from ..graph.precision import DTYPES
 from ..schedules.registry import check_kind
 from .evaluate import LOSSES
 
@@ -55,6 +56,8 @@ class FinetuneConfig:
         fsdp: under torchrun, shard the model over the processes with FSDP2 (each Blend a unit)
             instead of a whole DDP replica per process; checkpoints are sharded (`checkpoint.py`).
             Refused in one process and with `match_groups`.
+        dtype: "fp32", "bf16" or "fp16": the model's weights (so its gradients and Adam states) are cast
+            to it before training; β stays float32. None (default): the dtype it was transformed in.
 
     Raises:
         ConfigError: an invalid value (the message names the field and the fix).
@@ -80,6 +83,7 @@ class FinetuneConfig:
     match_groups: float = 0.0
     teacher_after: bool = False
     fsdp: bool = False
+    dtype: str | None = None
 
     def __post_init__(self):
         _whole("steps", self.steps, 1)
@@ -99,6 +103,8 @@ class FinetuneConfig:
         if self.loss not in LOSSES:
             raise ConfigError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
         check_kind(self.schedule)
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} (or None: the model's own), got {self.dtype!r}")
         if (self.save_every is not None or self.resume) and self.checkpoint_dir is None:
             raise ConfigError(f"{'resume' if self.resume else 'save_every'} needs checkpoint_dir: "
                               "say where checkpoints live")

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset, Subset
 
 from ..errors import DataError, StageError
 from ..graph.blend import blend_modules
+from ..graph.precision import in_precision
 from ..graph.recipe import recipe_of
 from ..schedules.schedule import default_transition
 from .batches import StepBatches
@@ -102,6 +103,8 @@ def finetune(
         log.warning("transition %d is longer than the run (%d steps): β will end above 0", config.transition,
                     config.steps)
 
+    if config.dtype is not None:
+        in_precision(vm, config.dtype)
     train_data = _as_dataset(vm, train_data, "train")
     eval_on = "eval"
     if eval_data is None:
