@@ -347,10 +347,11 @@ def test_gpt2_tied_lm_head_is_refused_even_with_include_head():
                                     seq_inputs=("input_ids",), include_head=True)
     assert compression_plan.capture == "export"
     reason = compression_plan.selection.excluded["lm_head"]
-    assert reason.startswith("refused:") and "tied" in reason and "transformer.wte (Embedding)" in reason, reason
-    # the Conv1D layers (addmm) are lifted and compressed: four per block
+    # the exported lookup is lifted into the stem transformer.wte (dense by default): half a tie is refused
+    assert reason.startswith("refused:") and "tied to transformer.wte" in reason and "--include-stem" in reason, reason
+    # the Conv1D layers (addmm) are lifted and compressed: four per block, and the position table
     assert sorted(g.name for g in compression_plan.groups) == sorted(
-        f"transformer.h.0.{p}" for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+        ["transformer.wpe"] + [f"transformer.h.0.{p}" for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")])
     vm = vcon_fx.transform(model, LowRankConfig(ratio=0.25), example_kwargs=kwargs, seq_inputs=("input_ids",),
                            include_head=True)
     gm_names = _param_names(vm)

@@ -1,4 +1,4 @@
-"""Normalize: every compressible op becomes a `call_module` of a real Linear / Conv{1,2,3}d / ConvTranspose{1,2,3}d.
+"""Normalize: every compressible op becomes a `call_module` of a real Linear / Conv{1,2,3}d / ConvTranspose{1,2,3}d / Embedding.
 
 An exported graph calls `aten.linear` / `aten.conv2d` on `get_attr` weights, and a traced
 graph may call `F.linear` on a parameter. Both are lifted into modules that hold the very same
@@ -9,7 +9,9 @@ Parameter objects, so nothing is copied and later passes see one dialect.
 is lifted too (Hugging Face `Conv1D`, as in GPT-2): its weight is stored transposed, so the
 Linear gets a transposed copy, and only when nothing else reads W (a copy would untie it).
 A lifted weight that is no longer read under its old name is unregistered there, so it has
-one name, and one owner, afterwards.
+one name, and one owner, afterwards. Embedding lookups are lifted first (normalize_embedding.py),
+so a Linear head reading the token embedding's table shares it with a real nn.Embedding: a tie
+that selection compresses as one table, not a foreign reader that forbids compressing the head.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import contracts
+from .normalize_embedding import embedding_calls, lift_embeddings
 
 __all__ = ["normalize", "unlifted_layers"]
 
@@ -46,9 +49,9 @@ _LAYERS = tuple(_WEIGHT_DIMS)
 
 
 def normalize(gm: fx.GraphModule) -> fx.GraphModule:
-    """Lift functional linear/conv/addmm calls on parameters into call_module nodes (in place).
+    """Lift functional embedding/linear/conv/addmm calls on parameters into call_module nodes (in place).
 
-    Weights used by anything else as well (a tied embedding) are lifted too but recorded in
+    Weights used by anything else as well (a matmul on the table) are lifted too but recorded in
     `gm.meta["vcon_tied"]` (layer path → reason), so selection can refuse them with the reason.
 
     Returns:
@@ -60,6 +63,8 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     first_path: dict[int, str] = {}  # id(weight) -> the first layer lifted around it
     moved: set[int] = set()  # ids of every Parameter a lifted layer took over (or copied, transposed)
     tied: dict[str, str] = dict(gm.meta.get("vcon_tied", {}))
+    embeddings = lift_embeddings(gm, tied, lambda n: _layer_spec(gm, n) is not None)
+    moved.update(id(p) for p in embeddings.values())
     names = _param_names(gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
@@ -98,7 +103,7 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
         for attr_node in (weight_node, bias_node):
             if attr_node is not None and not attr_node.users:
                 gm.graph.erase_node(attr_node)
-    _drop_stale_names(gm, lifted, moved)
+    _drop_stale_names(gm, set(lifted.values()) | set(embeddings), moved)
     gm.meta["vcon_tied"] = tied
     gm.graph.lint()
     gm.recompile()
@@ -108,12 +113,12 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def unlifted_layers(gm: fx.GraphModule) -> list[fx.Node]:
-    """Functional linear/conv calls on parameters that `normalize` always lifts (pure).
+    """Functional linear/conv calls and embedding lookups on parameters that `normalize` always lifts (pure).
 
     An addmm is left out: normalize keeps it functional when its weight is read elsewhere.
     """
     return [n for n in gm.graph.nodes
-            if n.op == "call_function" and (spec := _layer_spec(gm, n)) is not None and not spec[-1]]
+            if n.op == "call_function" and (spec := _layer_spec(gm, n)) is not None and not spec[-1]] + embedding_calls(gm)
 
 
 def _layer_spec(gm: fx.GraphModule, node: fx.Node):
@@ -176,15 +181,20 @@ def _param_names(gm: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def _drop_stale_names(gm: fx.GraphModule, lifted: dict[tuple, str], moved: set[int]) -> None:
+def _drop_stale_names(gm: fx.GraphModule, layers: set[str], moved: set[int]) -> None:
     """Unregister a lifted weight (and bias) under names the graph no longer reads.
 
     `F.linear(x, self.weight)` traced on the root leaves `weight` registered on the GraphModule
     beside the new `weight_linear.weight`: one tensor, two names, which select would read as
-    tied weights. Names still read by a get_attr node, or held by a real layer, stay.
+    tied weights. Names still read by a get_attr node, or held by a real layer, stay. An exported
+    graph reads every alias of a tied Parameter with a `get_attr` that nothing uses
+    (`cls.predictions.bias` beside `decoder.bias`): such reads of a moved Parameter are erased
+    first, so the alias goes too, and no read dangles once a Blend takes the layer's place.
     """
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users and id(_attr(gm, node.target)) in moved:
+            gm.graph.erase_node(node)
     read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    layers = set(lifted.values())
     for name, param in list(gm.named_parameters(remove_duplicate=False)):
         owner, _, attr = name.rpartition(".")
         if id(param) not in moved or name in read or owner in layers:
@@ -193,6 +203,13 @@ def _drop_stale_names(gm: fx.GraphModule, lifted: dict[tuple, str], moved: set[i
         if isinstance(holder, _LAYERS) or type(holder) is not nn.Module and holder is not gm:
             continue  # a real module still owns it: a genuine second name (tied), not a leftover
         delattr(holder, attr)
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    try:
+        return attrgetter(target)(gm)
+    except AttributeError:
+        return None
 
 
 def _is_param_attr(gm: fx.GraphModule, node) -> bool:
