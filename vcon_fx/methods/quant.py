@@ -31,6 +31,7 @@ from torch import nn
 from ..errors import ConfigError
 from .base import CliOption, LayerPlan, LayerSite, MethodConfig, MethodExamples, layer_params, register_method
 from .calibration import INIT, DataAwareStarts, check_init, resolve_init
+from .act_range import ACT_MOMENTUM, ActRange, act_fake_quant
 from .quant_start import start_fixed_grid
 from .scale_grid import fixed_fake_quantize, grid_integers
 from .base import unchanged_plan
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 SUPPORTED_BITS = (8, 4, 2, 1, "ternary")
 ACT_BITS = (8,)
 _FLOAT_BYTES = 4
-_ACT_MOMENTUM = 0.1  # EMA weight of the newest batch in the observed activation range
 
 
 @dataclass(frozen=True)
@@ -164,65 +164,7 @@ def fake_quantize_weight(weight: torch.Tensor, bits: int | str) -> torch.Tensor:
     return _dequantize(q, scale).detach() + (weight - weight.detach())
 
 
-# ── activation quantization ────────────────────────────────────────────────────────────────
-
-
-def _act_qparams(lo: float, hi: float) -> tuple[float, int]:
-    """Scale and zero point of an asymmetric uint8 range that contains 0."""
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max((hi - lo) / 255.0, 1e-8)
-    zero_point = int(min(max(round(-lo / scale), 0), 255))
-    return scale, zero_point
-
-
-def _act_fake_quant(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    q = torch.ops.quantized_decomposed.quantize_per_tensor(x, scale, zero_point, 0, 255, torch.uint8)
-    out_dtype = None if x.dtype == torch.float32 else x.dtype  # an out_dtype exports as an extra Cast
-    return torch.ops.quantized_decomposed.dequantize_per_tensor(q, scale, zero_point, 0, 255, torch.uint8,
-                                                                out_dtype=out_dtype)
-
-
-class _ActRange:
-    """Mixin: an observed activation range (buffers `act_range` = [min, max], `act_observed`)."""
-
-    def _init_act(self, act_bits: int | None, device: torch.device | None = None) -> None:
-        self.act_bits = act_bits
-        if act_bits is not None:
-            self.register_buffer("act_range", torch.zeros(2, device=device))
-            self.register_buffer("act_observed", torch.zeros((), dtype=torch.bool, device=device))
-
-    def _act_qparams_now(self) -> tuple[float, int] | None:
-        if self.act_bits is None or not bool(self.act_observed):
-            return None
-        lo, hi = self.act_range.tolist()
-        return _act_qparams(lo, hi)
-
-    # ── the output range (static int8 export reads it; the forward never uses it) ──
-
-    def _init_out_range(self, channels: int, device: torch.device | None = None) -> None:
-        self.register_buffer("out_range", torch.zeros(2, channels, device=device))  # [min, max] per channel
-        self.register_buffer("out_observed", torch.zeros((), dtype=torch.bool, device=device))
-
-    @torch.no_grad()
-    def _observe_out(self, y: torch.Tensor) -> None:
-        channel_dim = -1 if self.layer_type is nn.Linear else 1
-        flat = y.detach().movedim(channel_dim, 0).reshape(y.shape[channel_dim], -1).float()
-        now = torch.stack([flat.amin(1), flat.amax(1)])
-        if bool(self.out_observed):
-            self.out_range.lerp_(now, _ACT_MOMENTUM)
-        else:
-            self.out_range.copy_(now)
-            self.out_observed.fill_(True)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # artifacts written before output ranges were observed load as "not observed"
-        if hasattr(self, "out_range") and prefix + "act_range" in state_dict:
-            state_dict.setdefault(prefix + "out_range", torch.zeros_like(self.out_range))
-            state_dict.setdefault(prefix + "out_observed", torch.zeros((), dtype=torch.bool))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-class QuantTwin(_ActRange, WeightTwin):
+class QuantTwin(ActRange, WeightTwin):
     """The quantized twin: fake-quantized weights (and inputs) over a latent float weight."""
 
     def __init__(self, layer: nn.Module, *, bits: int | str = 8, act_bits: int | None = None,
@@ -263,14 +205,14 @@ class QuantTwin(_ActRange, WeightTwin):
         qparams = self._act_qparams_now()
         if qparams is None:  # nothing observed yet (no fine-tuning step): inputs pass as they are
             return x
-        xq = _act_fake_quant(x.detach(), *qparams)
+        xq = act_fake_quant(x.detach(), *qparams)
         return xq + (x - x.detach())  # straight-through
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
         now = torch.stack([x.detach().min(), x.detach().max()]).float()
         if bool(self.act_observed):
-            self.act_range.lerp_(now, _ACT_MOMENTUM)
+            self.act_range.lerp_(now, ACT_MOMENTUM)
         else:
             self.act_range.copy_(now)
             self.act_observed.fill_(True)
@@ -279,7 +221,7 @@ class QuantTwin(_ActRange, WeightTwin):
         return f"{super().extra_repr()}, bits={self.bits}, act_bits={self.act_bits}"
 
 
-class QuantizedLayer(_ActRange, nn.Module):
+class QuantizedLayer(ActRange, nn.Module):
     """The deployed form: int8 weight buffer + float per-channel scales, dequantized in forward.
 
     `quantized_decomposed.dequantize_per_channel` exports to ONNX DequantizeLinear on an int8
@@ -314,7 +256,7 @@ class QuantizedLayer(_ActRange, nn.Module):
 
     def forward(self, x, output_size=None):
         if self._act is not None:
-            x = _act_fake_quant(x, *self._act)
+            x = act_fake_quant(x, *self._act)
         return call_layer(self.layer_type, self, x, self.dequantized_weight(), self.bias, output_size)
 
     def extra_repr(self) -> str:
