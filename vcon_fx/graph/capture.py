@@ -76,6 +76,10 @@ def capture(
     example_args, example_kwargs = tuple(example_args), dict(example_kwargs or {})
     if isinstance(model, fx.GraphModule):
         path = "export" if capture_export.looks_exported(model) else "fx"
+        # A loaded .pt2's ep.module() forbids train()/eval() on the instance (a copy drops that;
+        # the CLI captures without one): the Blend modules we add must follow train()/eval().
+        for name in ("train", "eval"):
+            model.__dict__.pop(name, None)
         return Captured(model, path, [f"model is already a GraphModule ({path} graph); used as is"])
     notes: list[str] = []
     with _kv_cache_off(model, notes):

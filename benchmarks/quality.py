@@ -1,0 +1,223 @@
+"""The compressed model vcon-fx delivers, column by column: data-aware starts, the transition, a teacher, allocation.
+
+Issue 13's table. Every column compresses the same dense model to the same size; the columns add
+one ingredient at a time, so each one's share is visible:
+
+    one-shot plain / data-aware     β = 0 straight after transform, no training (plain SVD,
+                                    magnitude, round-to-nearest / whitened SVD, Wanda, GPTQ)
+    abrupt plain / data-aware       the same start, then fine-tuned with β = 0 from step 0
+    abrupt DA + allocation          … with the budget spread over the layers (--allocate)
+    VCON plain / data-aware         the transition (β linear 1 → 0 over Q = 20 % of the steps)
+    VCON DA + teacher               … with --distill 0.5 (the dense branch as teacher)
+    VCON DA + teacher + allocation  … and --allocate
+    + adaptive                      … and the adaptive β schedule
+
+(b) the demo's digits ViT at the strongest setting of each method, fine-tuning budgets small
+enough that abrupt compression has not recovered; every trained column gets the same steps, data
+order and learning rate; accuracy is that of the vanished model exported to ONNX, run in
+onnxruntime on the 360 test images; 3 seeds. (a) the pretrained MiniLM one-shot (no training:
+plain, data-aware, allocated) on 471 held-out sentences: cosine to the original's sentence
+embeddings and top-10 nearest-neighbour agreement.
+
+    .venv/bin/python benchmarks/quality.py                 # both parts (~30 min on 2 idle cores)
+    .venv/bin/python benchmarks/quality.py --tiny --out /tmp/q   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.accuracy import _data, _quiet_worker, pretrain_dense  # noqa: E402
+
+# column → (steps taken: False for one-shot; transition share Q; data-aware; distill weight; allocate; schedule)
+COLUMNS = {
+    "one-shot plain": (False, 0.0, False, 0.0, False, "linear"),
+    "one-shot data-aware": (False, 0.0, True, 0.0, False, "linear"),
+    "abrupt plain": (True, 0.0, False, 0.0, False, "linear"),
+    "abrupt data-aware": (True, 0.0, True, 0.0, False, "linear"),
+    "abrupt DA + allocation": (True, 0.0, True, 0.0, True, "linear"),
+    "VCON plain": (True, 0.2, False, 0.0, False, "linear"),
+    "VCON data-aware": (True, 0.2, True, 0.0, False, "linear"),
+    "VCON DA + teacher": (True, 0.2, True, 0.5, False, "linear"),
+    "VCON DA + teacher + allocation": (True, 0.2, True, 0.5, True, "linear"),
+    "+ adaptive schedule": (True, 0.2, True, 0.5, True, "adaptive"),
+}
+WITHOUT_TRANSITION = [c for c, spec in COLUMNS.items() if spec[1] == 0.0]
+CALIBRATION_SAMPLES = 128
+
+
+@dataclass(frozen=True)
+class Grid:
+    seeds: tuple[int, ...] = (0, 1, 2)
+    pretrain_steps: int = 600
+    budgets: tuple[int, ...] = (50,)
+    settings: tuple = (("prune", 0.95), ("lowrank", 0.1), ("quant", 2))
+    lr: float = 1e-3
+    batch_size: int = 64
+    depth: int = 4
+    minilm: tuple = (("lowrank", 0.5), ("lowrank", 0.3), ("quant", 4), ("prune", "2:4"))
+
+
+FULL = Grid()
+TINY = Grid(seeds=(0,), pretrain_steps=60, budgets=(10,), settings=(("prune", 0.9),), minilm=(("lowrank", 0.5),))
+
+
+def method_config(method: str, strength, data_aware: bool):
+    """The config of a setting, plain or data-aware (`init`) (pure)."""
+    import vcon_fx
+
+    init = "data-aware" if data_aware else "plain"
+    if method == "lowrank":
+        return vcon_fx.LowRankConfig(ratio=strength, init=init)
+    if method == "quant":
+        return vcon_fx.QuantConfig(bits=strength, init=init)
+    if strength == "2:4":
+        return vcon_fx.PruneConfig(pattern="2:4", init=init)
+    return vcon_fx.PruneConfig(sparsity=strength, init=init)
+
+
+def setting_label(method: str, strength) -> str:
+    return {"lowrank": f"low-rank ratio {strength}", "quant": f"{strength}-bit weights"}.get(
+        method, f"{strength} sparsity" if strength == "2:4" else f"{round(100 * strength)} % pruned")
+
+
+def vit_run(seed: int, method: str, strength, budget: int, column: str, state: dict, grid: Grid) -> dict:
+    """One column of one seed: transform (→ fine-tune) → vanish → ONNX test accuracy in onnxruntime."""
+    import onnxruntime as ort
+
+    import vcon_fx
+    from vcon_fx.demo.model import TinyViT, example_inputs
+
+    _quiet_worker()
+    t0 = time.process_time()
+    trained, share, data_aware, distill, allocate, schedule = COLUMNS[column]
+    dense = TinyViT(depth=grid.depth)
+    dense.load_state_dict(state)
+    data = _data()
+    images, labels = data.test.tensors
+    calibration = data.train.tensors[0][:CALIBRATION_SAMPLES] if (data_aware or allocate) else None
+    vm = vcon_fx.transform(dense, method_config(method, strength, data_aware), example_inputs=example_inputs(),
+                           calibration=calibration, allocate="params" if allocate else None)
+    if trained:
+        vcon_fx.finetune(vm, data.train, steps=budget, transition=round(share * budget), lr=grid.lr,
+                         batch_size=grid.batch_size, eval_data=data.test, seed=seed, distill=distill,
+                         schedule=schedule)
+    vcon_fx.set_beta(vm, 0.0)
+    small = vcon_fx.vanish(vm)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = vcon_fx.export_onnx(small, Path(tmp) / "m.onnx", (images[:2],))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        logits = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
+    accuracy = float((np.argmax(logits, -1) == labels.numpy()).mean())
+    return {"seed": seed, "method": method, "strength": strength, "budget": budget, "column": column,
+            "accuracy": accuracy, "cpu_s": round(time.process_time() - t0, 2)}
+
+
+def minilm_part(grid: Grid, log) -> list[dict]:
+    """One-shot MiniLM rows: cosine and top-10 agreement to the original, plain / data-aware / allocated."""
+    import vcon_fx
+    from benchmarks.minilm import TARGETS, embeddings, encode, sentences
+    from transformers import AutoTokenizer
+    from vcon_fx.sources.load import load_model, minilm_path
+
+    torch.set_num_threads(2)
+    lm = load_model(minilm_path(), seq_len=64, batch_size=2)
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+    train_text, held_text = sentences(0)
+    train, held = encode(tokenizer, train_text, 64), encode(tokenizer, held_text, 64)
+    original = lm.module.eval()
+    with torch.no_grad():
+        reference = embeddings(original, held)
+    calibration = {k: v[:CALIBRATION_SAMPLES] for k, v in train.items()}
+    rows = []
+    for method, strength in grid.minilm:
+        for column, data_aware, allocate in (("one-shot plain", False, False), ("one-shot data-aware", True, False),
+                                             ("one-shot DA + allocation", True, True)):
+            if allocate and strength == "2:4":
+                rows.append({"setting": setting_label(method, strength), "column": column,
+                             "note": "N:M sparsity has one pattern per group of 4: nothing to allocate"})
+                continue
+            t0 = time.perf_counter()
+            vm = vcon_fx.transform(original, method_config(method, strength, data_aware),
+                                   example_kwargs=lm.example_kwargs, seq_inputs=lm.seq_inputs, targets=TARGETS,
+                                   calibration=calibration if data_aware else None,
+                                   allocate="params" if allocate else None)
+            vcon_fx.set_beta(vm, 0.0)
+            small = vcon_fx.vanish(vm)
+            with torch.no_grad():
+                got = embeddings(small, held)
+            rows.append({"setting": setting_label(method, strength), "column": column,
+                         "cosine": float(torch.nn.functional.cosine_similarity(got, reference).mean()),
+                         "top10": top10_agreement(got, reference), "seconds": round(time.perf_counter() - t0, 1)})
+            log(f"minilm {rows[-1]}")
+            del vm, small
+    return rows
+
+
+def top10_agreement(got: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean share of each sentence's 10 nearest neighbours (cosine) the compressed model keeps (pure)."""
+    def neighbours(e):
+        e = torch.nn.functional.normalize(e, dim=-1)
+        sims = e @ e.T
+        sims.fill_diagonal_(-2.0)
+        return sims.topk(10, dim=-1).indices
+    a, b = neighbours(got), neighbours(reference)
+    return float(np.mean([len(set(x.tolist()) & set(y.tolist())) / 10 for x, y in zip(a, b)]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--parts", default="vit,minilm")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    args = parser.parse_args()
+    grid = TINY if args.tiny else FULL
+    args.out.mkdir(parents=True, exist_ok=True)
+    started, t0 = datetime.datetime.now(), time.monotonic()
+    log = lambda text: print(f"[{time.monotonic() - t0:6.0f} s] {text}", flush=True)  # noqa: E731
+    runs, dense, minilm = [], {}, []
+    if "vit" in args.parts:
+        with cf.ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
+            dense = {s: (st, acc) for s, st, acc, _ in pool.map(pretrain_dense, grid.seeds, [grid] * len(grid.seeds))}
+            jobs = [pool.submit(vit_run, seed, m, s, b, c, dense[seed][0], grid)
+                    for seed in grid.seeds for m, s in grid.settings for b in grid.budgets for c in COLUMNS]
+            for job in cf.as_completed(jobs):
+                runs.append(job.result())
+                log(f"vit {runs[-1]}")
+    if "minilm" in args.parts:
+        minilm = minilm_part(grid, log)
+    meta = {"command": "python benchmarks/quality.py" + (" --tiny" if args.tiny else ""), "grid": asdict(grid),
+            "dense": {s: acc for s, (_, acc) in dense.items()}, "started": started.isoformat(timespec="minutes"),
+            "wall_min": round((time.monotonic() - t0) / 60, 1), "load": os.getloadavg(), "torch": torch.__version__}
+    (args.out / "quality_results.json").write_text(json.dumps({"meta": meta, "vit": runs, "minilm": minilm}, indent=1))
+    (args.out / "QUALITY.md").write_text(markdown(meta, runs, minilm, grid))
+
+
+def markdown(meta: dict, runs: list[dict], minilm: list[dict], grid: Grid) -> str:
+    from benchmarks.quality_report import render
+
+    return render(meta, runs, minilm, grid, COLUMNS, WITHOUT_TRANSITION, setting_label)
+
+
+if __name__ == "__main__":
+    main()
