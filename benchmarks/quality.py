@@ -67,7 +67,7 @@ CALIBRATION_SAMPLES = 128
 class Grid:
     seeds: tuple[int, ...] = (0, 1, 2)
     pretrain_steps: int = 600
-    budgets: tuple[int, ...] = (50,)
+    budgets: tuple[int, ...] = (25, 50)
     settings: tuple = (("prune", 0.95), ("lowrank", 0.1), ("quant", 2))
     lr: float = 1e-3
     batch_size: int = 64
