@@ -15,6 +15,7 @@ import shlex
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from safetensors.numpy import save_file
@@ -69,3 +70,27 @@ def test_the_readme_quickstart_runs_as_written(part, tmp_path, monkeypatch):
     assert "onnxruntime vs PyTorch" in printed  # export --check ran and passed
     if part == "stage by stage":
         assert Path("model.small").is_dir() and Path("dense.onnx").is_file()
+
+
+def language_model_commands() -> list[list[str]]:
+    """The vcon-fx commands of the README's language-model quickstart block."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Quickstart: a language model"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [shlex.split(ln) for ln in block.splitlines() if ln.startswith("vcon-fx ")]
+
+
+@pytest.mark.slow
+def test_the_readme_language_model_quickstart_runs_as_written(tmp_path, monkeypatch):
+    from user_sources import hf_causal_lm
+
+    source = hf_causal_lm(tmp_path)  # a Llama folder written by save_pretrained, with a tokenizer
+    Path(source.model).rename(tmp_path / "my-llm")
+    Path(source.data).rename(tmp_path / "text.txt")
+    monkeypatch.chdir(tmp_path)
+    commands = language_model_commands()
+    assert [c[1] for c in commands] == ["compress", "generate"]
+    said = [vcon(argv) for argv in commands]
+    assert (tmp_path / "llm.onnx").is_file() and "MatMulNBits" in {n.op_type for n in onnx.load(
+        str(tmp_path / "llm.onnx")).graph.node}
+    assert "The quick brown fox" in " ".join(said[1].split())
