@@ -3,7 +3,7 @@
 Each model (random weights, 64 px to stay quick) is quantized to 8 bits with the default
 selection, vanished at β = 0 and exported with the static kernel, calibrated on a few random
 batches; onnxruntime's optimized graph must then run every quantized convolution as a
-QLinearConv (the fused integer kernel), not a DequantizeLinear in front of a float Conv.
+QLinearConv (the fused integer kernel); only the convolutions left dense (the stem) run in float.
 """
 
 from __future__ import annotations
@@ -34,4 +34,5 @@ def test_static_export_of_a_torchvision_cnn_runs_qlinearconv(name, tmp_path):
     report = integer_export(small, tmp_path / "static.onnx", (x,), kernel="static", calibration=calibration)
     counts = kernel_counts(optimized_graph(tmp_path / "static.onnx"))
     assert counts.get("QLinearConv", 0) >= convs > 0, (counts, report.notes)
-    assert "DequantizeLinear" not in counts or counts.get("Conv", 0) == 0, counts
+    dense_convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) - convs  # the stem stays float
+    assert counts.get("Conv", 0) + counts.get("FusedConv", 0) <= dense_convs, counts
