@@ -190,7 +190,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--parts", default="vit,minilm")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    parser.add_argument("--render-from", type=Path, help="rewrite QUALITY.md from a saved quality_results.json")
     args = parser.parse_args()
+    if args.render_from:
+        saved = json.loads(args.render_from.read_text())
+        grid = Grid(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+                       for k, v in saved["meta"]["grid"].items()})
+        (args.out / "QUALITY.md").write_text(markdown(saved["meta"], saved["vit"], saved["minilm"], grid))
+        return
     grid = TINY if args.tiny else FULL
     args.out.mkdir(parents=True, exist_ok=True)
     started, t0 = datetime.datetime.now(), time.monotonic()

@@ -29,7 +29,8 @@ def _vit(meta, runs, grid, columns, without, setting_label) -> list[str]:
              "per seed; VCON columns spend Q = 20 % of them on the transition; data-aware and allocated columns "
              "read 128 training images as calibration data; the teacher is `distill=0.5` while β > 0.",
              "- Verdict: the best column with the transition against the best without it, Δ per seed "
-             f"(goal: ≥ {GOAL_POINTS:g} points), and the best VCON column against abrupt data-aware.", ""]
+             f"(goal: ≥ {GOAL_POINTS:g} points), and the transition's own share: VCON against abrupt with the "
+             "same ingredients.", ""]
     by: dict = {}
     for r in runs:
         key = (r["method"], str(r["strength"]), r["budget"])
@@ -55,11 +56,15 @@ def _verdict(table: dict, without: list[str]) -> list[str]:
     out = [f"- Best with the transition: **{best_with}**; best without: **{best_without}**; Δ "
            f"{_ms(deltas, signed=True)} points, ahead in {sum(d > 0 for d in deltas)}/{len(deltas)} seeds: "
            f"goal {'MET' if met else 'MISSED'}."]
-    if "abrupt data-aware" in table:
-        base = table["abrupt data-aware"]
-        d = [table[best_with][s] - base[s] for s in base if s in table[best_with]]
-        out.append(f"- {best_with} − abrupt data-aware: {_ms(d, signed=True)} points "
-                   f"({sum(x > 0 for x in d)}/{len(d)} seeds ahead).")
+    pairs = (("VCON plain", "abrupt plain"), ("VCON data-aware", "abrupt data-aware"),
+             ("VCON DA + teacher + allocation", "abrupt DA + allocation"))
+    parts = []
+    for vcon, abrupt in pairs:
+        if vcon in table and abrupt in table:
+            d = [table[vcon][s] - table[abrupt][s] for s in table[abrupt] if s in table[vcon]]
+            parts.append(f"{vcon} − {abrupt} {_ms(d, signed=True)} ({sum(x > 0 for x in d)}/{len(d)} seeds ahead)")
+    if parts:
+        out.append("- The transition alone (same start, same steps): " + "; ".join(parts) + ".")
     return out
 
 
