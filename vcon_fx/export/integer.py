@@ -146,11 +146,12 @@ def integer_export(
             if not static.usable:
                 choices = tuple(c for c in choices if "static" not in c) or choices
         check_batch = calibration[0] if calibration else (tuple(example_inputs), dict(example_kwargs or {}))
-        choice, notes = first_faithful(model, exported, Path(folder), choices, bits, check_batch, step, described_as)
+        choice, notes, chosen_options = first_faithful(model, exported, Path(folder), choices, bits, check_batch,
+                                                       step, described_as)
         with step("storing integer weights…"):
             report = compress_onnx_weights(exported, out, bits=storage_bits(choice, bits), kernel=choice,
                                            require_integers=True, force=force, described_as=described_as,
-                                           kernel_options=kernel_options)
+                                           kernel_options={**(kernel_options or {}), **chosen_options})
     report.notes[:0] = static.notes + notes
     report.layers = static.layer_kernels(report.layer_kernels)
     if "static" in choice:

@@ -33,7 +33,7 @@ from .registry import ACTIVATION_ROUNDING_NOTE, ACTIVATION_ROUNDING_RTOL, regist
 if TYPE_CHECKING:
     from ..quantize import CompressReport
 
-__all__ = ["to_dynamic_int8", "lower_to_dynamic_int8"]
+__all__ = ["dynamic_sites", "to_dynamic_int8", "lower_to_dynamic_int8"]
 
 _MS_DOMAIN = "com.microsoft"
 
@@ -51,9 +51,12 @@ _MS_DOMAIN = "com.microsoft"
     conflict="the integer GEMMs take INT8 weights",
     session_options=session_config,  # its convolutions stay weight-only
 )
-def lower_to_dynamic_int8(model, report: "CompressReport") -> None:
-    """Run the stored int8 matmuls as integer GEMMs (in place on `model`; counted and noted in `report`)."""
-    report.dynamic_matmuls = to_dynamic_int8(model, report.layer_kernels)
+def lower_to_dynamic_int8(model, report: "CompressReport", keep_weight_only: frozenset = frozenset()) -> None:
+    """Run the stored int8 matmuls as integer GEMMs (in place on `model`; counted and noted in `report`).
+
+    `keep_weight_only`: matmul output names left weight-only (auto's per-layer fallback, `export/auto_layers.py`).
+    """
+    report.dynamic_matmuls = to_dynamic_int8(model, report.layer_kernels, keep=keep_weight_only)
     if report.dynamic_matmuls or not report.static_layers:  # after static, silent when it left no matmul
         report.notes.append(f"{report.dynamic_matmuls} int8 matmul(s) run as DynamicQuantizeMatMul "
                             "(activations quantized at run time)")
@@ -71,12 +74,13 @@ class _Site:
     anchor: object  # the matmul node: the fused op goes where it was
 
 
-def to_dynamic_int8(model, layer_kernels: dict[str, str] | None = None) -> int:
+def to_dynamic_int8(model, layer_kernels: dict[str, str] | None = None, keep: frozenset = frozenset()) -> int:
     """Rewrite the weight-only int8 matmuls of an onnx ModelProto in place; returns how many.
 
     Args:
         model: the ModelProto.
         layer_kernels: when given, each rewritten matmul's output name → "dynamic" (in place).
+        keep: matmul output names to leave weight-only.
     """
     from onnx import helper
 
@@ -84,7 +88,7 @@ def to_dynamic_int8(model, layer_kernels: dict[str, str] | None = None) -> int:
     inits = {i.name: i for i in graph.initializer}
     readers = consumers(graph)
     sites = [s for s in (_match(dq, graph, inits, readers) for dq in list(graph.node)
-                         if dq.op_type == "DequantizeLinear") if s is not None]
+                         if dq.op_type == "DequantizeLinear") if s is not None and s.anchor.output[0] not in keep]
     if not sites:
         return 0
     for site in sites:
@@ -173,3 +177,12 @@ def _array(value: np.ndarray, name: str):
     from onnx import numpy_helper
 
     return numpy_helper.from_array(value, name)
+
+
+def dynamic_sites(model) -> list[tuple[str, str]]:
+    """(activation input, matmul output name) of every int8 matmul the dynamic kernel would rewrite (pure)."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    readers = consumers(graph)
+    sites = (_match(dq, graph, inits, readers) for dq in list(graph.node) if dq.op_type == "DequantizeLinear")
+    return [(s.x, s.anchor.output[0]) for s in sites if s is not None]
