@@ -36,7 +36,12 @@ def _snapshot(folder: Path) -> dict[str, float]:
     return {name: (folder / name).stat().st_mtime for name in REPORTS if (folder / name).exists()}
 
 
-@pytest.mark.parametrize("script", sorted(EXPECTED))
+# The two longest (~25 s each) run with the slow set, so `make test` stays well under 15 minutes.
+SLOW_SCRIPTS = ("deploy.py", "layers.py")
+
+
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s in SLOW_SCRIPTS else s
+                                    for s in sorted(EXPECTED)])
 def test_benchmark_script_runs_tiny(script: str, tmp_path: Path):
     out = tmp_path / "report.md"
     temp = tmp_path / "tmp"

@@ -1,7 +1,8 @@
 """Decoder language models exported with their KV cache, checked by generation, and `vcon-fx generate`.
 
-Tiny Llama (vanished low-rank, with the MiniLM tokenizer in its folder) and GPT-2 (dense) run in
-the fast set; Qwen2, Mistral and Phi-3 in the slow one. Every comparison is against the PyTorch
+GPT-2 (dense) runs in the fast set; the tiny Llama (vanished low-rank, with the MiniLM tokenizer in
+its folder: one `export --check` of ~50 s that four tests share), Qwen2, Mistral and Phi-3 in the
+slow one. Every comparison is against the PyTorch
 model run without a cache.
 """
 
@@ -78,6 +79,7 @@ def llama(tmp_path_factory):
     return root, folder, small, checked
 
 
+@pytest.mark.slow
 def test_export_check_of_a_vanished_decoder_compares_32_greedy_tokens(llama):
     root, _, _, checked = llama
     out = " ".join(checked.stdout.split())
@@ -88,6 +90,7 @@ def test_export_check_of_a_vanished_decoder_compares_32_greedy_tokens(llama):
     assert (root / "llama.onnx").is_file()
 
 
+@pytest.mark.slow
 def test_the_file_takes_and_returns_the_cache_by_name(llama):
     root, folder, _, _ = llama
     session = ort.InferenceSession(str(root / "llama.onnx"), providers=["CPUExecutionProvider"])
@@ -102,6 +105,7 @@ def test_the_file_takes_and_returns_the_cache_by_name(llama):
     assert layout.tokenizer == str(folder.resolve()) and layout.num_layers == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch, prompt", [(3, 1), (1, 6)])
 def test_batch_prompt_and_past_are_dynamic(llama, batch, prompt):
     root, _, small, _ = llama
@@ -117,6 +121,7 @@ def test_batch_prompt_and_past_are_dynamic(llama, batch, prompt):
     np.testing.assert_allclose(np.concatenate(got, 1)[:, :-1], want[:, :-1], atol=1e-4 * max(1.0, np.abs(want).max()))
 
 
+@pytest.mark.slow
 def test_generate_gives_pytorch_greedy_tokens_and_the_cli_prints_them(llama):
     root, folder, small, _ = llama
     result = generate_text(root / "llama.onnx", "the cache makes decoding fast", max_new_tokens=6)
