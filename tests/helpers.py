@@ -12,6 +12,8 @@ max |a − b| ≤ tol · max |reference|.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ from vcon_fx.graph.vanish import dense_nodes
 
 __all__ = [
     "Inputs",
+    "cli_output",
     "leaves",
     "max_rel_diff",
     "assert_close_outputs",
@@ -234,3 +237,13 @@ def _dense_weights(original: nn.Module, compressed: dict):
             yield path, original.get_submodule(path).weight
         except AttributeError:  # a lifted functional call has no module in the original
             continue
+
+
+def cli_output(*argv: str) -> tuple[int, str]:
+    """(exit code, stdout) of `vcon-fx ARGV` run in this process, as a user would see it."""
+    from vcon_fx.cli.main import main
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        code = main([str(a) for a in argv])
+    return code, text.getvalue()

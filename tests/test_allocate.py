@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 
@@ -14,12 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import vcon_fx
-from vcon_fx.cli.main import main
 from vcon_fx.errors import ConfigError
 from vcon_fx.io.artifact import read_recipe
 from vcon_fx.methods.budget import Infeasible, spread
 
-from helpers import (assert_identity_at_beta_one, assert_onnx_parity, assert_params_promised, assert_vanish_parity,
+from helpers import (cli_output, assert_identity_at_beta_one, assert_onnx_parity, assert_params_promised, assert_vanish_parity,
                       run)
 
 LAYERS = ("a", "b", "c")
@@ -180,11 +177,7 @@ def files(tmp_path_factory):
     return root
 
 
-def cli(*argv: str) -> tuple[int, str]:
-    text = io.StringIO()
-    with contextlib.redirect_stdout(text):
-        code = main(list(argv))
-    return code, text.getvalue()
+cli = cli_output
 
 
 def test_inspect_shows_each_layers_setting_and_error_and_transform_records_them(files, tmp_path):

@@ -8,8 +8,6 @@ real `.npz` calibration file.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -20,8 +18,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import vcon_fx
-from helpers import assert_identity_at_beta_one, assert_onnx_parity, assert_vanish_parity
-from vcon_fx.cli.main import main
+from helpers import cli_output, assert_identity_at_beta_one, assert_onnx_parity, assert_vanish_parity
 from vcon_fx.errors import ConfigError, DataError
 from vcon_fx.graph.statistics import _patches, calibration_batches, gather_statistics, statistics_bytes
 from vcon_fx.io.artifact import read_recipe
@@ -272,11 +269,7 @@ def files(tmp_path_factory) -> Path:
     return root
 
 
-def cli(*argv: str) -> tuple[int, str]:
-    text = io.StringIO()
-    with contextlib.redirect_stdout(text):
-        code = main(list(argv))
-    return code, text.getvalue()
+cli = cli_output
 
 
 @pytest.mark.parametrize("method", [["lowrank", "--rank", "2", "--activation-aware"], ["prune", "--pattern", "2:4"],
