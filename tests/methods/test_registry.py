@@ -29,7 +29,7 @@ from vcon_fx.methods import (
 from vcon_fx.methods import base
 
 # The compression flags as the CLI had them before methods declared their own, plus the data-aware
-# starts of issue 13: flag → (type, default, choices, help). `transform --help` must not change.
+# starts of issue 13 and quant's groups of issue 14: flag → (type, default, choices, help). `transform --help` must not change.
 CLI_FLAGS = {
     "--rank": (int, None, None, "low-rank: singular values kept per layer"),
     "--energy": (float, None, None, "low-rank: share of singular-value energy kept (0-1]"),
@@ -47,8 +47,10 @@ CLI_FLAGS = {
                     "pruned ones (SparseGPT)"),
     "--bits": (None, None, None, "quant: weight bits 8, 4, 2, 1 or ternary"),
     "--act-bits": (int, None, None, "quant: fake-quantize layer inputs to 8 bits"),
-    "--clip-search": (None, None, None, "quant: per-channel scales by an MSE-optimal clipping search "
+    "--clip-search": (None, None, None, "quant: fixed scales by an MSE-optimal clipping search "
                       "(input-weighted with calibration data), instead of GPTQ"),
+    "--group-size": (int, None, None, "quant: one scale per N input weights of a Linear (a power of 2 ≥ 16, e.g. 32) "
+                     "instead of one per output channel"),
     "--init": (None, None, ("auto", "plain", "data-aware"),
                "low-rank/prune/quant: twin start: plain, or data-aware (the default with --calibration-data)"),
     "--separate-weights": (None, None, None, "prune/quant: the twin gets its own weight copy"),

@@ -1,8 +1,10 @@
-"""Quantization: the twin computes with weights fake-quantized per output channel.
+"""Quantization: the twin computes with weights fake-quantized per output channel, or per group of inputs.
 
 b-bit symmetric (b = 8, 4, 2): scale_c = max|w_c| / (2^(b−1) − 1), q = round(w / scale_c).
 Binary (b = 1): q = sign(w), scale_c = mean|w_c|. Ternary (TWN): q ∈ {−1, 0, +1} with
-threshold Δ_c = 0.7·mean|w_c|, scale_c = mean of |w| above Δ_c. Every form trains through a
+threshold Δ_c = 0.7·mean|w_c|, scale_c = mean of |w| above Δ_c. With `--group-size g` (integer
+widths) a Linear gets one scale per g consecutive input weights of each row instead, as the int4
+quantizers of language models do (group_scales.py). Every form trains through a
 straight-through estimator on a latent float weight, shared with the dense layer by default.
 Optionally the layer input is fake-quantized to 8 bits (asymmetric, per tensor) with a range
 observed as an exponential moving average while training; the layer output's range is then
@@ -12,8 +14,10 @@ With `--clip-search` or a data-aware start (GPTQ) the weight scales are chosen o
 fixed instead (quant_start.py).
 
 `materialize` stores the integers (int8 in PyTorch whatever b is) and the float scales; its
-forward dequantizes with `quantized_decomposed.dequantize_per_channel`, which exports to ONNX
-as an int8 initializer + DequantizeLinear, and its activation quantization as
+forward dequantizes with `quantized_decomposed.dequantize_per_channel` (over the (out·groups, g)
+rows of a grouped weight, reshaped back), which exports to ONNX as an int8 initializer +
+DequantizeLinear (+ Reshape when grouped: blocked DequantizeLinear once the weights are stored as
+integers, `export/kernels/weight_only.py`), and its activation quantization as
 QuantizeLinear/DequantizeLinear: a vanished model is ~4× smaller on disk and in ONNX.
 """
 
@@ -32,6 +36,8 @@ from ..errors import ConfigError
 from .base import CliOption, LayerPlan, LayerSite, MethodConfig, MethodExamples, layer_params, register_method
 from .calibration import INIT, DataAwareStarts, check_init, resolve_init
 from .act_range import ACT_MOMENTUM, ActRange, act_fake_quant
+from .group_scales import (check_group_size, dequantize, fake_quantize_weight, layer_group_size, quantize_weight,
+                           scale_rows)
 from .quant_start import start_fixed_grid
 from .scale_grid import fixed_fake_quantize, grid_integers
 from .base import unchanged_plan
@@ -42,6 +48,8 @@ from .twin import SEPARATE_WEIGHTS, WeightTwin, WeightTwinMethod
 
 __all__ = ["QuantConfig", "QuantMethod", "QuantTwin", "QuantizedLayer", "quantize_weight", "fake_quantize_weight",
            "SUPPORTED_BITS"]
+
+_dequantize = dequantize  # the name tests and older callers import
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +63,9 @@ class QuantConfig(DataAwareStarts, MethodConfig):
     """Weight quantization (fake-quant + STE while blending, integers after vanish).
 
     Args:
-        bits: 8, 4, 2, 1 (binary) or "ternary"; per-output-channel symmetric scales.
+        bits: 8, 4, 2, 1 (binary) or "ternary"; symmetric scales.
+        group_size: None for one scale per output channel, or g (a power of 2 ≥ 16, with 8, 4 or 2
+            bits) for one per g consecutive input weights of a Linear (group_scales.py).
         act_bits: None, or 8 to fake-quantize each layer's input (observed EMA min/max range).
         separate_weights: the twin gets its own latent weights (default: the dense layer's).
         init: "auto" (data-aware with calibration data and bits ≤ 4), "plain" (max-abs scales) or
@@ -66,21 +76,24 @@ class QuantConfig(DataAwareStarts, MethodConfig):
     """
 
     method = "quant"
-    version = 1
+    version = 2  # 2: group_size
     gram_starts = own_weight_starts = ("gptq",)
     cli_options = (
         CliOption("--bits", "weight bits 8, 4, 2, 1 or ternary"),
         CliOption("--act-bits", "fake-quantize layer inputs to 8 bits", type=int),
         SEPARATE_WEIGHTS,
         INIT,
-        CliOption("--clip-search", "per-channel scales by an MSE-optimal clipping search (input-weighted with "
+        CliOption("--clip-search", "fixed scales by an MSE-optimal clipping search (input-weighted with "
                   "calibration data), instead of GPTQ", switch=True),
+        CliOption("--group-size", "one scale per N input weights of a Linear (a power of 2 ≥ 16, e.g. 32) "
+                  "instead of one per output channel", type=int),
     )
     bits: int | str = 8
     act_bits: int | None = None
     separate_weights: bool = False
     init: str = "auto"
     clip_search: bool = False
+    group_size: int | None = None
 
     def __post_init__(self):
         bits = self.bits
@@ -98,6 +111,7 @@ class QuantConfig(DataAwareStarts, MethodConfig):
             )
         if not isinstance(self.separate_weights, bool) or not isinstance(self.clip_search, bool):
             raise ConfigError(f"separate_weights / clip_search must be true or false, got {self!r}")
+        check_group_size(self.group_size, bits)
         check_init(self.init, "quant")
 
     @property
@@ -121,75 +135,33 @@ class QuantConfig(DataAwareStarts, MethodConfig):
         return MethodExamples(test=cls(bits=8), cuda=cls(bits=4), demo=cls(bits=1), demo_setting="binary (1 bit)")
 
 
-# ── weight quantization (pure) ──────────────────────────────────────────────────────────────
-
-
-@torch.no_grad()
-def quantize_weight(weight: torch.Tensor, bits: int | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integers (as floats, shape of `weight`) and per-output-channel scales (shape (out,)).
-
-    Dequantize with `q * scale` broadcast over dim 0. A channel of zeros gets q = 0, scale = 1.
-    """
-    w = weight.detach()
-    flat = w.reshape(w.shape[0], -1)
-    mag = flat.abs()
-    if bits == 1:
-        q = torch.where(flat >= 0, 1.0, -1.0).to(flat.dtype)
-        scale = mag.mean(1)
-    elif bits == "ternary":
-        delta = 0.7 * mag.mean(1, keepdim=True)
-        keep = mag > delta
-        q = torch.sign(flat) * keep
-        scale = (mag * keep).sum(1) / keep.sum(1).clamp(min=1)
-    else:
-        qmax = 2 ** (int(bits) - 1) - 1
-        scale = mag.amax(1) / qmax
-        q = torch.clamp(torch.round(flat / torch.where(scale > 0, scale, 1.0)[:, None]), -qmax, qmax)
-    dead = ~(scale > 0)  # zero (or NaN) channels: exactly representable as 0 · 1
-    if dead.any():
-        q = torch.where(dead[:, None], torch.zeros_like(q), q)
-        scale = torch.where(dead, torch.ones_like(scale), scale)
-    return q.reshape(w.shape), scale
-
-
-def _dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    # the same arithmetic as quantized_decomposed.dequantize_per_channel (q · scale), so the
-    # materialized layer reproduces the twin bit for bit
-    return q * scale.view(-1, *([1] * (q.dim() - 1)))
-
-
-def fake_quantize_weight(weight: torch.Tensor, bits: int | str) -> torch.Tensor:
-    """q·scale in the forward, identity gradient to `weight` (straight-through estimator)."""
-    q, scale = quantize_weight(weight, bits)
-    return _dequantize(q, scale).detach() + (weight - weight.detach())
-
-
 class QuantTwin(ActRange, WeightTwin):
     """The quantized twin: fake-quantized weights (and inputs) over a latent float weight."""
 
     def __init__(self, layer: nn.Module, *, bits: int | str = 8, act_bits: int | None = None,
-                 share: bool = True, init: bool = True, fixed_scale: bool = False):
+                 share: bool = True, init: bool = True, fixed_scale: bool = False, group_size: int | None = None):
         super().__init__(layer, share=share, init=init)
         self.bits = bits
+        self.group_size = group_size  # None: one scale per output channel; g: per g inputs (group_scales.py)
         self.allocated_only = not init  # rebuilt for loading: its state is about to be overwritten
         self._init_act(act_bits, self.weight.device)
         self.fixed_scale = fixed_scale
-        if fixed_scale:  # one scale per output channel, chosen once (quant_start.py), not recomputed
-            self.register_buffer("scale", quantize_weight(self.weight, bits)[1].float() if init
-                                 else torch.ones(self.weight.shape[0], device=self.weight.device))
+        if fixed_scale:  # the scales chosen once (quant_start.py), not recomputed
+            plain = quantize_weight(self.weight, bits, group_size)[1]
+            self.register_buffer("scale", plain.float() if init else torch.ones_like(plain, dtype=torch.float32))
         if act_bits is not None:
             self._init_out_range(self.weight.shape[0], self.weight.device)
 
     def compressed_weight(self) -> torch.Tensor:
         if self.fixed_scale:
             return fixed_fake_quantize(self.weight, self.scale, self.bits)
-        return fake_quantize_weight(self.weight, self.bits)
+        return fake_quantize_weight(self.weight, self.bits, self.group_size)
 
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The integers (as floats) and per-channel scales of the current latent weight (pure)."""
+        """The integers (as floats) and scales, (out,) or (out, groups), of the current latent weight (pure)."""
         if self.fixed_scale:
             return grid_integers(self.weight, self.scale, self.bits), self.scale
-        return quantize_weight(self.weight, self.bits)
+        return quantize_weight(self.weight, self.bits, self.group_size)
 
     def forward(self, x, output_size=None):
         if self.act_bits is not None:
@@ -218,14 +190,16 @@ class QuantTwin(ActRange, WeightTwin):
             self.act_observed.fill_(True)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, bits={self.bits}, act_bits={self.act_bits}"
+        groups = f", group_size={self.group_size}" if self.group_size else ""
+        return f"{super().extra_repr()}, bits={self.bits}{groups}, act_bits={self.act_bits}"
 
 
 class QuantizedLayer(ActRange, nn.Module):
-    """The deployed form: int8 weight buffer + float per-channel scales, dequantized in forward.
+    """The deployed form: int8 weight buffer + float scales (out,) or (out, groups), dequantized in forward.
 
     `quantized_decomposed.dequantize_per_channel` exports to ONNX DequantizeLinear on an int8
-    initializer; the (optional) input quantization to QuantizeLinear → DequantizeLinear.
+    initializer (on the (out·groups, g) rows of a grouped weight, then a Reshape); the (optional)
+    input quantization to QuantizeLinear → DequantizeLinear.
     """
 
     def __init__(self, twin: QuantTwin, q: torch.Tensor, scale: torch.Tensor):
@@ -250,9 +224,13 @@ class QuantizedLayer(ActRange, nn.Module):
         self.register_load_state_dict_post_hook(_refresh_act_mirror)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The weight the layer computes with (q · scale)."""
+        """The weight the layer computes with (q · scale, each scale over its row or group)."""
+        if self.scale.dim() == 1:
+            return torch.ops.quantized_decomposed.dequantize_per_channel(
+                self.qweight, self.scale, None, 0, -128, 127, torch.int8, out_dtype=self._out_dtype)
         return torch.ops.quantized_decomposed.dequantize_per_channel(
-            self.qweight, self.scale, None, 0, -128, 127, torch.int8, out_dtype=self._out_dtype)
+            scale_rows(self.qweight, self.scale), self.scale.reshape(-1), None, 0, -128, 127, torch.int8,
+            out_dtype=self._out_dtype).reshape(self.qweight.shape)
 
     def forward(self, x, output_size=None):
         if self._act is not None:
@@ -260,7 +238,8 @@ class QuantizedLayer(ActRange, nn.Module):
         return call_layer(self.layer_type, self, x, self.dequantized_weight(), self.bias, output_size)
 
     def extra_repr(self) -> str:
-        return (f"{self.layer_type.__name__}, qweight={tuple(self.qweight.shape)} int8, bits={self.bits}, "
+        groups = f", scales={tuple(self.scale.shape)}" if self.scale.dim() == 2 else ""
+        return (f"{self.layer_type.__name__}, qweight={tuple(self.qweight.shape)} int8, bits={self.bits}{groups}, "
                 f"act={'uint8' if self._act else None}")
 
 
@@ -276,7 +255,7 @@ class QuantMethod(WeightTwinMethod):
     def plan(self, site: LayerSite) -> LayerPlan:
         config: QuantConfig = self.config
         if isinstance(site.module, RECURRENT_TYPES):  # each gate matrix as a Linear (recurrent.py)
-            return plan_recurrent(self, site)
+            return self._plan_recurrent(site)
         if (refusal := single_weight_refusal(site.module)) is not None:
             return unchanged_plan(site, refusal)
         layer = site.module
@@ -286,7 +265,9 @@ class QuantMethod(WeightTwinMethod):
         before = layer_params(layer)
         flops = dense_flops(layer, site.positions)
         packed = 8 if config.bits == 8 else 4  # ONNX container: INT8, or INT4 for ≤ 4 bits
-        bytes_after = math.ceil(weight.numel() * packed / 8) + out_f * _FLOAT_BYTES + bias * _FLOAT_BYTES
+        group, per_channel_why = layer_group_size(layer, config.group_size)
+        scales = out_f * (weight.shape[1] // group if group else 1)
+        bytes_after = math.ceil(weight.numel() * packed / 8) + scales * _FLOAT_BYTES + bias * _FLOAT_BYTES
         plan = LayerPlan(
             path=site.path, kind=site.kind, shape=tuple(weight.shape),
             params_before=before, params_after=before, flops_before=flops, flops_after=flops,
@@ -296,8 +277,10 @@ class QuantMethod(WeightTwinMethod):
                 "act_bits": config.act_bits,
                 "weights": "separate" if config.separate else "shared",
                 **({"init": config.start} if config.start != "max-abs" else {}),
-                "store": ("int8 + per-channel float scale (PyTorch keeps int8 for every width; "
-                          f"ONNX INT{packed} after compress_onnx_weights(bits={packed}))"),
+                **({"group_size": group} if group else {"scales": per_channel_why} if per_channel_why else {}),
+                "store": (f"int8 + a float scale per {f'{group} inputs of a row' if group else 'output channel'} "
+                          f"(PyTorch keeps int8 for every width; ONNX INT{packed} after "
+                          f"compress_onnx_weights(bits={packed}))"),
                 "note": "same FLOP count; onnxruntime CPU runs integer kernels only where it fuses QDQ",
             },
         )
@@ -315,10 +298,19 @@ class QuantMethod(WeightTwinMethod):
             config = dataclasses.replace(config, bits=plan.detail["bits"])
         ids = isinstance(site.module, EMBEDDING_TYPES)  # an embedding's inputs are token ids: never quantized
         twin = QuantTwin(site.module, bits=config.bits, act_bits=None if ids else config.act_bits,
-                         share=not config.separate, init=init, fixed_scale=config.start != "max-abs")
+                         share=not config.separate, init=init, fixed_scale=config.start != "max-abs",
+                         group_size=plan.detail.get("group_size"))  # the plan's: a recipe without it is per channel
         if init and twin.fixed_scale:
             start_fixed_grid(twin, config, site, plan)
         return twin
+
+    def _plan_recurrent(self, site: LayerSite) -> LayerPlan:
+        """The recurrent layer's plan, per-channel scales: the ONNX recurrent ops take whole gate matrices."""
+        if self.config.group_size is None:
+            return plan_recurrent(self, site)
+        plan = plan_recurrent(QuantMethod(dataclasses.replace(self.config, group_size=None)), site)
+        plan.detail["scales"] = "per output channel (--group-size applies to Linear layers, not recurrent gates)"
+        return plan
 
     def share_dense_weights(self) -> bool:
         return not self.config.separate

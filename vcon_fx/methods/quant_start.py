@@ -1,10 +1,11 @@
 """Where a quantized twin with a fixed scale grid starts: clip-searched scales, or the GPTQ solution.
 
 quant.py's twin normally recomputes max-abs scales at every step. With `--clip-search` or a
-data-aware start it keeps one scale per output channel fixed instead (the `scale` buffer), chosen
-here from the dense weight and, when given, the layer's calibration statistics:
+data-aware start it keeps its scales fixed instead (the `scale` buffer: one per output channel,
+or one per group of inputs with `--group-size`), chosen here from the dense weight and, when
+given, the layer's calibration statistics:
 
-- "clip-search": the MSE-optimal clipping of each channel (scale_grid.py), weighted by the input
+- "clip-search": the MSE-optimal clipping of each scale's weights (scale_grid.py), weighted by the input
   second moments when the layer has statistics; the twin keeps sharing the dense weight.
 - "gptq": the method's own scales, then GPTQ's column-by-column rounding with error feedback
   (gptq.py); the twin starts from that solution in its own weight copy.
@@ -28,7 +29,7 @@ def starting_grid(start: str, weight: torch.Tensor, plain_scale: torch.Tensor, b
     Args:
         start: "clip-search" or "gptq" (`QuantConfig.start`).
         weight: the dense layer's weight.
-        plain_scale: its per-channel scales as the plain twin computes them.
+        plain_scale: its scales as the plain twin computes them, (out,) or (out, groups).
         bits: the weight width.
         statistics: the layer's calibration statistics, or None.
         groups: a convolution's groups (statistics of a grouped one do not fit its columns).

@@ -1,20 +1,24 @@
-"""Fixed per-channel scale grids: rounding to them, and the MSE-optimal clipping search that picks them.
+"""Fixed scale grids: rounding to them, and the MSE-optimal clipping search that picks them.
 
 The plain quantized twin recomputes its scales from the weight at every step (max|w|/qmax, or
-mean|w| for binary, TWN for ternary). A data-aware or clip-searched twin keeps one scale per
-output channel fixed from the start (a buffer) and rounds every weight to the nearest point of
-{−qmax…qmax}·scale ({−1, +1}·scale for binary; {−1, 0, +1}·scale for ternary and 2 bits).
+mean|w| for binary, TWN for ternary). A data-aware or clip-searched twin keeps its scales fixed
+from the start (a buffer) and rounds every weight to the nearest point of {−qmax…qmax}·scale
+({−1, +1}·scale for binary; {−1, 0, +1}·scale for ternary and 2 bits). The scales are one per
+output channel, shape (out,), or one per group of inputs, shape (out, groups)
+(group_scales.py): each scale rounds its own row of the weight.
 
-The clip search tries a grid of shrink ratios r of the plain scale, per output channel, and keeps
-the one with the least error Σ_j m_j·(w_j − Q(w_j))². m_j = 1 without calibration data (the weight
-error); with it, m_j is column j's input second moment, the diagonal of XᵀX, so the error is
-measured where the inputs are. For binary weights the optimum has a closed form,
-scale = Σ m_j|w_j| / Σ m_j.
+The clip search tries a grid of shrink ratios r of the plain scale, per scale, and keeps the one
+with the least error Σ_j m_j·(w_j − Q(w_j))² over the weights it scales. m_j = 1 without
+calibration data (the weight error); with it, m_j is column j's input second moment, the diagonal
+of XᵀX, so the error is measured where the inputs are. For binary weights the optimum has a
+closed form, scale = Σ m_j|w_j| / Σ m_j.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .group_scales import scale_rows
 
 __all__ = ["grid_integers", "grid_round", "fixed_fake_quantize", "clip_search_scales", "CLIP_RATIOS"]
 
@@ -29,18 +33,18 @@ def _qmax(bits: int | str) -> int:
 
 
 def grid_integers(weight: torch.Tensor, scale: torch.Tensor, bits: int | str) -> torch.Tensor:
-    """The nearest grid integers of `weight` for per-output-channel `scale` (floats, `weight`'s shape) (pure)."""
+    """The nearest grid integers of `weight` for `scale` (out,) or (out, groups) (floats, `weight`'s shape) (pure)."""
     w = weight.detach()
     if bits == 1:
         return torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
-    s = scale.to(w.dtype).view(-1, *([1] * (w.dim() - 1)))
     q = _qmax(bits)
-    return torch.clamp(torch.round(w / s), -q, q)
+    return torch.clamp(torch.round(scale_rows(w, scale) / scale.to(w.dtype).reshape(-1, 1)), -q, q).reshape(w.shape)
 
 
 def grid_round(weight: torch.Tensor, scale: torch.Tensor, bits: int | str) -> torch.Tensor:
     """The nearest grid point of every weight, q·scale (pure)."""
-    return grid_integers(weight, scale, bits) * scale.to(weight.dtype).view(-1, *([1] * (weight.dim() - 1)))
+    q = grid_integers(weight, scale, bits)
+    return (scale_rows(q, scale) * scale.to(weight.dtype).reshape(-1, 1)).reshape(weight.shape)
 
 
 def fixed_fake_quantize(weight: torch.Tensor, scale: torch.Tensor, bits: int | str) -> torch.Tensor:
@@ -51,30 +55,31 @@ def fixed_fake_quantize(weight: torch.Tensor, scale: torch.Tensor, bits: int | s
 @torch.no_grad()
 def clip_search_scales(weight: torch.Tensor, plain_scale: torch.Tensor, bits: int | str,
                        importance: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-output-channel scales minimizing Σ_j m_j·(w_j − Q(w_j))² over shrink ratios of `plain_scale` (pure).
+    """Scales minimizing Σ_j m_j·(w_j − Q(w_j))² over shrink ratios of `plain_scale`, each over its own weights (pure).
 
     Args:
         weight: (out, …) float weight.
-        plain_scale: (out,) the method's own scales (`quantize_weight`'s).
+        plain_scale: (out,) or (out, groups): the method's own scales (`quantize_weight`'s).
         bits: 8, 4, 2, 1 or "ternary".
         importance: m_j per weight column (shape of one output row, or flat), or None for m = 1.
 
     Returns:
-        (out,) scales, float32.
+        scales of `plain_scale`'s shape, float32.
     """
-    w = weight.detach().reshape(weight.shape[0], -1).float()
-    m = torch.ones(w.shape[1], device=w.device) if importance is None else importance.reshape(-1).float().to(w.device)
-    m = m / m.mean().clamp_min(1e-30)
-    plain = plain_scale.detach().float().to(w.device)
+    out = weight.shape[0]
+    w = weight.detach().reshape(out, plain_scale[0].numel(), -1).float()  # (out, groups, weights per scale)
+    m = torch.ones(w[0].numel(), device=w.device) if importance is None else importance.reshape(-1).float().to(w.device)
+    m = (m / m.mean().clamp_min(1e-30)).reshape(w.shape[1:])
+    plain = plain_scale.detach().float().to(w.device).reshape(out, -1)
     if bits == 1:
-        best = (w.abs() * m).sum(1) / m.sum().clamp_min(1e-30)
-        return torch.where(best > 0, best, plain)
+        best = (w.abs() * m).sum(-1) / m.sum(-1).clamp_min(1e-30)
+        return torch.where(best > 0, best, plain).reshape(plain_scale.shape)
     ratios = _TERNARY_RATIOS if bits == "ternary" else CLIP_RATIOS
     best, best_error = plain.clone(), torch.full_like(plain, float("inf"))
     for ratio in ratios:
         scale = plain * ratio
-        error = ((w - grid_round(w, scale, bits)).pow(2) * m).sum(1)
+        error = ((w - grid_round(w, scale, bits)).pow(2) * m).sum(-1)
         better = error < best_error
         best = torch.where(better, scale, best)
         best_error = torch.where(better, error, best_error)
-    return best
+    return best.reshape(plain_scale.shape)
