@@ -8,8 +8,10 @@ for the op onnxruntime's own int4 quantizer emits:
 
 B is Wᵀ as unsigned nibbles (q + 8, the op's default zero point 8), `block_size` values of one
 output channel per block, two per byte, low nibble first; K is padded to whole blocks with the
-zero point. vcon-fx's grid is one symmetric scale per output channel, so every block of a row
-takes that row's scale: the weights are exactly the fake-quantized PyTorch weights. With
+zero point. With one symmetric scale per output channel every block of a row takes that row's
+scale; with one per group of inputs (`--group-size`, a blocked DequantizeLinear) each block
+takes its group's scale, the block being the group or a part of it (a group of 64 is two blocks
+of 32). Either way the weights are exactly the fake-quantized PyTorch weights. With
 `accuracy_level=4` onnxruntime quantizes the activations to int8 per block and runs integer dot
 products (its fast path on x86 and ARM), so the outputs move by that rounding. Gemm(x, DQ(W),
 bias, transB=1) is packed from W directly. Other consumers of integer weights (convolutions,
@@ -56,7 +58,8 @@ def lower_to_matmul_nbits(model, report: "CompressReport", *, block_size: int = 
     """Run the stored INT4 matmuls as MatMulNBits (in place on `model`; counted and noted in `report`).
 
     Raises:
-        UsageError: `block_size` is not a power of 2 of at least 16 (what the op takes).
+        UsageError: `block_size` is not a power of 2 of at least 16 (what the op takes), or it does
+            not divide the model's group of inputs per scale (`--group-size`).
     """
     done = to_matmul_nbits(model, check_block_size(block_size))
     report.notes.append(f"{done} INT4 matmul(s) run as MatMulNBits (block {block_size}, accuracy_level "
@@ -79,7 +82,7 @@ def check_block_size(block_size: int) -> int:
 class _Site:
     x: str  # the float activation
     q: np.ndarray  # integers, [N, K]
-    scale: np.ndarray  # per output channel, [N]
+    scale: np.ndarray  # per output channel [N], or per group of inputs [N, groups]
     bias: str | None
     out: str
     remove: list  # nodes the fused op replaces
@@ -120,7 +123,11 @@ def to_matmul_nbits(model, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
 def pack_int4_blocks(q: np.ndarray, scale: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(B [N, blocks, block_size/2] uint8, scales [N·blocks]) of integers q [N, K] in [−8, 7] (pure).
 
-    Each row's scale is repeated for every block of the row; padding past K holds the zero point.
+    Scales [N]: each row's is repeated for every block of the row. Scales [N, groups]: each
+    group's for every block of the group. Padding past K holds the zero point.
+
+    Raises:
+        UsageError: `block_size` does not divide the group (K / groups).
     """
     n, k = q.shape
     blocks = -(-k // block_size)
@@ -128,7 +135,13 @@ def pack_int4_blocks(q: np.ndarray, scale: np.ndarray, block_size: int) -> tuple
     nibbles[:, :k] = (q.astype(np.int16) + _ZERO_POINT).astype(np.uint8)
     nibbles = nibbles.reshape(n, blocks, block_size)
     packed = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
-    scales = np.repeat(np.asarray(scale).reshape(-1, 1), blocks, axis=1).reshape(-1)
+    scale = np.asarray(scale).reshape(n, -1)
+    group = k // scale.shape[1]
+    if scale.shape[1] > 1 and group % block_size:
+        raise UsageError(f"the model has one scale per {group} inputs (--group-size {group}), which --block-size "
+                         f"{block_size} does not divide: export with --block-size {group} (or a power of 2 below it)")
+    repeats = blocks if scale.shape[1] == 1 else group // block_size
+    scales = np.repeat(scale, repeats, axis=1).reshape(-1)
     return np.ascontiguousarray(packed, np.uint8), np.ascontiguousarray(scales)
 
 
@@ -149,15 +162,17 @@ def _match(dq, inits: dict, readers: dict) -> _Site | None:
         return None  # wider than 4 bits: stays weight-only
     op, slot = users[0]
     scale = numpy_helper.to_array(inits[dq.input[1]])
-    axis = attribute(dq, "axis", 1) % 2
+    blocked = scale.ndim == 2 and attribute(dq, "block_size", 0) > 0  # per group of K: scales along the other axis
+    axis = (attribute(dq, "axis", 1) % 2) ^ blocked  # the output-channel axis either way
     if op.op_type == "MatMul" and slot == 1 and (scale.ndim == 0 or axis == 1):
-        q, bias = q.T, None  # [K, N] → [N, K]
+        q, scale, bias = q.T, scale.T if blocked else scale, None  # [K, N] → [N, K]
     elif (op.op_type == "Gemm" and slot == 1 and attribute(op, "transB", 0) == 1 and attribute(op, "transA", 0) == 0
           and attribute(op, "alpha", 1.0) == 1.0 and attribute(op, "beta", 1.0) == 1.0 and (scale.ndim == 0 or axis == 0)):
         bias = op.input[2] if len(op.input) > 2 and op.input[2] else None
     else:
         return None
-    scale = np.broadcast_to(scale, (q.shape[0],)).astype(scale.dtype)
+    if not blocked:
+        scale = np.broadcast_to(scale, (q.shape[0],)).astype(scale.dtype)
     site = _Site(op.input[0], q, scale, bias, op.output[0], [dq, op], op)
     if bias is None:
         _fold_bias(site, inits, readers)

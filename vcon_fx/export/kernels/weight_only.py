@@ -3,8 +3,9 @@
 On-grid float weights (see `grid.py`) are stored as INT8 (or INT4 when they fit in 4 bits and
 the export asks for ≤ 4) with a per-axis float scale, and a DequantizeLinear goes in front of
 every consumer. Existing DequantizeLinear on INT8 initializers (a vanished quantized model
-exports those) are repacked to INT4 when their values fit. Floats that are not on a grid are
-left alone. The outputs are unchanged up to float rounding of the scale (far below one
+exports those) are repacked to INT4 when their values fit; a grouped one (one scale per block
+of inputs, `--group-size`) first becomes a blocked DequantizeLinear at opset ≥ 21 (`blocked.py`).
+Floats that are not on a grid are left alone. The outputs are unchanged up to float rounding of the scale (far below one
 quantization step); the file shrinks about 4× (INT8) or 8× (INT4) on the weights.
 
 The weight-only kernel stops there: onnxruntime runs DequantizeLinear in front of float ops
@@ -18,8 +19,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ...bench.worker import session_config
+from ..blocked import block_grouped_dequantize
 from ..grid import find_grid, grid_axes
-from ..proto import consumers, fresh_name
+from ..proto import attribute, consumers, fresh_name
 from .registry import ACTIVATION_ROUNDING_NOTE, ACTIVATION_ROUNDING_RTOL, register_kernel
 
 if TYPE_CHECKING:
@@ -40,6 +42,9 @@ def store_integer_weights(model, report: "CompressReport", *, opset: int, min_el
         fold_transposes: fold DequantizeLinear(W) → Transpose into DequantizeLinear(Wᵀ).
     """
     graph = model.graph
+    blocked = block_grouped_dequantize(graph) if opset >= 21 else 0
+    if blocked:
+        report.notes.append(f"{blocked} grouped weight(s) dequantized per block (DequantizeLinear block_size)")
     uses = consumers(graph)
     names = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
     new_inits, new_nodes, keep = [], [], []
@@ -86,6 +91,8 @@ def _store_one(init, uses: list, report: "CompressReport", names: set[str], opse
     """(integers, scale, DequantizeLinear node) for one on-grid initializer, else None (noted in `report`)."""
     from onnx import TensorProto, helper, numpy_helper
 
+    if any(node.op_type == "DequantizeLinear" for node, _ in uses):
+        return None  # a DequantizeLinear's own scale (a grouped weight's is 2-D): not a weight
     reason = _why_not(init, min_elements, opset)
     if reason:
         if init.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16) and len(init.dims) >= 2:
@@ -194,13 +201,20 @@ def _fold_transposes(graph) -> int:
             continue
         q = numpy_helper.to_array(q_init)
         perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), list(range(q.ndim))[::-1])
-        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        axis, block = attribute(dq, "axis", 1), attribute(dq, "block_size", 0)
         scale = by_name.get(dq.input[1])
-        if scale is None or len(scale.dims) not in (0, 1) or (len(dq.input) > 2 and dq.input[2] and len(by_name.get(dq.input[2], scale).dims) > 1):
+        if scale is None or len(scale.dims) not in ((len(q.shape),) if block else (0, 1)) \
+                or (len(dq.input) > 2 and dq.input[2] and len(by_name.get(dq.input[2], scale).dims) > 1) \
+                or (block and len(uses.get(scale.name, [])) != 1):
             continue
         q_init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(np.transpose(q, perm)), q_init.name))
+        if block:  # blocked scales have the integers' rank: they turn with them
+            scale.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(np.transpose(numpy_helper.to_array(scale), perm)),
+                                                   scale.name))
         del dq.attribute[:]
         dq.attribute.append(helper.make_attribute("axis", perm.index(axis % q.ndim)))
+        if block:
+            dq.attribute.append(helper.make_attribute("block_size", block))
         dq.output[0] = transpose.output[0]
         drop.append(transpose)
         folded += 1

@@ -1,0 +1,102 @@
+"""A grouped quantized layer's dequantization as one blocked DequantizeLinear (opset 21).
+
+A Linear quantized with `--group-size g` (methods/group_scales.py) holds integers (out, in) and
+scales (out, in/g). PyTorch dequantizes them per channel over the (out·in/g, g) rows, so the
+exporter writes, at its opset 18:
+
+    [Reshape](Q) → DequantizeLinear(·, [Reshape](S), axis=0) → Reshape(out, in)
+
+(a Reshape of an initializer is folded into it only below the exporter's size limit). onnxruntime
+runs that as it is. From opset 21 DequantizeLinear takes the scales per block of an axis
+(`block_size`), so the three nodes become one on the (out, in) integers and (out, in/g) scales:
+the form onnxruntime fuses into MatMulNBits, that `_fold_transposes` can transpose, and that
+the MatMulNBits kernel packs with its real per-block scales. The values are unchanged.
+"""
+
+from __future__ import annotations
+
+from .proto import attribute, consumers, fresh_name
+
+__all__ = ["block_grouped_dequantize"]
+
+
+def block_grouped_dequantize(graph) -> int:
+    """Rewrite every grouped dequantization of an onnx GraphProto into a blocked DequantizeLinear (in place).
+
+    Needs opset ≥ 21 (the caller checks). Returns how many were rewritten.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    readers = consumers(graph)
+    outputs = {o.name for o in graph.output}
+    taken = set(inits) | set(producers) | {n.name for n in graph.node}
+    done, drop = 0, []
+    for dq in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
+        site = _grouped_site(dq, inits, producers, readers, outputs)
+        if site is None:
+            continue
+        q, scale, reshape, replaced = site
+        groups = scale.size // q.shape[0]
+        q_name, s_name = fresh_name(f"{reshape.output[0]}_quantized", taken), fresh_name(f"{reshape.output[0]}_scale", taken)
+        graph.initializer.extend([numpy_helper.from_array(q, q_name),
+                                  numpy_helper.from_array(scale.reshape(q.shape[0], groups), s_name)])
+        blocked = {"axis": 1, "block_size": q.shape[1] // groups} if groups > 1 else {"axis": 0}
+        node = helper.make_node("DequantizeLinear", [q_name, s_name], [reshape.output[0]],
+                                name=fresh_name(f"{reshape.output[0]}_dequantize", taken), **blocked)
+        graph.node.insert(list(graph.node).index(dq), node)  # it reads initializers only: any place is topological
+        drop.extend(replaced)
+        done += 1
+    for node in drop:
+        graph.node.remove(node)
+    if done:
+        read = {name for node in graph.node for name in node.input} | outputs
+        kept = [i for i in graph.initializer if i.name in read]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    return done
+
+
+def _grouped_site(dq, inits: dict, producers: dict, readers: dict, outputs: set):
+    """(integers (out, in), flat scales (out·groups,), the closing Reshape, the nodes replaced) or None."""
+    if attribute(dq, "axis", 1) != 0 or attribute(dq, "block_size", 0) or (len(dq.input) > 2 and dq.input[2]):
+        return None
+    after = readers.get(dq.output[0], [])
+    if len(after) != 1 or after[0][0].op_type != "Reshape" or dq.output[0] in outputs:
+        return None
+    reshape = after[0][0]
+    rows, scale = _constant(dq.input[0], inits, producers, readers), _constant(dq.input[1], inits, producers, readers)
+    shape = inits.get(reshape.input[1])
+    if rows is None or scale is None or shape is None:
+        return None
+    from onnx import numpy_helper
+
+    shape = numpy_helper.to_array(shape)
+    (rows, rows_chain), (scale, scale_chain) = rows, scale
+    if rows.ndim != 2 or scale.ndim != 1 or scale.size != rows.shape[0] or shape.size != 2 or (shape <= 0).any():
+        return None
+    out, inputs = (int(d) for d in shape)
+    if out * inputs != rows.size or scale.size % out or (scale.size // out) * rows.shape[1] != inputs:
+        return None  # the rows are not consecutive groups of the output rows
+    return rows.reshape(out, inputs), scale, reshape, [*rows_chain, *scale_chain, dq, reshape]
+
+
+def _constant(name: str, inits: dict, producers: dict, readers: dict):
+    """(the value of `name` when it is an initializer, or Reshapes of one read only here; those Reshapes) or None."""
+    from onnx import numpy_helper
+
+    chain = []
+    while name not in inits:
+        node = producers.get(name)
+        if node is None or node.op_type != "Reshape" or node.input[1] not in inits or len(readers.get(name, [])) != 1:
+            return None
+        chain.append(node)
+        name = node.input[0]
+    value = numpy_helper.to_array(inits[name])
+    for node in reversed(chain):
+        shape = numpy_helper.to_array(inits[node.input[1]])
+        if (shape == 0).any():
+            return None  # a copied dimension (allowzero 0) or an empty one: not the exporter's
+        value = value.reshape(shape)
+    return value, chain
