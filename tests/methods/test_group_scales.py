@@ -137,3 +137,15 @@ def test_a_bad_group_size_is_a_config_error(group_size, bits, message):
     with pytest.raises(ConfigError, match=message):
         QuantConfig(bits=bits, group_size=group_size)
 
+
+
+def test_a_gptq_start_through_transform_keeps_its_group_scales_fixed():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval(), torch.randn(4, 64)
+    vm = vcon_fx.transform(model, QuantConfig(bits=4, group_size=GROUP), example_inputs=(x,), include_stem=True,
+                           include_head=True, calibration=torch.randn(64, 64))
+    assert {pl.detail["init"] for pl in vm.meta["vcon"].plans.values()} == {"gptq"}
+    vcon_fx.set_beta(vm, 0.0)
+    blended_out = vm(x)
+    small = vcon_fx.vanish(vm)
+    assert small.get_submodule("0").scale.shape == (64, 2) and torch.equal(small(x), blended_out)
