@@ -98,8 +98,8 @@ def export_files(folder: Path, work: Path) -> tuple[dict[str, Path], dict[str, f
     return files, took, skipped
 
 
-def ort_quantized(dense: Path, work: Path) -> tuple[dict, dict, dict]:
-    """onnxruntime's MatMulNBitsQuantizer on the dense file: each mode that runs offline here."""
+def ort_quantized(dense: Path, work: Path, modes: tuple[str, ...] | None = None) -> tuple[dict, dict, dict]:
+    """onnxruntime's MatMulNBitsQuantizer on the dense file: each mode that runs offline here (or those of `modes`)."""
     import logging
 
     import onnx
@@ -107,7 +107,7 @@ def ort_quantized(dense: Path, work: Path) -> tuple[dict, dict, dict]:
 
     logging.getLogger(mnq.__name__).setLevel(logging.WARNING)  # it logs every node at INFO
 
-    modes = {
+    configs = {
         "ort RTN symmetric": lambda: mnq.DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=True,
                                                                      accuracy_level=4),
         "ort RTN asymmetric": lambda: mnq.DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=False,
@@ -115,7 +115,9 @@ def ort_quantized(dense: Path, work: Path) -> tuple[dict, dict, dict]:
         "ort HQQ": lambda: mnq.HQQWeightOnlyQuantConfig(block_size=BLOCK, bits=4),
     }
     files, took, skipped = {}, {}, {}
-    for label, config in modes.items():
+    for label, config in configs.items():
+        if modes is not None and label not in modes:
+            continue
         start = time.perf_counter()
         quantizer = mnq.MatMulNBitsQuantizer(onnx.load(str(dense)), algo_config=config())
         quantizer.process()

@@ -24,11 +24,13 @@ EXPECTED = {
     "transition.py": ["# Training cost over the transition", "blended, β = 0.5", "compressed only (vanished)",
                       "freeze_dense: dense params requires_grad=False, .grad is None: True", "peak MB"],
     "toolspeed.py": ["# Tool speed", "transform", "forward+backward", "truncated SVD", "vcon_fx.plan"],
+    "llm.py": ["# A language model as people deploy it", "| vcon int4 (GPTQ, group 32) |", "| vcon low-rank 0.5 + int4 |",
+               "| ort RTN asymmetric |", "peak RSS"],
     "layers.py": ["# Layer types", "| r3d_18 |", "| gpt2_embedding_tied |", "4-bit (quant bits=4)", "### lstm_lm"],
 }
 
 
-REPORTS = ("DEPLOY.md", "TRANSITION.md", "TOOLSPEED.md", "LAYERS.md")
+REPORTS = ("DEPLOY.md", "TRANSITION.md", "TOOLSPEED.md", "LAYERS.md", "LLM.md")
 
 
 def _snapshot(folder: Path) -> dict[str, float]:
@@ -36,8 +38,8 @@ def _snapshot(folder: Path) -> dict[str, float]:
     return {name: (folder / name).stat().st_mtime for name in REPORTS if (folder / name).exists()}
 
 
-# The two longest (~25 s each) run with the slow set, so `make test` stays well under 15 minutes.
-SLOW_SCRIPTS = ("deploy.py", "layers.py")
+# The longest (~25 s each; llm.py ~2 min) run with the slow set, so `make test` stays well under 15 minutes.
+SLOW_SCRIPTS = ("deploy.py", "layers.py", "llm.py")
 
 
 @pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s in SLOW_SCRIPTS else s

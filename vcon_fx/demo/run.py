@@ -9,6 +9,9 @@ with the same fine-tuning budget (steps, learning rate, batch size, seed, data o
     abrupt:  transform → fine-tune with Q = 0 (β = 0 from the first step)
     VCON:    transform → fine-tune with β falling linearly 1 → 0 over Q = 20% of the steps
 
+Both start from the same twins, built the way benchmarks/QUALITY.md measured best: data-aware
+from 128 training images, and with the budget allocated per layer where the setting allows it.
+
 The VCON model is vanished, exported to ONNX (weights of ≤ 4-bit methods repacked as INT4),
 and checked in onnxruntime against PyTorch. The result is one row per method, a JSON file, and
 a plot of test accuracy over the fine-tuning steps with β on a second axis.
@@ -20,6 +23,7 @@ for means over seeds). This module does not print; `vcon_fx/cli/demo.py` does.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -54,6 +58,7 @@ log = logging.getLogger(__name__)
 # --fast runs one method of each ONNX route (float factors, integer weights) unless --methods says otherwise:
 # each export costs seconds, and the fast mode has to stay under half a minute
 FAST_METHODS = ("lowrank", "quant")
+CALIBRATION_SAMPLES = 128  # training images the twins start from (data-aware) and --allocate measures on
 
 
 def demo_configs() -> dict[str, tuple[Any, str]]:
@@ -174,9 +179,10 @@ def _run_method(name, config, setting, dense, data, examples, check_inputs, tmp,
     from ..training.finetune import finetune
 
     started = time.monotonic()
+    start, how = _best_start(api, dense, config, data, examples)
     runs = {}
     for run, q in (("abrupt", 0), ("vcon", settings.q)):
-        vm = api.transform(dense, config, example_inputs=examples)
+        vm = copy.deepcopy(start)  # both runs start from the same twins: only the schedule differs
 
         def on_step(info, run=run):
             emit({"stage": "finetune", "method": name, "run": run, "step": info["step"], "steps": settings.steps,
@@ -206,7 +212,7 @@ def _run_method(name, config, setting, dense, data, examples, check_inputs, tmp,
                         threads=settings.latency_threads, reference_onnx=dense_path)
     plan = api.plan(dense, config, example_inputs=examples)
     return DemoRow(
-        method=name, setting=setting, config=config.to_dict(), params=plan.params_after, onnx=path.name,
+        method=name, setting=f"{setting}, {how}", config=config.to_dict(), params=plan.params_after, onnx=path.name,
         onnx_bytes=report.size_bytes, latency_ms=report.latency_ms, onnx_ok=report.ok,
         onnx_max_abs_diff=max((o.max_abs_diff for o in report.outputs), default=float("nan")),
         transition=settings.q,
@@ -217,6 +223,25 @@ def _run_method(name, config, setting, dense, data, examples, check_inputs, tmp,
         history_abrupt=accuracy_curve(runs["abrupt"][1]), history_vcon=accuracy_curve(runs["vcon"][1]),
         beta_vcon=beta_curve(runs["vcon"][1]),
     )
+
+
+def _best_start(api, dense, config, data, examples):
+    """(the blended model both runs start from, how it started): the best start benchmarks/QUALITY.md measured.
+
+    Data-aware twins from 128 training images (whitened SVD, Wanda, GPTQ), and the budget spread over
+    the layers by measured sensitivity where the method's setting is a ratio, sparsity or width.
+    """
+    from ..errors import ConfigError
+    from ..methods.allocation import space_for
+
+    try:
+        space_for(config, "params")
+        allocate = "params"
+    except ConfigError:  # e.g. a fixed rank or a composition: nothing to spread
+        allocate = None
+    calibration = data.train.tensors[0][:CALIBRATION_SAMPLES]
+    vm = api.transform(dense, config, example_inputs=examples, calibration=calibration, allocate=allocate)
+    return vm, "data-aware start" + (", allocated" if allocate else "")
 
 
 @contextlib.contextmanager
