@@ -76,10 +76,12 @@ class Grid:
     depth: int = 4
     minilm: tuple = (("lowrank", 0.5), ("lowrank", 0.3), ("quant", 4), ("prune", "2:4"))
     minilm_steps: int = 50  # fine-tuning steps of every trained MiniLM column (0: one-shot only)
+    minilm_trained: tuple = (("lowrank", 0.3), ("quant", 4), ("prune", "2:4"))  # the strongest of each method
 
 
 FULL = Grid()
-TINY = Grid(seeds=(0,), pretrain_steps=60, budgets=(10,), settings=(("prune", 0.9),), minilm=(("lowrank", 0.5),), minilm_steps=3)
+TINY = Grid(seeds=(0,), pretrain_steps=60, budgets=(10,), settings=(("prune", 0.9),), minilm=(("lowrank", 0.5),), minilm_steps=3,
+            minilm_trained=(("lowrank", 0.5),))
 
 
 def method_config(method: str, strength, data_aware: bool):

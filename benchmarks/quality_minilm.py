@@ -51,7 +51,7 @@ class _Sentences(torch.utils.data.Dataset):
 
 
 def minilm_part(grid, log, method_config, setting_label) -> list[dict]:
-    """One-shot rows, then every trained column for every seed (grid.minilm_steps > 0)."""
+    """One-shot rows of every setting, then every trained column for every seed (settings of grid.minilm_trained)."""
     import vcon_fx
     from benchmarks.minilm import TARGETS, embeddings, encode, sentences
     from transformers import AutoTokenizer
@@ -92,7 +92,8 @@ def minilm_part(grid, log, method_config, setting_label) -> list[dict]:
             rows.append({"setting": label, "column": column, **score(vcon_fx.vanish(vm)),
                          "seconds": round(time.perf_counter() - t0, 1)})
             log(f"minilm {rows[-1]}")
-        for seed in grid.seeds if grid.minilm_steps else ():
+        trained = grid.minilm_steps and (method, strength) in grid.minilm_trained
+        for seed in grid.seeds if trained else ():
             for column, (start, share, schedule) in TRAINED.items():
                 if start in starts:
                     rows.append(_trained(starts[start], seed, column, share, schedule, train, grid, score, label))

@@ -112,3 +112,21 @@ def test_the_cli_flags_reach_the_log(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     first = next(r for r in records if r.get("step") == 1)
     assert {"task", "distill", "match"} <= set(first["loss_parts"])
+
+
+def test_without_labels_the_dense_branch_stays_the_original_teacher():
+    # Distilling to the model at β = 1 while that model's dense branch trains lets both branches drift
+    # together (MiniLM's teacher fell to cosine 0.18 of the original); its own weights must stay fixed.
+    vm = blended()
+    x = labelled().tensors[0]
+    blends = [m for m in vm.modules() if type(m).__name__ == "Blend"]
+    dense = [p for m in blends for p in m.dense.parameters()]
+    twin = [p for m in blends for p in m.compressed.parameters()]
+    before_dense, before_twin = [p.detach().clone() for p in dense], [p.detach().clone() for p in twin]
+    assert dense and all(p.requires_grad for p in dense)
+    result = vcon_fx.finetune(vm, torch.utils.data.TensorDataset(x), steps=STEPS, transition=TRANSITION, lr=5e-2,
+                              batch_size=16)
+    assert result.loss == "mse" and result.metrics["after"] > result.metrics["before_compressed"]
+    assert all(torch.equal(p, q) for p, q in zip(dense, before_dense))
+    assert not all(torch.equal(p, q) for p, q in zip(twin, before_twin)), "the twins must have trained"
+    assert all(p.requires_grad for p in dense), "the run must hand the weights back trainable"

@@ -32,7 +32,7 @@ from ..graph.modes import eval_mode
 from .evaluate import GapProbe, at_beta, choose_loss, evaluate, prediction, training_loss
 from .interrupt import interruption, sigint_flag
 from .records import StepRecords
-from .teacher import GroupMatch, teacher_active
+from .teacher import GroupMatch, hold_teacher, teacher_active
 from .result import FinetuneResult
 
 __all__ = ["FinetuneRun"]
@@ -64,6 +64,7 @@ class FinetuneRun:
         self.signalled = False  # set by the SIGINT handler, on this rank
         self.stop = False       # agreed by every rank (one signalled), so all stop after the same step
         self.last_checkpoint: Path | None = None
+        self.held: list[nn.Parameter] = []  # dense-branch weights kept fixed for this run (teacher.hold_teacher)
         # A model whose shapes were fixed at export runs only at that batch: every forward uses it.
         self.batch_size, self.batch_note = training_batch_size(recipe_of(vm).inputs, config.batch_size)
         self.fixed_batch = self.batch_note is not None
@@ -97,6 +98,8 @@ class FinetuneRun:
         finally:
             self.records.close()
             vm.train(was_training)
+            for p in self.held:
+                p.requires_grad_(True)
         history = self.records.history
         final_loss = next((h["loss"] for h in reversed(history) if "loss" in h), None)
         return FinetuneResult(metric=self.metric, metrics=dict(self.metrics), history=history,
@@ -118,6 +121,11 @@ class FinetuneRun:
         self.num_classes = self._check_labels(first_args, first_kwargs)
 
         self.schedule = make_schedule(config.schedule, vm, transition=config.transition, **config.schedule_options)
+        if self.loss_kind != "task":  # the model at β = 1 is the target: its dense branch must not chase the twin
+            self.held = hold_teacher(vm)
+            if self.held:
+                log.info("distilling without labels: the dense branch is the teacher, its own %d weight tensor(s) stay "
+                         "fixed for this run", len(self.held))
         self.params = [p for p in vm.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("the model has no trainable parameters (all frozen): unfreeze some before fine-tuning")

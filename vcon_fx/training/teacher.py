@@ -8,6 +8,15 @@ teaching costs no second copy:
 
 where c and d are a group's compressed and dense branch outputs on this batch. Both stop once
 every β is 0, unless `teacher_after`. The dense targets carry no gradient.
+
+Without labels the whole loss is distillation to the model at β = 1, so the dense branch is the
+target and must not learn from it: while β > 0 the blend β·d + (1 − β)·c is pulled toward d, and
+a trained dense branch moves toward the twin just as the twin moves toward it, with nothing left
+to hold either to the original (measured on MiniLM, low-rank 0.5, 30 steps: the β = 1 model's
+sentence embeddings fell to cosine 0.18 of the original's; abrupt compression, where the dense
+branch gets no gradient, kept 0.999). `hold_teacher` keeps the dense branch's own weights fixed
+for such a run. Weights a twin shares with it (prune, quant) keep training: the twin needs
+them; `--separate-weights` gives the twin its own copy so the teacher stays exactly the original.
 """
 
 from __future__ import annotations
@@ -18,12 +27,27 @@ from torch import nn
 from ..graph.blend import Blend, blend_modules
 from ..graph.modes import eval_mode
 
-__all__ = ["teacher_active", "GroupMatch"]
+__all__ = ["teacher_active", "GroupMatch", "hold_teacher"]
 
 
 def teacher_active(betas: dict[str, float], after: bool) -> bool:
     """Whether the teacher terms apply at a step with these β: during the transition, or always if `after`."""
     return after or any(b > 0.0 for b in betas.values())
+
+
+def hold_teacher(model: nn.Module) -> list[nn.Parameter]:
+    """Stop every trainable weight that only a dense branch uses from training (in place); returns them.
+
+    Give the returned parameters `requires_grad_(True)` back when the run ends.
+    """
+    held = []
+    for blend in blend_modules(model).values():
+        shared = {id(p) for p in blend.compressed.parameters()}
+        for p in blend.dense.parameters():
+            if p.requires_grad and id(p) not in shared:
+                p.requires_grad_(False)
+                held.append(p)
+    return held
 
 
 class GroupMatch:
