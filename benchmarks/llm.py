@@ -59,6 +59,7 @@ def vcon_configs():
     int4 = QuantConfig(bits=4, group_size=BLOCK)
     return {
         "vcon int4 (GPTQ, group 32)": (QuantConfig(bits=4, group_size=BLOCK, init="data-aware"), "matmul-nbits"),
+        "vcon int4 (RTN, group 32)": (int4, "matmul-nbits"),
         "vcon low-rank 0.5": (LowRankConfig(ratio=0.5), None),
         "vcon low-rank 0.5 + int4": (ComposeConfig((LowRankConfig(ratio=0.5), int4)), "matmul-nbits"),
     }
@@ -82,12 +83,12 @@ def export_files(folder: Path, work: Path, calibration: np.ndarray, log) -> tupl
     for label, (config, kernel) in vcon_configs().items():
         start = time.perf_counter()
         vm = vcon_fx.transform(lm.module, config, example_kwargs=lm.example_kwargs, seq_inputs=lm.seq_inputs,
-                               source=lm.source, include_head=True,
-                               calibration={"input_ids": torch.from_numpy(calibration),
-                                            "attention_mask": torch.ones(calibration.shape, dtype=torch.int64)})
+                               source=lm.source, include_head=True, calibration=None if "RTN" in label else
+                               {"input_ids": torch.from_numpy(calibration),
+                                "attention_mask": torch.ones(calibration.shape, dtype=torch.int64)})
         small = vcon_fx.vanish(vm, force=True)  # β = 0 at once: the one-shot data-aware start
         del vm
-        name = label.split("(")[0].strip().replace(" ", "_").replace(".", "").replace("+", "plus")
+        name = "".join(c if c.isalnum() else "_" for c in label)
         path = vcon_fx.export_onnx(small, work / f"{name}.float.onnx", (), example_kwargs=lm.example_kwargs)
         del small
         if kernel:
@@ -98,7 +99,7 @@ def export_files(folder: Path, work: Path, calibration: np.ndarray, log) -> tupl
             path = packed
         files[label], took[label] = path, time.perf_counter() - start
         log(f"{label} made ({took[label]:.0f} s)")
-    ort_files, ort_took, _ = ort_quantized(files["dense fp32"], work, modes=("ort RTN asymmetric",))
+    ort_files, ort_took, _ = ort_quantized(files["dense fp32"], work, modes=("ort RTN symmetric", "ort RTN asymmetric"))
     files.update(ort_files)
     took.update(ort_took)
     return files, took
@@ -165,11 +166,12 @@ def render(params, files, took, speed, error, peak, args, total_s) -> str:
         "`export_onnx` (the KV-cache decoder export), then `compress_onnx_weights(kernel=\"matmul-nbits\", "
         f"block_size={BLOCK})` for the int4 files, i.e. `vcon-fx export --matmul-nbits`. Every Linear, the LM head too "
         "(as onnxruntime's quantizer does). int4: GPTQ (act-order, static groups) with one symmetric scale per block "
-        f"of {BLOCK}. Low-rank 0.5: half of every Linear's parameters, truncation-aware whitened SVD. Low-rank 0.5 + "
-        f"int4: the same factors, each quantized to 4 bits, group {BLOCK} (round to nearest: the factors' inputs "
-        "have no calibration statistics).",
-        f"- ort RTN asymmetric: `MatMulNBitsQuantizer(DefaultWeightOnlyQuantConfig(block_size={BLOCK}, "
-        "is_symmetric=False, accuracy_level=4))` on the dense file; INT4.md has its symmetric and HQQ modes.",
+        f"of {BLOCK}; the RTN row rounds to nearest on the same grid without calibration data (what the groups give "
+        "alone). Low-rank 0.5: half of every Linear's parameters, truncation-aware whitened SVD. Low-rank 0.5 + "
+        f"int4: `lowrank+quant`, each factor quantized to 4 bits with group {BLOCK} (GPTQ, on the statistics of the "
+        "factor's own input, derived from the layer's).",
+        f"- ort RTN symmetric / asymmetric: `MatMulNBitsQuantizer(DefaultWeightOnlyQuantConfig(block_size={BLOCK}, "
+        "is_symmetric=True|False, accuracy_level=4))` on the dense file; INT4.md has its HQQ mode too.",
         "- Time to make each file: " + ", ".join(f"{k} {v:.0f} s" for k, v in took.items()) + ".",
         "- A ~1B-parameter Llama through transform → vanish → export on this machine, with peak memory and time: "
         "[BIGMODEL.md](BIGMODEL.md) (`python benchmarks/bigmodel.py`).", ""])
