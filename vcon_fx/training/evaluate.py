@@ -27,6 +27,7 @@ from .distributed import Distributed
 from ..errors import DataError
 from ..graph.blend import Blend, blend_modules, get_betas, set_beta
 from ..graph.modes import eval_mode
+from .teacher import original_weights
 
 __all__ = ["LOSSES", "choose_loss", "training_loss", "evaluate", "prediction", "at_beta", "GapProbe"]
 
@@ -72,8 +73,8 @@ def training_loss(kind: str, vm: nn.Module, out, args, kwargs, labels) -> torch.
 
 @torch.no_grad()
 def _teacher(vm: nn.Module, args, kwargs):
-    """The original model's outputs: the same graph at β = 1 (no second copy)."""
-    with eval_mode(vm), at_beta(vm, 1.0):
+    """The original model's outputs: the same graph at β = 1 (no second copy but of shared weights, if kept)."""
+    with eval_mode(vm), at_beta(vm, 1.0), original_weights(vm):
         return vm(*args, **kwargs)
 
 
@@ -108,7 +109,7 @@ def evaluate(vm: nn.Module, data: Dataset, metric: str, *, batch_size: int, devi
                 total += float((pred[keep] == labels[keep]).sum())
                 count += float(keep.sum())
             else:
-                with at_beta(vm, 1.0):
+                with at_beta(vm, 1.0), original_weights(vm):
                     ref = vm(*args, **kwargs)
                 n = prediction(out).shape[0]
                 sims = F.cosine_similarity(_flat(out, n), _flat(ref, n), dim=1, eps=1e-12)[:real]

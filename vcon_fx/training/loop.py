@@ -32,7 +32,7 @@ from ..graph.modes import eval_mode
 from .evaluate import GapProbe, at_beta, choose_loss, evaluate, prediction, training_loss
 from .interrupt import interruption, sigint_flag
 from .records import StepRecords
-from .teacher import GroupMatch, hold_teacher, teacher_active
+from .teacher import GroupMatch, TeacherWeights, hold_teacher, teacher_active
 from .result import FinetuneResult
 
 __all__ = ["FinetuneRun"]
@@ -100,6 +100,7 @@ class FinetuneRun:
             vm.train(was_training)
             for p in self.held:
                 p.requires_grad_(True)
+            TeacherWeights.detach(self.vm)
         history = self.records.history
         final_loss = next((h["loss"] for h in reversed(history) if "loss" in h), None)
         return FinetuneResult(metric=self.metric, metrics=dict(self.metrics), history=history,
@@ -123,9 +124,16 @@ class FinetuneRun:
         self.schedule = make_schedule(config.schedule, vm, transition=config.transition, **config.schedule_options)
         if self.loss_kind != "task":  # the model at β = 1 is the target: its dense branch must not chase the twin
             self.held = hold_teacher(vm)
-            if self.held:
-                log.info("distilling without labels: the dense branch is the teacher, its own %d weight tensor(s) stay "
-                         "fixed for this run", len(self.held))
+            frozen = TeacherWeights(vm)
+            if frozen.pairs and not config.fsdp:  # weights the twins share train on: the teacher reads a copy
+                frozen.attach(vm)
+            elif frozen.pairs:
+                log.warning("under --fsdp the teacher reads the weights the twins share as they train, and can drift "
+                            "with them: transform with --separate-weights to keep it the original")
+            if self.held or frozen.pairs:
+                log.info("distilling without labels: only the twins train, toward the model at β = 1 (%d weight tensor(s) "
+                         "outside them stay fixed; the teacher reads a frozen copy of the %d the twins share)",
+                         len(self.held), len(frozen.pairs))
         self.params = [p for p in vm.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("the model has no trainable parameters (all frozen): unfreeze some before fine-tuning")
@@ -210,7 +218,8 @@ class FinetuneRun:
                 raise self._diverged(t, mean_loss, betas)
             self.stop = signalled > 0
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss.requires_grad:  # not at β = 1 without labels: the twins are skipped and nothing else trains
+                loss.backward()
             self.optimizer.step()
         if self.schedule.wants_feedback:
             self.schedule.observe(probe.gaps(), mean_loss)

@@ -14,12 +14,20 @@ target and must not learn from it: while β > 0 the blend β·d + (1 − β)·c 
 a trained dense branch moves toward the twin just as the twin moves toward it, with nothing left
 to hold either to the original (measured on MiniLM, low-rank 0.5, 30 steps: the β = 1 model's
 sentence embeddings fell to cosine 0.18 of the original's; abrupt compression, where the dense
-branch gets no gradient, kept 0.999). `hold_teacher` keeps the dense branch's own weights fixed
-for such a run. Weights a twin shares with it (prune, quant) keep training: the twin needs
-them; `--separate-weights` gives the twin its own copy so the teacher stays exactly the original.
+branch gets no gradient, kept 0.999). Layers outside the groups are read by both, so training
+them moves the target too, and shrinking them shrinks the loss. `hold_teacher` keeps every
+weight no twin is made of fixed for such a run: only the twins train, toward the original model.
+Weights a twin shares with its dense branch (prune, quant) must keep training, the twin being
+made of them; but a teacher that reads them collapses with them, abrupt or not: the loss
+‖Q(W)x − Wx‖² shrinks as W does (MiniLM, 4-bit weights, 50 steps: cosine 0.90 one-shot, ~0.01
+after fine-tuning). So `TeacherWeights` keeps a frozen copy of exactly those shared weights,
+swapped in while the teacher runs: the cost is one copy of the shared weights, without
+gradients or optimizer state (`--separate-weights` keeps that copy in the model instead).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -27,7 +35,9 @@ from torch import nn
 from ..graph.blend import Blend, blend_modules
 from ..graph.modes import eval_mode
 
-__all__ = ["teacher_active", "GroupMatch", "hold_teacher"]
+__all__ = ["teacher_active", "GroupMatch", "hold_teacher", "TeacherWeights", "original_weights"]
+
+_ATTACHED = "_vcon_teacher_weights"  # where a run attaches its TeacherWeights to the model (not state)
 
 
 def teacher_active(betas: dict[str, float], after: bool) -> bool:
@@ -36,18 +46,55 @@ def teacher_active(betas: dict[str, float], after: bool) -> bool:
 
 
 def hold_teacher(model: nn.Module) -> list[nn.Parameter]:
-    """Stop every trainable weight that only a dense branch uses from training (in place); returns them.
+    """Stop every trainable weight no twin is made of from training (in place); returns them.
 
-    Give the returned parameters `requires_grad_(True)` back when the run ends.
+    The dense branches' own weights, and the layers outside the groups (embeddings, norms, heads):
+    the teacher reads them, so while they train it moves. Give the returned parameters
+    `requires_grad_(True)` back when the run ends.
     """
-    held = []
-    for blend in blend_modules(model).values():
-        shared = {id(p) for p in blend.compressed.parameters()}
-        for p in blend.dense.parameters():
-            if p.requires_grad and id(p) not in shared:
-                p.requires_grad_(False)
-                held.append(p)
+    twins = {id(p) for blend in blend_modules(model).values() for p in blend.compressed.parameters()}
+    held = [p for p in model.parameters() if p.requires_grad and id(p) not in twins]
+    for p in held:
+        p.requires_grad_(False)
     return held
+
+
+class TeacherWeights:
+    """Frozen copies of the weights dense branches share with their twins, for the teacher's forward."""
+
+    def __init__(self, model: nn.Module):
+        seen, self.pairs = set(), []
+        for blend in blend_modules(model).values():
+            twin = {id(p) for p in blend.compressed.parameters()}
+            for p in blend.dense.parameters():
+                if id(p) in twin and id(p) not in seen and p.requires_grad:
+                    seen.add(id(p))
+                    self.pairs.append((p, p.detach().clone()))
+
+    def attach(self, model: nn.Module) -> None:
+        """Make `original_weights(model)` swap these in (in place; `detach` undoes it)."""
+        model.__dict__[_ATTACHED] = self
+
+    @staticmethod
+    def detach(model: nn.Module) -> None:
+        model.__dict__.pop(_ATTACHED, None)
+
+
+@contextlib.contextmanager
+def original_weights(model: nn.Module):
+    """Within: the shared weights hold their values from the start of the run, if a run attached them."""
+    frozen = model.__dict__.get(_ATTACHED)
+    if frozen is None:
+        yield
+        return
+    live = [p.data for p, _ in frozen.pairs]
+    for p, copy in frozen.pairs:
+        p.data = copy  # a storage swap: autograd keeps the live tensors it saved, restored before backward
+    try:
+        yield
+    finally:
+        for (p, _), data in zip(frozen.pairs, live):
+            p.data = data
 
 
 class GroupMatch:
