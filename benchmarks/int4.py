@@ -254,10 +254,11 @@ def render(params: int, files: dict, took: dict, skipped: dict, speed: dict, err
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def decoder_bench_args(argv, description: str, out: Path, windows: int) -> argparse.Namespace:
+    """The options every decoder benchmark takes (this one and llm.py), with the --tiny defaults filled in."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--tiny", action="store_true", help="tiny Llama, 2 rounds: a smoke test")
-    parser.add_argument("--out", default=str(HERE / "INT4.md"))
+    parser.add_argument("--out", default=str(out))
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=128)
@@ -265,7 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=None)
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (2 if args.tiny else 4)
-    args.windows = args.windows or (2 if args.tiny else 4)
+    args.windows = args.windows or (2 if args.tiny else windows)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = decoder_bench_args(argv, __doc__.splitlines()[0], HERE / "INT4.md", windows=4)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="int4-") as tmp:
         work = Path(tmp)

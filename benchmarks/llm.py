@@ -23,7 +23,6 @@ has the kernel-level comparison with HQQ too; benchmarks/BIGMODEL.md the ~1B-par
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, fmt_ratio, machine_line, markdown_table, ratio_of, write_text_atomic  # noqa: E402
-from int4 import BLOCK, FULL, TINY, build_model, measure_error, measure_speed, runners, text_windows  # noqa: E402
+from int4 import BLOCK, FULL, TINY, build_model, decoder_bench_args, measure_error, measure_speed, runners, text_windows  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CALIBRATION_WINDOWS = 32
@@ -178,17 +177,7 @@ def render(params, files, took, speed, error, peak, args, total_s) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny Llama, 2 rounds: a smoke test")
-    parser.add_argument("--out", default=str(HERE / "LLM.md"))
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--prompt", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--windows", type=int, default=None)
-    args = parser.parse_args(argv)
-    args.rounds = args.rounds or (2 if args.tiny else 4)
-    args.windows = args.windows or (2 if args.tiny else 8)
+    args = decoder_bench_args(argv, __doc__.splitlines()[0], HERE / "LLM.md", windows=8)
     start = time.perf_counter()
     log = lambda text: print(f"[{time.perf_counter() - start:6.0f} s] {text}", flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="llm-") as tmp:

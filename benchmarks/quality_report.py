@@ -52,22 +52,31 @@ def _vit(meta, runs, grid, columns, without, setting_label) -> list[str]:
     return lines
 
 
-def _verdict(table: dict, without: list[str]) -> list[str]:
+_VIT_PAIRS = (("VCON plain", "abrupt plain"), ("VCON data-aware", "abrupt data-aware"),
+              ("VCON DA + teacher + allocation", "abrupt DA + allocation"))
+_MINILM_PAIRS = (("VCON plain", "abrupt plain"), ("VCON data-aware", "abrupt data-aware"),
+                 ("VCON DA + allocation", "abrupt DA + allocation"))
+
+
+def _verdict(table: dict, without, *, goal: float = GOAL_POINTS, pairs=_VIT_PAIRS, fmt=None,
+             delta=lambda text: f"Δ {text} points") -> list[str]:
+    """Best column with the transition against the best without (the goal), then VCON − abrupt per same start.
+
+    table: column → {seed: score}; without: the columns without a transition.
+    """
+    fmt = fmt or (lambda values: _ms(values, signed=True))
     mean = {c: statistics.mean(v.values()) for c, v in table.items()}
     best_without = max((c for c in table if c in without), key=mean.get)
     best_with = max((c for c in table if c not in without), key=mean.get)
     deltas = [table[best_with][s] - table[best_without][s] for s in table[best_with] if s in table[best_without]]
-    met = statistics.mean(deltas) >= GOAL_POINTS
-    out = [f"- Best with the transition: **{best_with}**; best without: **{best_without}**; Δ "
-           f"{_ms(deltas, signed=True)} points, ahead in {sum(d > 0 for d in deltas)}/{len(deltas)} seeds: "
-           f"goal {'MET' if met else 'MISSED'}."]
-    pairs = (("VCON plain", "abrupt plain"), ("VCON data-aware", "abrupt data-aware"),
-             ("VCON DA + teacher + allocation", "abrupt DA + allocation"))
+    met = statistics.mean(deltas) >= goal
+    out = [f"- Best with the transition: **{best_with}**; best without: **{best_without}**; {delta(fmt(deltas))}, "
+           f"ahead in {sum(d > 0 for d in deltas)}/{len(deltas)} seeds: goal {'MET' if met else 'MISSED'}."]
     parts = []
     for vcon, abrupt in pairs:
         if vcon in table and abrupt in table:
             d = [table[vcon][s] - table[abrupt][s] for s in table[abrupt] if s in table[vcon]]
-            parts.append(f"{vcon} − {abrupt} {_ms(d, signed=True)} ({sum(x > 0 for x in d)}/{len(d)} seeds ahead)")
+            parts.append(f"{vcon} − {abrupt} {fmt(d)} ({sum(x > 0 for x in d)}/{len(d)} seeds ahead)")
     if parts:
         out.append("- The transition alone (same start, same steps): " + "; ".join(parts) + ".")
     return out
@@ -112,28 +121,10 @@ def _minilm_trained(trained: list[dict], one_shot: list[dict]) -> list[str]:
                   for c, v in table.items()]
         cos = {c: {s: r["cosine"] for s, r in v.items()} for c, v in table.items()}
         cos.update({c: {s: base[c]["cosine"] for s in seeds} for c in base})
-        lines += ["", *_cosine_verdict(cos), ""]
+        without = [c for c in cos if not c.startswith(("VCON", "+"))]
+        lines += ["", *_verdict(cos, without, goal=GOAL_COSINE, pairs=_MINILM_PAIRS,
+                                fmt=lambda values: _ms4(values, signed=True), delta=lambda text: f"Δ cosine {text}"), ""]
     return lines
-
-
-def _cosine_verdict(table: dict) -> list[str]:
-    mean = {c: statistics.mean(v.values()) for c, v in table.items()}
-    best_without = max((c for c in table if not c.startswith(("VCON", "+"))), key=mean.get)
-    best_with = max((c for c in table if c.startswith(("VCON", "+"))), key=mean.get)
-    deltas = [table[best_with][s] - table[best_without][s] for s in table[best_with]]
-    met = statistics.mean(deltas) >= GOAL_COSINE
-    out = [f"- Best with the transition: **{best_with}**; best without: **{best_without}**; Δ cosine "
-           f"{_ms4(deltas, signed=True)}, ahead in {sum(d > 0 for d in deltas)}/{len(deltas)} seeds: "
-           f"goal {'MET' if met else 'MISSED'}."]
-    parts = []
-    for vcon, abrupt in (("VCON plain", "abrupt plain"), ("VCON data-aware", "abrupt data-aware"),
-                         ("VCON DA + allocation", "abrupt DA + allocation")):
-        if vcon in table and abrupt in table:
-            d = [table[vcon][s] - table[abrupt][s] for s in table[abrupt] if s in table[vcon]]
-            parts.append(f"{vcon} − {abrupt} {_ms4(d, signed=True)} ({sum(x > 0 for x in d)}/{len(d)} seeds ahead)")
-    if parts:
-        out.append("- The transition alone (same start, same steps): " + "; ".join(parts) + ".")
-    return out
 
 
 def _ms4(values: list[float], digits: int = 4, signed: bool = False) -> str:
