@@ -120,7 +120,7 @@ def test_the_plan_twin_vanished_and_loaded_models_agree(tmp_path, config):
 
 def test_a_recipe_without_group_size_loads_per_channel():
     data = QuantConfig(bits=4).to_dict()
-    assert data["version"] == 2 and data["group_size"] is None
+    assert data["version"] == 3 and data["group_size"] is None
     old = {k: v for k, v in data.items() if k != "group_size"} | {"version": 1}
     assert QuantConfig.from_dict(old) == QuantConfig(bits=4)
     assert QuantConfig.from_dict(QuantConfig(bits=4, group_size=64).to_dict()).group_size == 64

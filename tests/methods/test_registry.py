@@ -51,11 +51,13 @@ CLI_FLAGS = {
                       "(input-weighted with calibration data), instead of GPTQ"),
     "--group-size": (int, None, None, "quant: one scale per N input weights of a Linear (a power of 2 ≥ 16, e.g. 32) "
                      "instead of one per output channel"),
+    "--asymmetric": (None, None, None, "quant: with --group-size: a zero point per group too, the grid spanning each "
+                     "group's [min, max] (onnxruntime's is_symmetric=False)"),
     "--init": (None, None, ("auto", "plain", "data-aware"),
                "low-rank/prune/quant: twin start: plain, or data-aware (the default with --calibration-data)"),
     "--separate-weights": (None, None, None, "prune/quant: the twin gets its own weight copy"),
 }
-SWITCHES = {"--activation-aware", "--structured", "--fixed-mask", "--separate-weights", "--sparsegpt", "--clip-search"}
+SWITCHES = {"--activation-aware", "--structured", "--fixed-mask", "--separate-weights", "--sparsegpt", "--clip-search", "--asymmetric"}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -28,8 +28,8 @@ __all__ = ["gptq_quantize"]
 
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, bits: int | str,
-                  damp: float = DAMP) -> torch.Tensor:
-    """The GPTQ solution: a weight of `weight`'s shape whose every entry is a grid point q·scale (pure).
+                  damp: float = DAMP, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """The GPTQ solution: a weight of `weight`'s shape whose every entry is a grid point (q − zero)·scale (pure).
 
     Args:
         weight: (out, in) or (out, channels, *kernel).
@@ -38,19 +38,22 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
             (a Linear's), fixed for the sweep.
         bits: 4, 2, 1 or "ternary" (any width `scale_grid.grid_round` takes).
         damp: share of H's mean diagonal added before inverting.
+        zero: zero points of an asymmetric grid (scale's shape, zero_point.py), or None (symmetric).
     """
     flat = weight.detach().reshape(weight.shape[0], -1)
     h = hessian.to(flat.device)
     order = torch.argsort(h.diagonal(), descending=True, stable=True)  # act-order: the loudest inputs first
     factor = inverse_hessian_factor(h[order][:, order], damp)
     per_column = scale.to(device=flat.device, dtype=torch.float32).reshape(flat.shape[0], -1)
+    zeros = None if zero is None else zero.to(device=flat.device, dtype=torch.float32).reshape(per_column.shape)
     group_of = ((order * per_column.shape[1]) // flat.shape[1]).tolist()  # each column's group, in sweep order
 
     def round_column(column: torch.Tensor, j: int, first: int) -> torch.Tensor:
-        return grid_round(column, per_column[:, group_of[first + j]], bits)
+        group = group_of[first + j]
+        return grid_round(column, per_column[:, group], bits, None if zeros is None else zeros[:, group])
 
     solution = torch.empty_like(flat)
     solution[:, order] = error_feedback_sweep(flat[:, order], factor, round_column,
                                               start_block=lambda _part, _diag, first: first)
     # the sweep ran in float32: snap once more so every entry is exactly q·scale in the weight's dtype
-    return grid_round(solution, scale.to(solution), bits).reshape(weight.shape)
+    return grid_round(solution, scale.to(solution), bits, None if zero is None else zero.to(solution)).reshape(weight.shape)

@@ -95,16 +95,28 @@ def quantize_weight(weight: torch.Tensor, bits: int | str,
     return q.reshape(w.shape), scale.reshape(w.shape[0], -1) if group_size else scale
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """q · scale, each scale over its row of `q` (pure).
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """(q − zero) · scale, each scale (and zero point) over its row of `q` (pure).
 
     The same arithmetic as `quantized_decomposed.dequantize_per_channel` on those rows, so a
     materialized layer reproduces the twin bit for bit.
     """
-    return (scale_rows(q, scale) * scale.reshape(-1, 1)).reshape(q.shape)
+    rows = scale_rows(q, scale)
+    if zero is not None:
+        rows = rows - zero.to(rows.dtype).reshape(-1, 1)
+    return (rows * scale.reshape(-1, 1)).reshape(q.shape)
 
 
-def fake_quantize_weight(weight: torch.Tensor, bits: int | str, group_size: int | None = None) -> torch.Tensor:
-    """q·scale in the forward, identity gradient to `weight` (straight-through estimator)."""
-    q, scale = quantize_weight(weight, bits, group_size)
-    return dequantize(q, scale).detach() + (weight - weight.detach())
+def fake_quantize_weight(weight: torch.Tensor, bits: int | str, group_size: int | None = None,
+                         asymmetric: bool = False) -> torch.Tensor:
+    """(q − zero)·scale in the forward, identity gradient to `weight` (straight-through estimator).
+
+    `asymmetric` (with a `group_size`): each group's grid spans its [min, max] (zero_point.py).
+    """
+    if asymmetric:
+        from .zero_point import quantize_weight_asymmetric
+
+        dequantized = dequantize(*quantize_weight_asymmetric(weight, bits, group_size))
+    else:
+        dequantized = dequantize(*quantize_weight(weight, bits, group_size))
+    return dequantized.detach() + (weight - weight.detach())

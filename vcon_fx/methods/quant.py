@@ -4,7 +4,8 @@ b-bit symmetric (b = 8, 4, 2): scale_c = max|w_c| / (2^(b−1) − 1), q = round
 Binary (b = 1): q = sign(w), scale_c = mean|w_c|. Ternary (TWN): q ∈ {−1, 0, +1} with
 threshold Δ_c = 0.7·mean|w_c|, scale_c = mean of |w| above Δ_c. With `--group-size g` (integer
 widths) a Linear gets one scale per g consecutive input weights of each row instead, as the int4
-quantizers of language models do (group_scales.py). Every form trains through a
+quantizers of language models do (group_scales.py), and with `--asymmetric` a zero point per
+group too, the grid spanning the group's [min, max] (zero_point.py). Every form trains through a
 straight-through estimator on a latent float weight, shared with the dense layer by default.
 Optionally the layer input is fake-quantized to 8 bits (asymmetric, per tensor) with a range
 observed as an exponential moving average while training; the layer output's range is then
@@ -13,12 +14,8 @@ exactly), which static int8 export (`export/kernels/static_int8.py`) turns into 
 With `--clip-search` or a data-aware start (GPTQ) the weight scales are chosen once and kept
 fixed instead (quant_start.py).
 
-`materialize` stores the integers (int8 in PyTorch whatever b is) and the float scales; its
-forward dequantizes with `quantized_decomposed.dequantize_per_channel` (over the (out·groups, g)
-rows of a grouped weight, reshaped back), which exports to ONNX as an int8 initializer +
-DequantizeLinear (+ Reshape when grouped: blocked DequantizeLinear once the weights are stored as
-integers, `export/kernels/weight_only.py`), and its activation quantization as
-QuantizeLinear/DequantizeLinear: a vanished model is ~4× smaller on disk and in ONNX.
+`materialize` stores the integers (int8 in PyTorch whatever b is), the float scales and the zero
+points as a QuantizedLayer (quantized_layer.py): a vanished model is ~4× smaller on disk and in ONNX.
 """
 
 from __future__ import annotations
@@ -29,20 +26,20 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 from torch import nn
 
 from ..errors import ConfigError
 from .base import CliOption, LayerPlan, LayerSite, MethodConfig, MethodExamples, layer_params, register_method
 from .calibration import INIT, DataAwareStarts, check_init, resolve_init
 from .act_range import ACT_MOMENTUM, ActRange, act_fake_quant
-from .group_scales import (check_group_size, dequantize, fake_quantize_weight, layer_group_size, quantize_weight,
-                           scale_rows)
+from .group_scales import check_group_size, dequantize, fake_quantize_weight, layer_group_size, quantize_weight
 from .quant_start import start_fixed_grid
+from .quantized_layer import QuantizedLayer
+from .zero_point import ASYMMETRIC_BITS, minmax_grid, quantize_weight_asymmetric
 from .scale_grid import fixed_fake_quantize, grid_integers
 from .base import unchanged_plan
 from .embedding import QuantizedEmbedding
-from .layer_types import EMBEDDING_TYPES, RECURRENT_TYPES, call_layer, copy_layer_attrs, dense_flops, single_weight_refusal
+from .layer_types import EMBEDDING_TYPES, RECURRENT_TYPES, dense_flops, single_weight_refusal
 from .recurrent import RecurrentTwin, build_recurrent, materialize_recurrent, plan_recurrent
 from .twin import SEPARATE_WEIGHTS, WeightTwin, WeightTwinMethod
 
@@ -66,6 +63,8 @@ class QuantConfig(DataAwareStarts, MethodConfig):
         bits: 8, 4, 2, 1 (binary) or "ternary"; symmetric scales.
         group_size: None for one scale per output channel, or g (a power of 2 ≥ 16, with 8, 4 or 2
             bits) for one per g consecutive input weights of a Linear (group_scales.py).
+        asymmetric: with `group_size`, a zero point per group too: all 2^b levels over the group's
+            [min, max] (zero_point.py); layers that keep per-channel scales stay symmetric.
         act_bits: None, or 8 to fake-quantize each layer's input (observed EMA min/max range).
         separate_weights: the twin gets its own latent weights (default: the dense layer's).
         init: "auto" (data-aware with calibration data and bits ≤ 4), "plain" (max-abs scales) or
@@ -76,7 +75,7 @@ class QuantConfig(DataAwareStarts, MethodConfig):
     """
 
     method = "quant"
-    version = 2  # 2: group_size
+    version = 3  # 2: group_size; 3: asymmetric
     gram_starts = own_weight_starts = ("gptq",)
     cli_options = (
         CliOption("--bits", "weight bits 8, 4, 2, 1 or ternary"),
@@ -87,6 +86,8 @@ class QuantConfig(DataAwareStarts, MethodConfig):
                   "calibration data), instead of GPTQ", switch=True),
         CliOption("--group-size", "one scale per N input weights of a Linear (a power of 2 ≥ 16, e.g. 32) "
                   "instead of one per output channel", type=int),
+        CliOption("--asymmetric", "with --group-size: a zero point per group too, the grid spanning each group's "
+                  "[min, max] (onnxruntime's is_symmetric=False)", switch=True),
     )
     bits: int | str = 8
     act_bits: int | None = None
@@ -94,6 +95,7 @@ class QuantConfig(DataAwareStarts, MethodConfig):
     init: str = "auto"
     clip_search: bool = False
     group_size: int | None = None
+    asymmetric: bool = False
 
     def __post_init__(self):
         bits = self.bits
@@ -109,9 +111,14 @@ class QuantConfig(DataAwareStarts, MethodConfig):
                 f"--act-bits must be 8 or unset, got {self.act_bits!r}: ONNX QuantizeLinear stores activations "
                 "in 8 bits, so lower widths would not export faithfully"
             )
-        if not isinstance(self.separate_weights, bool) or not isinstance(self.clip_search, bool):
-            raise ConfigError(f"separate_weights / clip_search must be true or false, got {self!r}")
+        if not all(isinstance(v, bool) for v in (self.separate_weights, self.clip_search, self.asymmetric)):
+            raise ConfigError(f"separate_weights / clip_search / asymmetric must be true or false, got {self!r}")
         check_group_size(self.group_size, bits)
+        if self.asymmetric and (self.group_size is None or bits not in ASYMMETRIC_BITS):
+            raise ConfigError(f"--asymmetric puts a zero point beside each group's scale: it needs --group-size and "
+                              f"--bits {', '.join(map(str, ASYMMETRIC_BITS))} (got --bits {bits}"
+                              f"{'' if self.group_size else ', no --group-size'}); add --group-size 32, or leave "
+                              "--asymmetric out")
         check_init(self.init, "quant")
 
     @property
@@ -139,29 +146,40 @@ class QuantTwin(ActRange, WeightTwin):
     """The quantized twin: fake-quantized weights (and inputs) over a latent float weight."""
 
     def __init__(self, layer: nn.Module, *, bits: int | str = 8, act_bits: int | None = None,
-                 share: bool = True, init: bool = True, fixed_scale: bool = False, group_size: int | None = None):
+                 share: bool = True, init: bool = True, fixed_scale: bool = False, group_size: int | None = None,
+                 asymmetric: bool = False):
         super().__init__(layer, share=share, init=init)
         self.bits = bits
         self.group_size = group_size  # None: one scale per output channel; g: per g inputs (group_scales.py)
+        self.asymmetric = asymmetric and group_size is not None  # a zero point per group (zero_point.py)
         self.allocated_only = not init  # rebuilt for loading: its state is about to be overwritten
         self._init_act(act_bits, self.weight.device)
         self.fixed_scale = fixed_scale
-        if fixed_scale:  # the scales chosen once (quant_start.py), not recomputed
-            plain = quantize_weight(self.weight, bits, group_size)[1]
+        if fixed_scale:  # the scales (and zero points) chosen once (quant_start.py), not recomputed
+            if self.asymmetric:
+                plain, zero = minmax_grid(self.weight, bits, group_size)
+                self.register_buffer("zero", zero if init else torch.zeros_like(zero))
+            else:
+                plain = quantize_weight(self.weight, bits, group_size)[1]
             self.register_buffer("scale", plain.float() if init else torch.ones_like(plain, dtype=torch.float32))
         if act_bits is not None:
             self._init_out_range(self.weight.shape[0], self.weight.device)
 
     def compressed_weight(self) -> torch.Tensor:
         if self.fixed_scale:
-            return fixed_fake_quantize(self.weight, self.scale, self.bits)
-        return fake_quantize_weight(self.weight, self.bits, self.group_size)
+            return fixed_fake_quantize(self.weight, self.scale, self.bits, self._zero())
+        return fake_quantize_weight(self.weight, self.bits, self.group_size, self.asymmetric)
 
-    def quantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The integers (as floats) and scales, (out,) or (out, groups), of the current latent weight (pure)."""
+    def _zero(self) -> torch.Tensor | None:
+        return self.zero if self.asymmetric else None
+
+    def quantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The integers (as floats), scales (out,) or (out, groups) and zero points (or None) of the latent weight (pure)."""
         if self.fixed_scale:
-            return grid_integers(self.weight, self.scale, self.bits), self.scale
-        return quantize_weight(self.weight, self.bits, self.group_size)
+            return grid_integers(self.weight, self.scale, self.bits, self._zero()), self.scale, self._zero()
+        if self.asymmetric:
+            return quantize_weight_asymmetric(self.weight, self.bits, self.group_size)
+        return *quantize_weight(self.weight, self.bits, self.group_size), None
 
     def forward(self, x, output_size=None):
         if self.act_bits is not None:
@@ -191,60 +209,8 @@ class QuantTwin(ActRange, WeightTwin):
 
     def extra_repr(self) -> str:
         groups = f", group_size={self.group_size}" if self.group_size else ""
+        groups += ", asymmetric" if self.asymmetric else ""
         return f"{super().extra_repr()}, bits={self.bits}{groups}, act_bits={self.act_bits}"
-
-
-class QuantizedLayer(ActRange, nn.Module):
-    """The deployed form: int8 weight buffer + float scales (out,) or (out, groups), dequantized in forward.
-
-    `quantized_decomposed.dequantize_per_channel` exports to ONNX DequantizeLinear on an int8
-    initializer (on the (out·groups, g) rows of a grouped weight, then a Reshape); the (optional)
-    input quantization to QuantizeLinear → DequantizeLinear.
-    """
-
-    def __init__(self, twin: QuantTwin, q: torch.Tensor, scale: torch.Tensor):
-        super().__init__()
-        self.layer_type = twin.layer_type
-        copy_layer_attrs(self, twin)
-        self.bits = twin.bits
-        self.qmax = 2 ** (twin.bits - 1) - 1 if isinstance(twin.bits, int) and twin.bits > 1 else 1
-        self.register_buffer("qweight", q.to(torch.int8))
-        self.register_buffer("scale", scale.detach().clone().float())
-        self.bias = None if twin.bias is None else nn.Parameter(twin.bias.detach().clone(), requires_grad=twin.bias.requires_grad)
-        self._init_act(twin.act_bits, q.device)
-        if twin.act_bits is not None:
-            self.act_range.copy_(twin.act_range)
-            self.act_observed.copy_(twin.act_observed)
-            self._init_out_range(q.shape[0], q.device)
-            self.out_range.copy_(twin.out_range)
-            self.out_observed.copy_(twin.out_observed)
-        self._out_dtype = None if twin.weight.dtype == torch.float32 else twin.weight.dtype
-        self.train(twin.training)
-        self._act = self._act_qparams_now()  # a Python mirror, so forward needs no device sync
-        self.register_load_state_dict_post_hook(_refresh_act_mirror)
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """The weight the layer computes with (q · scale, each scale over its row or group)."""
-        if self.scale.dim() == 1:
-            return torch.ops.quantized_decomposed.dequantize_per_channel(
-                self.qweight, self.scale, None, 0, -128, 127, torch.int8, out_dtype=self._out_dtype)
-        return torch.ops.quantized_decomposed.dequantize_per_channel(
-            scale_rows(self.qweight, self.scale), self.scale.reshape(-1), None, 0, -128, 127, torch.int8,
-            out_dtype=self._out_dtype).reshape(self.qweight.shape)
-
-    def forward(self, x, output_size=None):
-        if self._act is not None:
-            x = act_fake_quant(x, *self._act)
-        return call_layer(self.layer_type, self, x, self.dequantized_weight(), self.bias, output_size)
-
-    def extra_repr(self) -> str:
-        groups = f", scales={tuple(self.scale.shape)}" if self.scale.dim() == 2 else ""
-        return (f"{self.layer_type.__name__}, qweight={tuple(self.qweight.shape)} int8, bits={self.bits}{groups}, "
-                f"act={'uint8' if self._act else None}")
-
-
-def _refresh_act_mirror(module: QuantizedLayer, _incompatible) -> None:
-    module._act = module._act_qparams_now()
 
 
 @register_method
@@ -267,7 +233,9 @@ class QuantMethod(WeightTwinMethod):
         packed = 8 if config.bits == 8 else 4  # ONNX container: INT8, or INT4 for ≤ 4 bits
         group, per_channel_why = layer_group_size(layer, config.group_size)
         scales = out_f * (weight.shape[1] // group if group else 1)
-        bytes_after = math.ceil(weight.numel() * packed / 8) + scales * _FLOAT_BYTES + bias * _FLOAT_BYTES
+        zeros = scales if group and config.asymmetric else 0  # zero points, packed like the integers
+        bytes_after = (math.ceil((weight.numel() + zeros) * packed / 8) + scales * _FLOAT_BYTES
+                       + bias * _FLOAT_BYTES)
         plan = LayerPlan(
             path=site.path, kind=site.kind, shape=tuple(weight.shape),
             params_before=before, params_after=before, flops_before=flops, flops_after=flops,
@@ -278,7 +246,9 @@ class QuantMethod(WeightTwinMethod):
                 "weights": "separate" if config.separate else "shared",
                 **({"init": config.start} if config.start != "max-abs" else {}),
                 **({"group_size": group} if group else {"scales": per_channel_why} if per_channel_why else {}),
-                "store": (f"int8 + a float scale per {f'{group} inputs of a row' if group else 'output channel'} "
+                **({"asymmetric": True} if group and config.asymmetric else {}),
+                "store": (f"int8 + a float scale {'and a zero point ' if zeros else ''}"
+                          f"per {f'{group} inputs of a row' if group else 'output channel'} "
                           f"(PyTorch keeps int8 for every width; ONNX INT{packed} after "
                           f"compress_onnx_weights(bits={packed}))"),
                 "note": "same FLOP count; onnxruntime CPU runs integer kernels only where it fuses QDQ",
@@ -299,7 +269,8 @@ class QuantMethod(WeightTwinMethod):
         ids = isinstance(site.module, EMBEDDING_TYPES)  # an embedding's inputs are token ids: never quantized
         twin = QuantTwin(site.module, bits=config.bits, act_bits=None if ids else config.act_bits,
                          share=not config.separate, init=init, fixed_scale=config.start != "max-abs",
-                         group_size=plan.detail.get("group_size"))  # the plan's: a recipe without it is per channel
+                         group_size=plan.detail.get("group_size"),  # the plan's: a recipe without it is per channel
+                         asymmetric=bool(plan.detail.get("asymmetric")))
         if init and twin.fixed_scale:
             start_fixed_grid(twin, config, site, plan)
         return twin
@@ -320,10 +291,10 @@ class QuantMethod(WeightTwinMethod):
             return materialize_recurrent(self, compressed)
         if not isinstance(compressed, QuantTwin):
             return compressed
-        q, scale = compressed.quantized()
+        q, scale, zero = compressed.quantized()
         if issubclass(compressed.layer_type, EMBEDDING_TYPES):  # gather the integer rows, then dequantize
             return QuantizedEmbedding(compressed, q, scale)
         if compressed.act_bits is not None and not bool(compressed.act_observed) and not compressed.allocated_only:
             log.warning("quantized %s: no activation range was observed (the model never ran in train mode at β < 1); "
                         "its inputs stay float: fine-tune before vanish to quantize activations", compressed.extra_repr())
-        return QuantizedLayer(compressed, q, scale)
+        return QuantizedLayer(compressed, q, scale, zero)

@@ -8,7 +8,10 @@ given, the layer's calibration statistics:
 - "clip-search": the MSE-optimal clipping of each scale's weights (scale_grid.py), weighted by the input
   second moments when the layer has statistics; the twin keeps sharing the dense weight.
 - "gptq": the method's own scales, then GPTQ's column-by-column rounding with error feedback
-  (gptq.py); the twin starts from that solution in its own weight copy.
+  (gptq.py); the twin starts from that solution in its own weight copy. On an asymmetric grid
+  (zero_point.py) the scales are first clip-searched, input-weighted: on a 122M Llama at 4 bits,
+  group 32, that took the logits' relative error from 0.308 to 0.302 and the KL from 1.46e-2 to
+  1.40e-2, where on the symmetric grid it changed nothing (0.349 either way), so only there.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ __all__ = ["starting_grid", "start_fixed_grid"]
 
 
 def starting_grid(start: str, weight: torch.Tensor, plain_scale: torch.Tensor, bits: int | str,
-                  statistics: InputStatistics | None, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
+                  statistics: InputStatistics | None, groups: int = 1,
+                  zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
     """(fixed scales, the twin's starting weight or None to keep the dense one, a note or None) (pure).
 
     Args:
@@ -33,15 +37,18 @@ def starting_grid(start: str, weight: torch.Tensor, plain_scale: torch.Tensor, b
         bits: the weight width.
         statistics: the layer's calibration statistics, or None.
         groups: a convolution's groups (statistics of a grouped one do not fit its columns).
+        zero: an asymmetric grid's zero points (kept as they are), or None.
     """
     usable = statistics if statistics is not None and groups == 1 \
         and statistics.column_squares.numel() == weight[0].numel() else None
     if start == "clip-search":
         importance = None if usable is None else usable.column_squares
-        return clip_search_scales(weight, plain_scale, bits, importance), None, None
+        return clip_search_scales(weight, plain_scale, bits, importance, zero), None, None
     if usable is None or usable.gram is None:
         return plain_scale, None, "gptq: no input statistics for this layer, round-to-nearest on fixed scales"
-    return plain_scale, gptq_quantize(weight, usable.hessian(), plain_scale, bits), None
+    if zero is not None:  # asymmetric: GPTQ on input-weighted clip-searched scales (measured better, docstring)
+        plain_scale = clip_search_scales(weight, plain_scale, bits, usable.column_squares, zero)
+    return plain_scale, gptq_quantize(weight, usable.hessian(), plain_scale, bits, zero=zero), None
 
 
 @torch.no_grad()
@@ -53,9 +60,10 @@ def start_fixed_grid(twin, config, site, plan) -> None:
     """
     layer = site.module
     statistics = site.statistics if config.init == "data-aware" else None
-    plain = twin.scale.clone()  # the max-abs (or binary / ternary) scales the twin was built with
+    plain = twin.scale.clone()  # the max-abs (min-max, binary, ternary) scales the twin was built with
+    zero = getattr(twin, "zero", None)
     scale, weight, note = starting_grid(config.start, layer.weight, plain, config.bits, statistics,
-                                        getattr(layer, "groups", 1))
+                                        getattr(layer, "groups", 1), zero)
     twin.scale.copy_(scale)
     if weight is not None:
         twin.weight.copy_(weight)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .group_scales import scale_rows
+from .zero_point import signed_range
 
 __all__ = ["grid_integers", "grid_round", "fixed_fake_quantize", "clip_search_scales", "CLIP_RATIOS"]
 
@@ -32,29 +33,41 @@ def _qmax(bits: int | str) -> int:
     return 2 ** (int(bits) - 1) - 1 if isinstance(bits, int) and bits > 1 else 1
 
 
-def grid_integers(weight: torch.Tensor, scale: torch.Tensor, bits: int | str) -> torch.Tensor:
-    """The nearest grid integers of `weight` for `scale` (out,) or (out, groups) (floats, `weight`'s shape) (pure)."""
+def grid_integers(weight: torch.Tensor, scale: torch.Tensor, bits: int | str,
+                  zero: torch.Tensor | None = None) -> torch.Tensor:
+    """The nearest grid integers of `weight` for `scale` (out,) or (out, groups) (floats, `weight`'s shape) (pure).
+
+    With `zero` (scale's shape) the grid is asymmetric (zero_point.py): q ∈ [−2^(b−1), 2^(b−1) − 1].
+    """
     w = weight.detach()
     if bits == 1:
         return torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
-    q = _qmax(bits)
-    return torch.clamp(torch.round(scale_rows(w, scale) / scale.to(w.dtype).reshape(-1, 1)), -q, q).reshape(w.shape)
+    rows = scale_rows(w, scale) / scale.to(w.dtype).reshape(-1, 1)
+    if zero is None:
+        low, high = -_qmax(bits), _qmax(bits)
+    else:
+        (low, high), rows = signed_range(bits), rows + zero.to(w.dtype).reshape(-1, 1)
+    return torch.clamp(torch.round(rows), low, high).reshape(w.shape)
 
 
-def grid_round(weight: torch.Tensor, scale: torch.Tensor, bits: int | str) -> torch.Tensor:
-    """The nearest grid point of every weight, q·scale (pure)."""
-    q = grid_integers(weight, scale, bits)
-    return (scale_rows(q, scale) * scale.to(weight.dtype).reshape(-1, 1)).reshape(weight.shape)
+def grid_round(weight: torch.Tensor, scale: torch.Tensor, bits: int | str,
+               zero: torch.Tensor | None = None) -> torch.Tensor:
+    """The nearest grid point of every weight, (q − zero)·scale (pure)."""
+    q = scale_rows(grid_integers(weight, scale, bits, zero), scale)
+    if zero is not None:
+        q = q - zero.to(weight.dtype).reshape(-1, 1)
+    return (q * scale.to(weight.dtype).reshape(-1, 1)).reshape(weight.shape)
 
 
-def fixed_fake_quantize(weight: torch.Tensor, scale: torch.Tensor, bits: int | str) -> torch.Tensor:
-    """q·scale on the fixed grid in the forward, identity gradient to `weight` (straight-through estimator)."""
-    return grid_round(weight, scale, bits).detach() + (weight - weight.detach())
+def fixed_fake_quantize(weight: torch.Tensor, scale: torch.Tensor, bits: int | str,
+                        zero: torch.Tensor | None = None) -> torch.Tensor:
+    """(q − zero)·scale on the fixed grid in the forward, identity gradient to `weight` (straight-through estimator)."""
+    return grid_round(weight, scale, bits, zero).detach() + (weight - weight.detach())
 
 
 @torch.no_grad()
 def clip_search_scales(weight: torch.Tensor, plain_scale: torch.Tensor, bits: int | str,
-                       importance: torch.Tensor | None = None) -> torch.Tensor:
+                       importance: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> torch.Tensor:
     """Scales minimizing Σ_j m_j·(w_j − Q(w_j))² over shrink ratios of `plain_scale`, each over its own weights (pure).
 
     Args:
@@ -62,6 +75,8 @@ def clip_search_scales(weight: torch.Tensor, plain_scale: torch.Tensor, bits: in
         plain_scale: (out,) or (out, groups): the method's own scales (`quantize_weight`'s).
         bits: 8, 4, 2, 1 or "ternary".
         importance: m_j per weight column (shape of one output row, or flat), or None for m = 1.
+        zero: an asymmetric grid's zero points (zero_point.py), kept: shrinking [min, max] by r
+            shrinks the scale by r and leaves −min/scale, so the zero point, where it was.
 
     Returns:
         scales of `plain_scale`'s shape, float32.
@@ -78,7 +93,7 @@ def clip_search_scales(weight: torch.Tensor, plain_scale: torch.Tensor, bits: in
     best, best_error = plain.clone(), torch.full_like(plain, float("inf"))
     for ratio in ratios:
         scale = plain * ratio
-        error = ((w - grid_round(w, scale, bits)).pow(2) * m).sum(-1)
+        error = ((w - grid_round(w, scale, bits, zero)).pow(2) * m).sum(-1)
         better = error < best_error
         best = torch.where(better, scale, best)
         best_error = torch.where(better, error, best_error)
