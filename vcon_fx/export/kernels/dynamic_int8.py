@@ -62,6 +62,10 @@ def lower_to_dynamic_int8(model, report: "CompressReport", keep_weight_only: fro
     if report.dynamic_matmuls or not report.static_layers:  # after static, silent when it left no matmul
         report.notes.append(f"{report.dynamic_matmuls} int8 matmul(s) run as DynamicQuantizeMatMul "
                             "(activations quantized at run time)")
+    left = _weights_with_zero_points(model.graph)
+    if left:
+        report.notes.append(f"{left} weight(s) with zero points stay weight-only (zero points per group of inputs, "
+                            "or not a matmul: the integer GEMMs take one per output column)")
 
 
 @dataclass
@@ -179,6 +183,16 @@ def _match(dq, graph, inits: dict, readers: dict) -> _Site | None:
                 bias, out = other, add.output[0]
                 remove.append(add)
     return _Site(op.input[0], weight, dq.input[1], tuple(scale.shape), zero, bias, out, remove, op)
+
+
+def _weights_with_zero_points(graph) -> int:
+    """How many DequantizeLinear of integer initializers with non-zero zero points the graph still has (pure)."""
+    from onnx import TensorProto, numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    return sum(1 for n in graph.node if n.op_type == "DequantizeLinear" and len(n.input) > 2 and n.input[2] in inits
+               and n.input[0] in inits and inits[n.input[0]].data_type in (TensorProto.INT8, TensorProto.INT4)
+               and numpy_helper.to_array(inits[n.input[2]]).any())
 
 
 def _own_zero_point(dq, inits: dict, scale_shape: tuple):

@@ -238,8 +238,7 @@ def _fold_transposes(graph) -> int:
         axis, block = attribute(dq, "axis", 1), attribute(dq, "block_size", 0)
         params = [by_name.get(name) for name in dq.input[1:3] if name]  # scale [, zero point]
         ranks = (len(q.shape),) if block else (0, 1)
-        if len(params) != len([n for n in dq.input[1:3] if n]) or None in params \
-                or any(len(p.dims) not in ranks or (block and len(uses.get(p.name, [])) != 1) for p in params):
+        if None in params or any(len(p.dims) not in ranks or (block and len(uses.get(p.name, [])) != 1) for p in params):
             continue
         q_init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(np.transpose(q, perm)), q_init.name))
         for param in params if block else ():  # blocked scales and zero points have the integers' rank: they turn with them
