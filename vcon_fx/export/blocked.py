@@ -11,6 +11,10 @@ runs that as it is. From opset 21 DequantizeLinear takes the scales per block of
 (`block_size`), so the three nodes become one on the (out, in) integers and (out, in/g) scales:
 the form onnxruntime fuses into MatMulNBits, that `_fold_transposes` can transpose, and that
 the MatMulNBits kernel packs with its real per-block scales. The values are unchanged.
+
+An asymmetric grouped layer (`QuantConfig(asymmetric=True)`) also holds zero points (out, in/g),
+of the integers' type, as the DequantizeLinear's third input (over the same rows as the scales):
+they become the blocked node's zero point (out, in/g), so w = (q − z)·s stays exact.
 """
 
 from __future__ import annotations
@@ -37,13 +41,15 @@ def block_grouped_dequantize(graph) -> int:
         site = _grouped_site(dq, inits, producers, readers, outputs)
         if site is None:
             continue
-        q, scale, reshape, replaced = site
+        q, scale, zero, reshape, replaced = site
         groups = scale.size // q.shape[0]
-        q_name, s_name = fresh_name(f"{reshape.output[0]}_quantized", taken), fresh_name(f"{reshape.output[0]}_scale", taken)
-        graph.initializer.extend([numpy_helper.from_array(q, q_name),
-                                  numpy_helper.from_array(scale.reshape(q.shape[0], groups), s_name)])
+        per_row = (q.shape[0], groups) if groups > 1 else (q.shape[0],)  # per-axis takes 1-D scales
+        names = [fresh_name(f"{reshape.output[0]}_{part}", taken) for part in ("quantized", "scale", "zero_point")]
+        graph.initializer.extend([numpy_helper.from_array(q, names[0]), numpy_helper.from_array(scale.reshape(per_row), names[1])])
+        if zero is not None:
+            graph.initializer.append(numpy_helper.from_array(zero.reshape(per_row), names[2]))
         blocked = {"axis": 1, "block_size": q.shape[1] // groups} if groups > 1 else {"axis": 0}
-        node = helper.make_node("DequantizeLinear", [q_name, s_name], [reshape.output[0]],
+        node = helper.make_node("DequantizeLinear", names[:2 if zero is None else 3], [reshape.output[0]],
                                 name=fresh_name(f"{reshape.output[0]}_dequantize", taken), **blocked)
         graph.node.insert(list(graph.node).index(dq), node)  # it reads initializers only: any place is topological
         drop.extend(replaced)
@@ -59,8 +65,8 @@ def block_grouped_dequantize(graph) -> int:
 
 
 def _grouped_site(dq, inits: dict, producers: dict, readers: dict, outputs: set):
-    """(integers (out, in), flat scales (out·groups,), the closing Reshape, the nodes replaced) or None."""
-    if attribute(dq, "axis", 1) != 0 or attribute(dq, "block_size", 0) or (len(dq.input) > 2 and dq.input[2]):
+    """(integers (out, in), flat scales (out·groups,), flat zero points or None, the closing Reshape, the nodes replaced) or None."""
+    if attribute(dq, "axis", 1) != 0 or attribute(dq, "block_size", 0):
         return None
     after = readers.get(dq.output[0], [])
     if len(after) != 1 or after[0][0].op_type != "Reshape" or dq.output[0] in outputs:
@@ -72,14 +78,22 @@ def _grouped_site(dq, inits: dict, producers: dict, readers: dict, outputs: set)
         return None
     from onnx import numpy_helper
 
+    zero, zero_chain = None, []
+    if len(dq.input) > 2 and dq.input[2]:
+        found = _constant(dq.input[2], inits, producers, readers)
+        if found is None:
+            return None
+        zero, zero_chain = found
     shape = numpy_helper.to_array(shape)
     (rows, rows_chain), (scale, scale_chain) = rows, scale
     if rows.ndim != 2 or scale.ndim != 1 or scale.size != rows.shape[0] or shape.size != 2 or (shape <= 0).any():
         return None
+    if zero is not None and (zero.shape != scale.shape or zero.dtype != rows.dtype):
+        return None  # a zero point per tensor (or of another type): not a grouped layer's
     out, inputs = (int(d) for d in shape)
     if out * inputs != rows.size or scale.size % out or (scale.size // out) * rows.shape[1] != inputs:
         return None  # the rows are not consecutive groups of the output rows
-    return rows.reshape(out, inputs), scale, reshape, [*rows_chain, *scale_chain, dq, reshape]
+    return rows.reshape(out, inputs), scale, zero, reshape, [*rows_chain, *scale_chain, *zero_chain, dq, reshape]
 
 
 def _constant(name: str, inits: dict, producers: dict, readers: dict):

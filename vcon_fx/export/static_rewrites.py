@@ -21,10 +21,19 @@ _MS_DOMAIN = "com.microsoft"
 
 
 def is_int8_weight(name: str, producers: dict, inits: dict) -> bool:
-    """True when `name` is DequantizeLinear of an INT8 initializer (a stored integer weight) (pure)."""
+    """True when `name` is DequantizeLinear of an INT8 initializer the integer kernels take (pure).
+
+    They take one scale per output channel and zero point 0: a grouped weight (a scale per block
+    of inputs) or an asymmetric one (non-zero zero points) stays weight-only.
+    """
+    from onnx import numpy_helper
+
     dq = producers.get(name)
-    return (dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits
-            and inits[dq.input[0]].data_type == 3)  # 3 = INT8
+    if (dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits
+            or inits[dq.input[0]].data_type != 3 or attribute(dq, "block_size", 0)):  # 3 = INT8
+        return False
+    zero = dq.input[2] if len(dq.input) > 2 else ""
+    return not zero or (zero in inits and not numpy_helper.to_array(inits[zero]).any())
 
 
 def reduce_mean_to_global_pool(graph, ranks: dict[str, int]) -> None:

@@ -13,8 +13,10 @@ and when one x feeds several such matmuls (Q, K, V projections) it is quantized 
 
     DynamicQuantizeLinear(x) → com.microsoft.MatMulIntegerToFloat(x_q, W_q, x_s, s, x_zp, 0[, bias]) each
 
-Gemm(x, DQ(W), bias, transB=1) is handled by storing Wᵀ. Convolutions stay as they are
-(onnxruntime has no dynamic-activation conv that beats float). The weights are the same
+Gemm(x, DQ(W), bias, transB=1) is handled by storing Wᵀ. A weight with zero points per output
+channel (an asymmetric per-channel layer) passes them as the kernels' b_zero_point; a grouped
+one (one scale and zero point per block of inputs) has no such kernel and stays weight-only, as
+do convolutions (onnxruntime has no dynamic-activation conv that beats float). The weights are the same
 integers; the outputs move by the activation rounding (about 1e-2 relative), which is why
 this is opt-in (`kernel="dynamic"`), not the default.
 """
@@ -60,6 +62,10 @@ def lower_to_dynamic_int8(model, report: "CompressReport", keep_weight_only: fro
     if report.dynamic_matmuls or not report.static_layers:  # after static, silent when it left no matmul
         report.notes.append(f"{report.dynamic_matmuls} int8 matmul(s) run as DynamicQuantizeMatMul "
                             "(activations quantized at run time)")
+    left = _weights_with_zero_points(model.graph)
+    if left:
+        report.notes.append(f"{left} weight(s) with zero points stay weight-only (zero points per group of inputs, "
+                            "or not a matmul: the integer GEMMs take one per output column)")
 
 
 @dataclass
@@ -68,6 +74,7 @@ class _Site:
     weight: str  # INT8 initializer, [K, N]
     scale: str  # per-N (or scalar) float scale
     scale_shape: tuple
+    zero: str | None  # the weight's own zero points (per N), or None: all 0
     bias: str | None
     out: str
     remove: list  # nodes the fused op replaces
@@ -108,8 +115,10 @@ def to_dynamic_int8(model, layer_kernels: dict[str, str] | None = None, keep: fr
             inserts.append((first, helper.make_node("DynamicQuantizeLinear", [x], [xq, xs, xz],
                                                     name=fresh_name(f"{x}_dynamic_quantize", taken))))
         for site in group:
-            zero = fresh_name(f"{site.weight}_zero_point", taken)
-            graph.initializer.append(_array(np.zeros(site.scale_shape, np.int8), zero))
+            zero = site.zero
+            if zero is None:
+                zero = fresh_name(f"{site.weight}_zero_point", taken)
+                graph.initializer.append(_array(np.zeros(site.scale_shape, np.int8), zero))
             bias = [site.bias] if site.bias else []
             if shared:
                 node = helper.make_node("MatMulIntegerToFloat", [xq, site.weight, xs, site.scale, xz, zero, *bias],
@@ -142,10 +151,13 @@ def _match(dq, graph, inits: dict, readers: dict) -> _Site | None:
     users = readers.get(dq.output[0], [])
     if q.data_type != TensorProto.INT8 or len(q.dims) != 2 or len(users) != 1:
         return None
-    if len(dq.input) > 2 and dq.input[2] and numpy_helper.to_array(inits[dq.input[2]]).any():
-        return None  # asymmetric weights: the fused kernels take a zero point, but ours are always 0
+    if attribute(dq, "block_size", 0):
+        return None  # a scale per block of inputs: the integer GEMMs take one per output column
     op, slot = users[0]
     scale = numpy_helper.to_array(inits[dq.input[1]])
+    zero = _own_zero_point(dq, inits, scale.shape)
+    if zero is False:
+        return None
     axis = attribute(dq, "axis", 1) % 2
     weight, bias, remove = dq.input[0], None, [dq, op]
     if op.op_type == "MatMul" and slot == 1 and (scale.ndim == 0 or axis == 1):
@@ -170,7 +182,31 @@ def _match(dq, graph, inits: dict, readers: dict) -> _Site | None:
             if other in inits and list(inits[other].dims) == [n_out]:
                 bias, out = other, add.output[0]
                 remove.append(add)
-    return _Site(op.input[0], weight, dq.input[1], tuple(scale.shape), bias, out, remove, op)
+    return _Site(op.input[0], weight, dq.input[1], tuple(scale.shape), zero, bias, out, remove, op)
+
+
+def _weights_with_zero_points(graph) -> int:
+    """How many DequantizeLinear of integer initializers with non-zero zero points the graph still has (pure)."""
+    from onnx import TensorProto, numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    return sum(1 for n in graph.node if n.op_type == "DequantizeLinear" and len(n.input) > 2 and n.input[2] in inits
+               and n.input[0] in inits and inits[n.input[0]].data_type in (TensorProto.INT8, TensorProto.INT4)
+               and numpy_helper.to_array(inits[n.input[2]]).any())
+
+
+def _own_zero_point(dq, inits: dict, scale_shape: tuple):
+    """The weight's zero point initializer when non-zero and shaped like its scales (None: absent or all 0; False: not one the kernels take)."""
+    from onnx import TensorProto, numpy_helper
+
+    if len(dq.input) < 3 or not dq.input[2]:
+        return None
+    init = inits.get(dq.input[2])
+    if init is None or init.data_type != TensorProto.INT8:
+        return False
+    if not numpy_helper.to_array(init).any():
+        return None
+    return init.name if tuple(init.dims) == tuple(scale_shape) else False
 
 
 def _array(value: np.ndarray, name: str):

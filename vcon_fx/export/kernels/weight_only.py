@@ -5,6 +5,8 @@ the export asks for ≤ 4) with a per-axis float scale, and a DequantizeLinear g
 every consumer. Existing DequantizeLinear on INT8 initializers (a vanished quantized model
 exports those) are repacked to INT4 when their values fit; a grouped one (one scale per block
 of inputs, `--group-size`) first becomes a blocked DequantizeLinear at opset ≥ 21 (`blocked.py`).
+An asymmetric layer's zero points (`QuantConfig(asymmetric=True)`) go with its integers: INT4
+together when both fit, and transposed with them when a Transpose is folded.
 Floats that are not on a grid are left alone. The outputs are unchanged up to float rounding of the scale (far below one
 quantization step); the file shrinks about 4× (INT8) or 8× (INT4) on the weights.
 
@@ -150,31 +152,63 @@ def _float_np(data_type: int):
 
 
 def _repack_int8_dequantize(graph, inits: list, report: "CompressReport") -> list:
-    """INT8 initializers read only by DequantizeLinear (zero point 0) whose values fit in INT4 → INT4 (pure on `inits`)."""
-    from onnx import TensorProto, numpy_helper
+    """INT8 initializers read only by DequantizeLinear whose values (and zero points) fit in INT4 → INT4 (pure on `inits`).
+
+    DequantizeLinear takes its zero point in the integers' type: an all-zero one is dropped, a
+    non-zero one (an asymmetric layer's) becomes INT4 with them, and when either does not fit in
+    4 bits both stay INT8.
+    """
+    from onnx import numpy_helper
 
     uses = consumers(graph)
     by_name = {i.name: i for i in graph.initializer}
+    zero_points = set()
+    repacked = set()
+    for init in inits:
+        readers = _int8_dequantize_readers(init, uses)
+        if readers is None or not _fits_int4(numpy_helper.to_array(init)):
+            continue
+        zeros = [n.input[2] for n, _ in readers if not _zero_point_is_zero(n, by_name)]
+        if not all(_zero_point_fits_int4(by_name.get(z), init.name, uses) for z in zeros):
+            continue
+        for node, _ in readers:  # a zero point must share the input's type: drop the all-zero one
+            if len(node.input) > 2 and node.input[2] not in zeros:
+                del node.input[2:]
+        repacked.add(init.name)
+        zero_points.update(zeros)
     out = []
     for init in inits:
-        readers = uses.get(init.name, [])
-        ok = (
-            init.data_type == TensorProto.INT8
-            and readers
-            and all(n.op_type == "DequantizeLinear" and i == 0 for n, i in readers)
-            and all(_zero_point_is_zero(n, by_name) for n, _ in readers)
-        )
-        if ok:
-            q = numpy_helper.to_array(init)
-            if q.size and q.min() >= -8 and q.max() <= 7:
-                for node, _ in readers:  # a zero point must share the input's type: drop the all-zero one
-                    if len(node.input) > 2:
-                        del node.input[2:]
-                out.append(_int_tensor(q, init.name, True))
+        if init.name in repacked or init.name in zero_points:
+            out.append(_int_tensor(numpy_helper.to_array(init), init.name, True))
+            if init.name in repacked:
                 report.rewritten[init.name] = "int4"
-                continue
-        out.append(init)
+        else:
+            out.append(init)
     return out
+
+
+def _int8_dequantize_readers(init, uses: dict) -> list | None:
+    """The DequantizeLinear nodes reading an INT8 initializer as their integers, when nothing else reads it (pure)."""
+    from onnx import TensorProto
+
+    readers = uses.get(init.name, [])
+    if init.data_type != TensorProto.INT8 or not readers or not all(n.op_type == "DequantizeLinear" and i == 0
+                                                                    for n, i in readers):
+        return None
+    return readers
+
+
+def _fits_int4(q: np.ndarray) -> bool:
+    return bool(q.size) and q.min() >= -8 and q.max() <= 7
+
+
+def _zero_point_fits_int4(zero, integers: str, uses: dict) -> bool:
+    """Whether a zero point initializer can turn INT4 with `integers`: INT8, in [−8, 7], read only as their zero point."""
+    from onnx import TensorProto, numpy_helper
+
+    return (zero is not None and zero.data_type == TensorProto.INT8 and _fits_int4(numpy_helper.to_array(zero))
+            and all(n.op_type == "DequantizeLinear" and i == 2 and n.input[0] == integers
+                    for n, i in uses.get(zero.name, [])))
 
 
 def _fold_transposes(graph) -> int:
@@ -202,15 +236,14 @@ def _fold_transposes(graph) -> int:
         q = numpy_helper.to_array(q_init)
         perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), list(range(q.ndim))[::-1])
         axis, block = attribute(dq, "axis", 1), attribute(dq, "block_size", 0)
-        scale = by_name.get(dq.input[1])
-        if scale is None or len(scale.dims) not in ((len(q.shape),) if block else (0, 1)) \
-                or (len(dq.input) > 2 and dq.input[2] and len(by_name.get(dq.input[2], scale).dims) > 1) \
-                or (block and len(uses.get(scale.name, [])) != 1):
+        params = [by_name.get(name) for name in dq.input[1:3] if name]  # scale [, zero point]
+        ranks = (len(q.shape),) if block else (0, 1)
+        if None in params or any(len(p.dims) not in ranks or (block and len(uses.get(p.name, [])) != 1) for p in params):
             continue
         q_init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(np.transpose(q, perm)), q_init.name))
-        if block:  # blocked scales have the integers' rank: they turn with them
-            scale.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(np.transpose(numpy_helper.to_array(scale), perm)),
-                                                   scale.name))
+        for param in params if block else ():  # blocked scales and zero points have the integers' rank: they turn with them
+            param.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(np.transpose(numpy_helper.to_array(param), perm)),
+                                                   param.name))
         del dq.attribute[:]
         dq.attribute.append(helper.make_attribute("axis", perm.index(axis % q.ndim)))
         if block:

@@ -1,0 +1,201 @@
+"""Asymmetric integer weights (w = (q − z)·s, a zero point per group or per row) through `compress_onnx_weights`.
+
+The modules hold the buffers a vanished `QuantConfig(asymmetric=True)` layer holds (`qweight` int8,
+`scale` float32, `zero_point` int8, signed: 4-bit values in −8…7) and dequantize them as it does,
+so the ONNX files come from the exporter as a user's would. Tolerances: with onnxruntime's graph
+optimizations off, and with MatMulNBits at float compute (accuracy_level 0), a file gives the
+PyTorch outputs to float rounding (1e-5 of the output range); files as written run int8
+activations where a kernel quantizes them, judged at ACTIVATION_ROUNDING_RTOL with a cosine above 0.999.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+import torch.nn.functional as F
+from onnx import TensorProto, numpy_helper
+from torch import nn
+
+from vcon_fx.export import KERNELS, check_onnx, compress_onnx_weights, export_onnx
+from vcon_fx.export.static_rewrites import is_int8_weight
+
+
+class AsymLinear(nn.Module):
+    """A Linear stored as integers with one scale and zero point per `group` inputs of a row (None: per row)."""
+
+    def __init__(self, inputs: int, outputs: int, group: int | None, bits: int = 4, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        lo, hi = -2 ** (bits - 1), 2 ** (bits - 1) - 1
+        per_row = (outputs,) if group is None else (outputs, inputs // group)
+        self.group = group
+        # int8 − int8 wraps in PyTorch's dequantize_per_channel when |q − z| > 127 (8 bits): int32 there
+        self.zero_dtype = torch.int8 if bits <= 4 else torch.int32
+        self.register_buffer("qweight", torch.randint(lo, hi + 1, (outputs, inputs), generator=gen, dtype=torch.int8))
+        self.register_buffer("scale", torch.rand(per_row, generator=gen) * 0.05 + 0.01)
+        self.register_buffer("zero_point", torch.randint(lo, hi + 1, per_row, generator=gen, dtype=torch.int8))
+        self.bias = nn.Parameter(torch.randn(outputs, generator=gen))
+
+    def forward(self, x):
+        out, inputs = self.qweight.shape
+        if self.group is None:
+            w = torch.ops.quantized_decomposed.dequantize_per_channel(
+                self.qweight, self.scale, self.zero_point.to(self.zero_dtype), 0, -128, 127, torch.int8)
+        else:
+            w = torch.ops.quantized_decomposed.dequantize_per_channel(
+                self.qweight.reshape(-1, self.group), self.scale.reshape(-1), self.zero_point.reshape(-1).to(self.zero_dtype), 0, -128, 127,
+                torch.int8).reshape(out, inputs)
+        return F.linear(x, w, self.bias)
+
+
+class AsymMLP(nn.Module):
+    """96 inputs in groups of 32: 3 blocks, an odd count (a half-filled zero-point byte per row)."""
+
+    def __init__(self, group: int | None = 32, bits: int = 4, first: int = 64):
+        super().__init__()
+        self.up = AsymLinear(first, 96, group, bits, seed=0)
+        self.down = AsymLinear(96, 24, group, bits, seed=1)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def _export(tmp_path, model, x, **compress):
+    path = export_onnx(model.eval(), tmp_path / "float.onnx", (x,))
+    report = compress_onnx_weights(path, tmp_path / "int.onnx", **compress)
+    return report, onnx.load(str(report.path))
+
+
+def _unoptimized(path, x: torch.Tensor) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no fusion: DequantizeLinear as written
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def _relative(got: np.ndarray, want: torch.Tensor) -> float:
+    want = want.detach().numpy()
+    return float(np.abs(got - want).max() / (want.max() - want.min()))
+
+
+def _float_compute(path, out):
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        for a in node.attribute:
+            if node.op_type == "MatMulNBits" and a.name == "accuracy_level":
+                a.i = 0
+    onnx.save(model, str(out))
+    return out
+
+
+def test_int4_stores_a_blocked_dequantize_linear_with_int4_zero_points(tmp_path):
+    model, x = AsymMLP(), torch.randn(3, 5, 64)
+    report, onnx_model = _export(tmp_path, model, torch.randn(2, 5, 64), bits=4)
+    nodes = onnx_model.graph.node
+    dq = [n for n in nodes if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 2 and not {"Reshape", "Transpose"} & {n.op_type for n in nodes}
+    inits = {i.name: i for i in onnx_model.graph.initializer}
+    for node in dq:
+        attrs = {a.name: a.i for a in node.attribute}
+        assert attrs == {"axis": 0, "block_size": 32}  # transposed for MatMul: the blocks run along K = axis 0
+        q, scale, zero = (inits[name] for name in node.input)
+        assert q.data_type == zero.data_type == TensorProto.INT4 and list(zero.dims) == list(scale.dims)
+    up = next(n for n in dq if list(inits[n.input[0]].dims) == [64, 96])
+    np.testing.assert_array_equal(numpy_helper.to_array(inits[up.input[2]]).astype(np.int8),
+                                  model.up.zero_point.numpy().T)
+    assert set(report.rewritten.values()) == {"int4"} and len(report.rewritten) == 2
+    assert _relative(_unoptimized(report.path, x), model(x)) < 1e-5
+    check_onnx(model, report.path, (x,), rtol=KERNELS["weight-only"].rtol, runs=1).assert_ok()
+
+
+def test_eight_bit_zero_points_stay_int8_with_their_integers(tmp_path):
+    model, x = AsymMLP(bits=8), torch.randn(3, 5, 64)
+    report, onnx_model = _export(tmp_path, model, torch.randn(2, 5, 64), bits=4)
+    inits = {i.name: i for i in onnx_model.graph.initializer}
+    dq = [n for n in onnx_model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 2 and all(inits[n.input[0]].data_type == inits[n.input[2]].data_type == TensorProto.INT8
+                                for n in dq)
+    assert all({a.name: a.i for a in n.attribute}.get("block_size") == 32 for n in dq)
+    assert _relative(_unoptimized(report.path, x), model(x)) < 1e-5
+
+
+def test_per_row_zero_points_become_int4_and_turn_with_a_folded_transpose(tmp_path):
+    model, x = AsymMLP(group=None, first=40), torch.randn(3, 5, 40)
+    report, onnx_model = _export(tmp_path, model, torch.randn(2, 5, 40), bits=4)
+    inits = {i.name: i for i in onnx_model.graph.initializer}
+    dq = [n for n in onnx_model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 2 and "Transpose" not in {n.op_type for n in onnx_model.graph.node}
+    assert all(inits[n.input[2]].data_type == TensorProto.INT4 and {a.name: a.i for a in n.attribute} == {"axis": 1}
+               for n in dq)
+    assert _relative(_unoptimized(report.path, x), model(x)) < 1e-5
+
+
+@pytest.mark.parametrize("group, block_size, first", [(32, 32, 64), (64, 32, 128), (32, 16, 64), (None, 32, 40)])
+def test_matmul_nbits_takes_the_zero_points(tmp_path, group, block_size, first):
+    model, x = AsymMLP(group=group, first=first), torch.randn(3, 5, first)
+    if group == 64:
+        model.down = AsymLinear(96, 24, 32, seed=1)  # 96 is no multiple of 64: groups of 32 there
+    report, onnx_model = _export(tmp_path, model, torch.randn(2, 5, first), bits=4, kernel="matmul-nbits",
+                                 kernel_options={"block_size": block_size})
+    nbits = [n for n in onnx_model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 and not [n for n in onnx_model.graph.node if n.op_type in ("MatMul", "DequantizeLinear")]
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx_model.graph.initializer}
+    up = next(n for n in nbits if {a.name: a.i for a in n.attribute}["K"] == first)
+    blocks = -(-first // block_size)
+    zeros = inits[up.input[3]]
+    assert zeros.dtype == np.uint8 and zeros.shape == (96, -(-blocks // 2)) and up.input[5]  # bias folded in
+    nibbles = np.stack([zeros & 15, zeros >> 4], axis=-1).reshape(96, -1)[:, :blocks].astype(np.int16) - 8
+    want = model.up.zero_point.numpy().reshape(96, -1)
+    np.testing.assert_array_equal(nibbles, np.repeat(want, blocks // want.shape[1], axis=1))
+    exact = check_onnx(model, _float_compute(report.path, tmp_path / "f.onnx"), (x,), rtol=1e-4, runs=1).assert_ok()
+    assert exact.outputs[0].rel_max_diff < 1e-5
+    fast = check_onnx(model, report.path, (x,), rtol=KERNELS["matmul-nbits"].rtol, runs=1).assert_ok()
+    assert fast.outputs[0].cosine > 0.999
+
+
+def test_matmul_nbits_packs_a_gemm_with_zero_points(tmp_path):
+    model, x = AsymMLP(), torch.randn(4, 64)  # 2-D input: the exporter writes Gemm(x, W, b, transB=1)
+    report, onnx_model = _export(tmp_path, model, torch.randn(2, 64), bits=4, kernel="matmul-nbits")
+    nbits = [n for n in onnx_model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 and all(len(n.input) == 6 and n.input[3] for n in nbits)
+    exact = check_onnx(model, _float_compute(report.path, tmp_path / "f.onnx"), (x,), rtol=1e-4, runs=1).assert_ok()
+    assert exact.outputs[0].rel_max_diff < 1e-5
+
+
+def test_dynamic_int8_leaves_grouped_zero_points_weight_only(tmp_path):
+    model, x = AsymMLP(bits=8), torch.randn(3, 5, 64)
+    report, onnx_model = _export(tmp_path, model, torch.randn(2, 5, 64), bits=8, kernel="dynamic")
+    notes = " ".join(report.notes)
+    assert report.dynamic_matmuls == 0 and "2 weight(s) with zero points stay weight-only (zero points per group" in notes
+    assert not [n for n in onnx_model.graph.node if n.domain == "com.microsoft"]
+    assert len([n for n in onnx_model.graph.node if n.op_type == "DequantizeLinear" and len(n.input) == 3]) == 2
+    check_onnx(model, report.path, (x,), rtol=KERNELS["dynamic"].rtol, runs=1).assert_ok()
+    assert _relative(_unoptimized(report.path, x), model(x)) < 1e-5
+
+
+def test_dynamic_int8_passes_per_row_zero_points_to_the_integer_kernels(tmp_path):
+    model, x = AsymMLP(group=None, bits=8, first=40), torch.randn(3, 5, 40)
+    report, onnx_model = _export(tmp_path, model, torch.randn(2, 5, 40), bits=8, kernel="dynamic")
+    fused = [n for n in onnx_model.graph.node if n.op_type == "DynamicQuantizeMatMul"]
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx_model.graph.initializer}
+    assert report.dynamic_matmuls == 2 and len(fused) == 2 and "stay weight-only" not in " ".join(report.notes)
+    assert sorted(inits[n.input[3]].tolist() for n in fused) == sorted(
+        m.zero_point.tolist() for m in (model.up, model.down))
+    fast = check_onnx(model, report.path, (x,), rtol=KERNELS["dynamic"].rtol, runs=1).assert_ok()
+    assert fast.outputs[0].cosine > 0.999
+
+
+def test_static_int8_does_not_take_asymmetric_weights(tmp_path):
+    _, onnx_model = _export(tmp_path, AsymMLP(group=None, bits=8, first=40), torch.randn(2, 5, 40), bits=8)
+    graph = onnx_model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    inits = {i.name: i for i in graph.initializer}
+    weights = [n.input[1] for n in graph.node if n.op_type == "MatMul"]
+    assert len(weights) == 2 and not any(is_int8_weight(w, producers, inits) for w in weights)
+    for zero in (n.input[2] for n in graph.node if n.op_type == "DequantizeLinear"):
+        inits[zero].CopyFrom(numpy_helper.from_array(np.zeros(inits[zero].dims, np.int8), zero))
+    assert all(is_int8_weight(w, producers, inits) for w in weights)  # the same weights at zero point 0 are taken
