@@ -199,3 +199,63 @@ def test_static_int8_does_not_take_asymmetric_weights(tmp_path):
     for zero in (n.input[2] for n in graph.node if n.op_type == "DequantizeLinear"):
         inits[zero].CopyFrom(numpy_helper.from_array(np.zeros(inits[zero].dims, np.int8), zero))
     assert all(is_int8_weight(w, producers, inits) for w in weights)  # the same weights at zero point 0 are taken
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.mid1, self.mid2, self.head = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mid2(torch.relu(self.mid1(torch.relu(self.stem(x)))))))
+
+
+def test_the_cli_transforms_vanishes_and_exports_an_asymmetric_model(tmp_path):
+    """A `.pt2` saved the usual way (static shapes, batch 1), the README's commands with `--asymmetric`."""
+    from tests.helpers import cli_output
+
+    torch.manual_seed(0)
+    torch.export.save(torch.export.export(Net().eval(), (torch.randn(1, 16),)), tmp_path / "net.pt2")
+    quant = ["--method", "quant", "--bits", "4", "--group-size", "32", "--asymmetric"]
+    code, text = cli_output("inspect", tmp_path / "net.pt2", *quant)
+    assert code == 0 and "asymmetric" in text, text
+    for args in (["transform", tmp_path / "net.pt2", *quant, "-o", tmp_path / "q.vcon"],
+                 ["vanish", tmp_path / "q.vcon", "--force", "-o", tmp_path / "q.small"],
+                 ["export", tmp_path / "q.small", "--onnx", tmp_path / "q8.onnx", "--check"],  # the default kernels
+                 ["export", tmp_path / "q.small", "--onnx", tmp_path / "q.onnx", "--matmul-nbits", "--check"]):
+        code, text = cli_output(*args)
+        assert code == 0, text
+    nodes = onnx.load(str(tmp_path / "q.onnx")).graph.node
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 and all(len(n.input) >= 4 and n.input[3] for n in nbits)  # zero_points given
+
+
+def test_asymmetric_without_group_size_is_refused_before_any_work(tmp_path, capsys):
+    from vcon_fx.cli.main import main
+    from vcon_fx.errors import ConfigError
+
+    torch.export.save(torch.export.export(Net().eval(), (torch.randn(1, 16),)), tmp_path / "net.pt2")
+    code = main(["transform", str(tmp_path / "net.pt2"), "--method", "quant", "--bits", "4", "--asymmetric",
+                 "-o", str(tmp_path / "bad.vcon")])
+    assert code == ConfigError.exit_code and not (tmp_path / "bad.vcon").exists()
+    assert "--asymmetric puts a zero point beside each group's scale: it needs --group-size" in \
+        " ".join(capsys.readouterr().err.split())
+
+
+def test_a_wide_vanished_layer_becomes_matmul_nbits_too(tmp_path):
+    """Past the exporter's constant-folding size (a language model's head), the zero points reach DequantizeLinear
+    through Reshape → Cast(int32) → Cast(int8) nodes (the layer's int32 arithmetic): still one MatMulNBits."""
+    import vcon_fx
+    from vcon_fx.export import integer_export
+    from vcon_fx.methods import QuantConfig
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 16384)).eval(), torch.randn(1, 16)
+    vm = vcon_fx.transform(model, QuantConfig(bits=4, group_size=32, asymmetric=True), example_inputs=(x,),
+                           include_head=True)
+    vcon_fx.set_beta(vm, 0.0)
+    small = vcon_fx.vanish(vm)
+    integer_export(small, tmp_path / "wide.onnx", (x,), kernel="matmul-nbits")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "wide.onnx")).graph.node]
+    assert ops.count("MatMulNBits") == 1 and "DequantizeLinear" not in ops and "Cast" not in ops, ops
+    check_onnx(small, tmp_path / "wide.onnx", (x,), rtol=KERNELS["matmul-nbits"].rtol, runs=1).assert_ok()

@@ -92,24 +92,27 @@ class Mixed(nn.Module):
         return self.head(torch.relu(self.ragged(torch.relu(self.grouped(x)))))
 
 
-@pytest.mark.parametrize("start", ["min-max", "clip", "gptq"])
-def test_the_twin_vanished_and_loaded_models_agree(tmp_path, start):
+@pytest.mark.parametrize("start, bits", [("min-max", 4), ("clip", 4), ("gptq", 4), ("min-max", 8)])
+def test_the_twin_vanished_and_loaded_models_agree(tmp_path, start, bits):
     torch.manual_seed(0)
     model, x = Mixed().eval(), torch.randn(4, 64)
-    config = QuantConfig(bits=4, group_size=GROUP, asymmetric=True, clip_search=start == "clip",
+    model.grouped.weight.data[:, :32] += 0.3  # off-centre groups: at 8 bits q − z then passes ±127 (no int8 wrap)
+    config = QuantConfig(bits=bits, group_size=GROUP, asymmetric=True, clip_search=start == "clip",
                          init="data-aware" if start == "gptq" else "auto")
     vm = vcon_fx.transform(model, config, example_inputs=(x,), include_stem=True, include_head=True,
                            calibration=torch.randn(64, 64) if start == "gptq" else None)
     plans = vm.meta["vcon"].plans
     assert plans["grouped"].detail["asymmetric"] is True and "asymmetric" not in plans["ragged"].detail
-    assert plans["grouped"].bytes_after == (64 * 40 + 40 * 2) // 2 + 40 * 2 * 4 + 40 * 4  # INT4 + zeros, scales, bias
+    assert plans["grouped"].bytes_after == (64 * 40 + 40 * 2) * bits // 8 + 40 * 2 * 4 + 40 * 4  # ints + zeros, scales, bias
     vcon_fx.set_beta(vm, 0.0)
     blended_out = vm(x)
     small = vcon_fx.vanish(vm)
     grouped, ragged = small.get_submodule("grouped"), small.get_submodule("ragged")
     assert grouped.zero_point.shape == grouped.scale.shape == (40, 2) and grouped.zero_point.dtype == torch.int8
     assert ragged.zero_point is None and ragged.scale.shape == (64,)
-    assert grouped.qweight.min() >= -8 and grouped.qweight.max() <= 7
+    assert grouped.qweight.min() >= -2 ** (bits - 1) and grouped.qweight.max() <= 2 ** (bits - 1) - 1
+    if bits == 8:
+        assert int((grouped.qweight.int() - grouped.zero_point.int().repeat_interleave(GROUP, 1)).abs().max()) > 127
     assert torch.equal(small(x), blended_out)  # the twin's arithmetic, bit for bit
     for stage, saved in (("blended", vm), ("vanished", small)):
         loaded = vcon_fx.load(vcon_fx.save(saved, tmp_path / stage), model=Mixed(), example_inputs=(x,))

@@ -97,18 +97,27 @@ def _grouped_site(dq, inits: dict, producers: dict, readers: dict, outputs: set)
 
 
 def _constant(name: str, inits: dict, producers: dict, readers: dict):
-    """(the value of `name` when it is an initializer, or Reshapes of one read only here; those Reshapes) or None."""
+    """(the value of `name` when it is an initializer, or Reshapes and lossless Casts of one read only here; those nodes) or None."""
     from onnx import numpy_helper
+
+    from onnx import helper
 
     chain = []
     while name not in inits:
         node = producers.get(name)
-        if node is None or node.op_type != "Reshape" or node.input[1] not in inits or len(readers.get(name, [])) != 1:
+        if node is None or len(readers.get(name, [])) != 1 or not (
+                node.op_type == "Cast" or node.op_type == "Reshape" and node.input[1] in inits):
             return None
         chain.append(node)
         name = node.input[0]
     value = numpy_helper.to_array(inits[name])
     for node in reversed(chain):
+        if node.op_type == "Cast":  # a zero point's int8 → int32 → int8 round trip (quantized_layer.py)
+            converted = value.astype(helper.tensor_dtype_to_np_dtype(attribute(node, "to", 0)))
+            if not (converted == value).all():
+                return None  # a cast that changes the values: not a lossless round trip
+            value = converted
+            continue
         shape = numpy_helper.to_array(inits[node.input[1]])
         if (shape == 0).any():
             return None  # a copied dimension (allowzero 0) or an empty one: not the exporter's

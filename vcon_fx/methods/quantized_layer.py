@@ -59,8 +59,10 @@ class QuantizedLayer(ActRange, nn.Module):
         """The weight the layer computes with ((q − zero) · scale, each scale over its row or group)."""
         if self.scale.dim() == 1:
             return torch.ops.quantized_decomposed.dequantize_per_channel(
-                self.qweight, self.scale, self.zero_point, 0, -128, 127, torch.int8, out_dtype=self._out_dtype)
-        zero = None if self.zero_point is None else self.zero_point.reshape(-1)
+                self.qweight, self.scale, None if self.zero_point is None else self.zero_point.to(torch.int32), 0, -128,
+                127, torch.int8, out_dtype=self._out_dtype)
+        # int32: the op subtracts in the zero point's dtype, and int8 q − z wraps past ±127 at 8 bits
+        zero = None if self.zero_point is None else self.zero_point.reshape(-1).to(torch.int32)
         return torch.ops.quantized_decomposed.dequantize_per_channel(
             scale_rows(self.qweight, self.scale), self.scale.reshape(-1), zero, 0, -128, 127, torch.int8,
             out_dtype=self._out_dtype).reshape(self.qweight.shape)
