@@ -254,7 +254,7 @@ def render(params: int, files: dict, took: dict, skipped: dict, speed: dict, err
     return "\n".join(lines)
 
 
-def decoder_bench_args(argv, description: str, out: Path, windows: int) -> argparse.Namespace:
+def decoder_bench_args(argv, description: str, out: Path, windows: int, rounds: int = 4) -> argparse.Namespace:
     """The options every decoder benchmark takes (this one and llm.py), with the --tiny defaults filled in."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--tiny", action="store_true", help="tiny Llama, 2 rounds: a smoke test")
@@ -265,7 +265,7 @@ def decoder_bench_args(argv, description: str, out: Path, windows: int) -> argpa
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--windows", type=int, default=None)
     args = parser.parse_args(argv)
-    args.rounds = args.rounds or (2 if args.tiny else 4)
+    args.rounds = args.rounds or (2 if args.tiny else rounds)
     args.windows = args.windows or (2 if args.tiny else windows)
     return args
 

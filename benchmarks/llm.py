@@ -138,22 +138,23 @@ def peak_memory(files: dict[str, Path], prompt: np.ndarray, threads: int, work: 
 
 def goal_line(speed, error) -> str:
     """Issue 14's goal, read off the table: the headline decodes at least as fast as each onnxruntime file, lower error."""
-    def decode(label):  # median per-round speed-up over dense
-        steps = speed[label]["step"]
-        return float(np.median([d / s for d, s in zip(speed["dense fp32"]["step"], steps)]))
+    def paired(label):  # the headline's decode speed over `label`'s, per round (both ran in it): median, min, max
+        ratios = [t / m for t, m in zip(speed[label]["step"], speed[HEADLINE]["step"])]
+        return float(np.median(ratios)), min(ratios), max(ratios)
 
     mine, parts = error[HEADLINE], []
     for label in (m for m in ORT_MODES if m in error):
         theirs = error[label]
         lower = mine["rel_rms"] < theirs["rel_rms"] and mine["kl"] < theirs["kl"]
-        faster = decode(HEADLINE) >= decode(label)
-        parts.append(f"{label}: decode {decode(HEADLINE):.2f}× vs {decode(label):.2f}× "
-                     f"({'at least as fast' if faster else 'SLOWER'}), error {mine['rel_rms']:.4f} vs "
+        ratio, low, high = paired(label)
+        faster = ratio >= 1.0
+        parts.append(f"{label}: decode {ratio:.2f}× its speed ({low:.2f}–{high:.2f} over rounds; "
+                     f"{'at least as fast' if faster else 'SLOWER'}), error {mine['rel_rms']:.4f} vs "
                      f"{theirs['rel_rms']:.4f}, KL {mine['kl']:.2e} vs {theirs['kl']:.2e}, top-1 "
                      f"{100 * mine['top1']:.1f} % vs {100 * theirs['top1']:.1f} % "
                      f"({'lower error' if lower else 'NOT lower'}): {'MET' if lower and faster else 'MISSED'}")
     return f"- **Goal** (decode at least as fast as onnxruntime's quantizer, at lower error), {HEADLINE} against " \
-           + "; ".join(parts) + ". Speed ratios are medians over rounds on a shared machine: same-kernel rows differ by noise."
+           + "; ".join(parts) + ". Decode ratios are medians over rounds of the two files' times in the same round."
 
 
 def render(params, files, took, speed, error, peak, args, total_s) -> str:
@@ -206,7 +207,8 @@ def render(params, files, took, speed, error, peak, args, total_s) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = decoder_bench_args(argv, __doc__.splitlines()[0], HERE / "LLM.md", windows=8)
+    # 12 rounds: the int4 files share one kernel, so the goal's speed half is decided by noise unless it is averaged out
+    args = decoder_bench_args(argv, __doc__.splitlines()[0], HERE / "LLM.md", windows=8, rounds=12)
     start = time.perf_counter()
     log = lambda text: print(f"[{time.perf_counter() - start:6.0f} s] {text}", flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="llm-") as tmp:
