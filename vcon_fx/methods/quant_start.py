@@ -9,9 +9,10 @@ given, the layer's calibration statistics:
   second moments when the layer has statistics; the twin keeps sharing the dense weight.
 - "gptq": the method's own scales, then GPTQ's column-by-column rounding with error feedback
   (gptq.py); the twin starts from that solution in its own weight copy. On an asymmetric grid
-  (zero_point.py) the scales are first clip-searched, input-weighted: on a 122M Llama at 4 bits,
-  group 32, that took the logits' relative error from 0.308 to 0.302 and the KL from 1.46e-2 to
-  1.40e-2, where on the symmetric grid it changed nothing (0.349 either way), so only there.
+  (zero_point.py) the scales are first clip-searched, input-weighted: on benchmarks/llm.py's 122M
+  Llama and windows at 4 bits, group 32 (a one-off PyTorch comparison, not kept as a benchmark),
+  that took the logits' relative error from 0.308 to 0.302 and the KL from 1.46e-2 to 1.40e-2,
+  where on the symmetric grid it changed nothing (0.349 either way), so only there.
 """
 
 from __future__ import annotations
