@@ -120,8 +120,7 @@ def seq2seq_layout(module: nn.Module) -> Seq2SeqLayout:
     """The cache layout of an encoder-decoder LM, read from one short forward with `use_cache=True` (pure)."""
     config = module.config
     ids = torch.zeros(1, 2, dtype=torch.long)
-    start = getattr(config, "decoder_start_token_id", None)
-    start = int(start if start is not None else getattr(config, "pad_token_id", 0) or 0)
+    start = _decoder_start(module)
     with torch.no_grad(), _eval(module):
         out = type(module).forward(module, input_ids=ids, attention_mask=torch.ones_like(ids),
                                    decoder_input_ids=torch.full((1, 1), start), use_cache=True)
@@ -131,6 +130,16 @@ def seq2seq_layout(module: nn.Module) -> Seq2SeqLayout:
         head_dim=int(keys.shape[3]), d_model=int(out.encoder_last_hidden_state.shape[-1]),
         decoder_start_token_id=start, dtype=str(keys.dtype).removeprefix("torch."),
         eos_token_ids=_eos_tokens(module), tokenizer=_tokenizer_folder(config))
+
+
+def _decoder_start(module: nn.Module) -> int:
+    """The decoder's first token: the generation config's, else the config's, else its padding token (T5's 0)."""
+    for holder, key in ((getattr(module, "generation_config", None), "decoder_start_token_id"),
+                        (module.config, "decoder_start_token_id"), (module.config, "pad_token_id")):
+        value = getattr(holder, key, None)
+        if value is not None:
+            return int(value)
+    return 0
 
 
 def _cache_of(output):
