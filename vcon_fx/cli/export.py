@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 from rich.markup import escape
 
 from ..export.integer import KERNEL_CHOICES
 from ..export.kernels import KERNELS
-from ..export.seq2seq import encoder_path
+from ..export.seq2seq import SEQ2SEQ_METADATA_KEY, encoder_path
 from .options import add_source, load_source
 from .render import check_table, console, fmt_bytes
 
@@ -58,7 +57,6 @@ def run(args) -> int:
     for note in notes:
         console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     kernels_run = None
-    started = time.time()
     if kernel is None:
         with console.status("exporting to ONNX…"):
             export_onnx(model, out, inputs, example_kwargs=kwargs, seq_inputs=seq_inputs, force=args.force,
@@ -79,10 +77,7 @@ def run(args) -> int:
         for line in lines:
             console.print(line, soft_wrap=True)
         console.print(f"[yellow]deploy:[/] {escape(_deployment_line(out, compressed.kernels))}", soft_wrap=True)
-    console.print(f"[green]wrote[/] {out} ({fmt_bytes(Path(out).stat().st_size)})")
-    encoder = encoder_path(out)
-    if encoder.is_file() and encoder.stat().st_mtime >= started:  # an encoder-decoder model: two files
-        console.print(f"[green]wrote[/] {encoder} ({fmt_bytes(encoder.stat().st_size)}), the encoder of {out}")
+    _print_written(Path(out))
     if not args.check:
         return 0
     rtol, note = check_tolerance(kernels_run)
@@ -106,6 +101,17 @@ def run(args) -> int:
             console.print(f"[yellow]note:[/] {note}")
         report.assert_ok()
     return 0
+
+
+def _print_written(out: Path) -> None:
+    """Say what the export wrote: the file, and an encoder-decoder model's encoder file beside it."""
+    import onnx
+
+    console.print(f"[green]wrote[/] {out} ({fmt_bytes(out.stat().st_size)})")
+    props = {p.key for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    if SEQ2SEQ_METADATA_KEY in props:
+        encoder = encoder_path(out)
+        console.print(f"[green]wrote[/] {encoder} ({fmt_bytes(encoder.stat().st_size)}), the encoder of {out.name}")
 
 
 def _choose_kernel(args):
