@@ -9,6 +9,7 @@ from rich.markup import escape
 
 from ..export.integer import KERNEL_CHOICES
 from ..export.kernels import KERNELS
+from ..export.seq2seq import SEQ2SEQ_METADATA_KEY, encoder_path
 from .options import add_source, load_source
 from .render import check_table, console, fmt_bytes
 
@@ -76,7 +77,7 @@ def run(args) -> int:
         for line in lines:
             console.print(line, soft_wrap=True)
         console.print(f"[yellow]deploy:[/] {escape(_deployment_line(out, compressed.kernels))}", soft_wrap=True)
-    console.print(f"[green]wrote[/] {out} ({fmt_bytes(Path(out).stat().st_size)})")
+    _print_written(Path(out))
     if not args.check:
         return 0
     rtol, note = check_tolerance(kernels_run)
@@ -100,6 +101,17 @@ def run(args) -> int:
             console.print(f"[yellow]note:[/] {note}")
         report.assert_ok()
     return 0
+
+
+def _print_written(out: Path) -> None:
+    """Say what the export wrote: the file, and an encoder-decoder model's encoder file beside it."""
+    import onnx
+
+    console.print(f"[green]wrote[/] {out} ({fmt_bytes(out.stat().st_size)})")
+    props = {p.key for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    if SEQ2SEQ_METADATA_KEY in props:
+        encoder = encoder_path(out)
+        console.print(f"[green]wrote[/] {encoder} ({fmt_bytes(encoder.stat().st_size)}), the encoder of {out.name}")
 
 
 def _choose_kernel(args):

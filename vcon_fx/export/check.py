@@ -18,6 +18,7 @@ from ..bench.compare import validate_onnx
 from ..bench.worker import make_session, model_size_bytes, time_runs
 from ..errors import LoadError, ParityError, UsageError, message_line
 from .decoder_run import layout_of_session
+from .seq2seq_run import seq2seq_layout_of_session
 from .naming import flatten_inputs, flatten_outputs
 from ..graph.modes import eval_mode
 from .onnx import _as_args, run_model
@@ -155,6 +156,11 @@ def check_onnx(
     atol = float(atol or 0.0)
     args, kwargs = _as_args(example_inputs, example_kwargs)
     session = _session(onnx_path, threads)
+    if seq2seq_layout_of_session(session) is not None:  # an encoder-decoder pair: generation parity too
+        from .seq2seq_check import check_seq2seq
+
+        return check_seq2seq(model, session, onnx_path, args, kwargs, rtol=rtol, atol=atol,
+                             reference_onnx=reference_onnx, runs=runs, threads=threads)
     if layout_of_session(session) is not None:  # a KV-cache decoder: generation parity (decoder_check.py)
         from .decoder_check import check_decoder
 

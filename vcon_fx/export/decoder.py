@@ -129,14 +129,19 @@ def decoder_layout(module: nn.Module) -> DecoderLayout:
         out = type(module).forward(module, input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
     layers = _cache_out(out).layers
     keys = layers[0].keys
-    eos = getattr(getattr(module, "generation_config", None), "eos_token_id", None)
-    eos = getattr(config, "eos_token_id", None) if eos is None else eos
-    eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
     return DecoderLayout(
         num_layers=len(layers), num_kv_heads=int(keys.shape[1]), head_dim=int(keys.shape[3]),
         position_ids="position_ids" in _params(module),
-        dtype=str(keys.dtype).removeprefix("torch."), eos_token_ids=tuple(int(e) for e in eos),
+        dtype=str(keys.dtype).removeprefix("torch."), eos_token_ids=_eos_tokens(module),
         tokenizer=_tokenizer_folder(config))
+
+
+def _eos_tokens(module: nn.Module) -> tuple[int, ...]:
+    """The end-of-text tokens of a generating model: its generation config's, else its config's."""
+    eos = getattr(getattr(module, "generation_config", None), "eos_token_id", None)
+    eos = getattr(module.config, "eos_token_id", None) if eos is None else eos
+    eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    return tuple(int(e) for e in eos)
 
 
 def _tokenizer_folder(config) -> str | None:

@@ -23,7 +23,7 @@ from .decoder import logits_of
 from .decoder_run import CachedDecoder, layout_of_session
 from .naming import flatten_inputs
 
-__all__ = ["check_decoder", "GREEDY_TOKENS"]
+__all__ = ["check_decoder", "GREEDY_TOKENS", "step_report", "token_parity"]
 
 GREEDY_TOKENS = 32
 
@@ -56,14 +56,24 @@ def check_decoder(model: nn.Module, session, onnx_path, args: tuple, kwargs: dic
     prompt_row = _compare("logits (prompt, empty cache)", runner.prefill(ids), first, rtol, atol)
     greedy = runner.greedy(ids, steps, forced=tokens.numpy())
     steps_row = _compare(f"logits ({steps} cached steps)", greedy.logits, step_logits, rtol, atol)
-    token_row = _token_parity(greedy.tokens, tokens.numpy(), step_logits.numpy(), steps_row.allowed)
-    latency = _step_latency(runner, ids, runs)
-    report = dict(onnx_path=str(onnx_path), outputs=(prompt_row, steps_row, token_row), rtol=rtol, atol=atol,
-                  size_bytes=model_size_bytes(onnx_path), latency_ms=latency, runs=runs, threads=threads,
-                  input_shapes={"input_ids": list(prompt.shape), "new_tokens": [steps]})
+    token_row = token_parity(greedy.tokens, tokens.numpy(), step_logits.numpy(), steps_row.allowed)
+    reference = None
     if reference_onnx is not None:
         ref_session = _session(reference_onnx, threads)
-        ref_latency = _step_latency(CachedDecoder(ref_session, layout_of_session(ref_session)), ids, runs)
+        reference = CachedDecoder(ref_session, layout_of_session(ref_session))
+    return step_report(onnx_path, (prompt_row, steps_row, token_row), runner, reference, reference_onnx,
+                       lambda r: _step_latency(r, ids, runs), rtol=rtol, atol=atol, runs=runs, threads=threads,
+                       shapes={"input_ids": list(prompt.shape), "new_tokens": [steps]})
+
+
+def step_report(onnx_path, rows: tuple, runner, reference, reference_onnx, latency_of, *, rtol: float, atol: float,
+                runs: int, threads: int | None, shapes: dict) -> CheckReport:
+    """The check's report: `rows`, `runner`'s step latency, and size / latency against `reference` when given (pure)."""
+    latency = latency_of(runner)
+    report = dict(onnx_path=str(onnx_path), outputs=rows, rtol=rtol, atol=atol, size_bytes=model_size_bytes(onnx_path),
+                  latency_ms=latency, runs=runs, threads=threads, input_shapes=shapes)
+    if reference is not None:
+        ref_latency = latency_of(reference)
         ref_size = model_size_bytes(reference_onnx)
         report.update(reference_path=str(reference_onnx), reference_size_bytes=ref_size,
                       reference_latency_ms=ref_latency, size_ratio=report["size_bytes"] / ref_size,
@@ -92,7 +102,7 @@ def _torch_greedy(model: nn.Module, prompt: torch.Tensor, steps: int, masked: bo
     return torch.stack(tokens, 1), torch.stack(logits, 1), first
 
 
-def _token_parity(got: np.ndarray, want: np.ndarray, logits: np.ndarray, allowed: float) -> OutputParity:
+def token_parity(got: np.ndarray, want: np.ndarray, logits: np.ndarray, allowed: float) -> OutputParity:
     """The greedy tokens row: mismatches count, except where PyTorch's best two logits are within 2·allowed."""
     top2 = np.sort(logits, axis=-1)[..., -2:]
     near_tie = (top2[..., 1] - top2[..., 0]) <= 2 * allowed

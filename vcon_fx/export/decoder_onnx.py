@@ -41,7 +41,8 @@ from .dynamic_dims import _check_and_name_axes
 from .naming import _name_values
 from .onnx import _drop_debug_metadata, _run_exporter, _save
 
-__all__ = ["export_with_cache", "decoder_source_folder"]
+__all__ = ["export_with_cache", "decoder_source_folder", "hf_source_config", "write_cached_onnx", "capture_with",
+           "rebuild_with_weights", "flat_dynamic_shapes"]
 
 log = logging.getLogger(__name__)
 
@@ -62,30 +63,56 @@ def export_with_cache(model: nn.Module, out: Path, *, opset: int | None = None, 
         ExportError: the exporter failed, a dim came out static, or the cache graph does not
             take the vanished model's weights.
     """
+    from .seq2seq_onnx import export_seq2seq_with_cache  # an encoder-decoder LM: two files (seq2seq_onnx.py)
+
+    if export_seq2seq_with_cache(model, out, opset=opset) is not None:
+        return out
     prepared = _prepare(model, required)
     if prepared is None:
         return None
     module, layout, example = prepared
-    name = type(model).__name__
     # a dense LM gets the flat forward for the export; the rebuilt vcon graph has it already
     patched = flat_cache_forward(module, layout) if module is model else contextlib.nullcontext()
-    with patched, eval_mode(module):
+    with patched:
+        write_cached_onnx(module, example, flat_dynamic_shapes(module, 3 if layout.position_ids else 2,
+                                                              2 * layout.num_layers),
+                          (layout.input_names, layout.output_names), _wanted_axes(layout), out,
+                          metadata=(METADATA_KEY, layout.to_json()), opset=opset, name=type(model).__name__)
+    log.info("exported %s with its KV cache (%d layers) to %s", type(model).__name__, layout.num_layers, out)
+    return out
+
+
+def write_cached_onnx(module: nn.Module, example: tuple, shapes, names: tuple[list[str], list[str]],
+                      axes: list[tuple[int, int, str]], out: Path, *, metadata: tuple[str, str] | None,
+                      opset: int | None, name: str) -> Path:
+    """Export `module` on flat `example` inputs to `out`, values and axes named, metadata set (pure on `module`).
+
+    Raises:
+        ExportError: the exporter failed, or a dim of `axes` came out static.
+    """
+    with eval_mode(module):
         try:
-            program = _run_exporter(module, example, {}, _dynamic_shapes(module, layout), opset)
+            program = _run_exporter(module, example, {}, shapes, opset)
         except ExportError as exc:
             raise ExportError(f"{exc}; or {_NO_CACHE_FIX}") from exc
-    _name_values(program.model, layout.input_names, layout.output_names, name)
-    _check_and_name_axes(program, _wanted_axes(layout), name)
+    _name_values(program.model, *names, name)
+    _check_and_name_axes(program, axes, name)
     _drop_debug_metadata(program.model)
-    program.model.metadata_props[METADATA_KEY] = layout.to_json()
-    external = _save(program, out)
-    log.info("exported %s with its KV cache (%d layers) to %s%s", name, layout.num_layers, out,
-             ", weights in " + out.name + ".data" if external else "")
+    if metadata is not None:
+        program.model.metadata_props[metadata[0]] = metadata[1]
+    if _save(program, out):
+        log.info("the weights of %s are in %s.data", out, out.name)
     return out
 
 
 def decoder_source_folder(recipe: Recipe) -> Path | None:
     """The Hugging Face folder of a recipe's source when it is a decoder LM, else None (pure)."""
+    found = hf_source_config(recipe)
+    return found[0] if found is not None and config_is_causal_lm(found[1]) else None
+
+
+def hf_source_config(recipe: Recipe) -> tuple[Path, dict] | None:
+    """(the Hugging Face folder of a recipe's source, its config.json as a dict), or None (pure)."""
     source = recipe.source or {}
     folder = source.get("path") if source.get("kind") == "hf" else source.get("arch")
     if not folder or not is_hf_folder(Path(folder)):
@@ -94,7 +121,7 @@ def decoder_source_folder(recipe: Recipe) -> Path | None:
         config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return Path(folder) if isinstance(config, dict) and config_is_causal_lm(config) else None
+    return (Path(folder), config) if isinstance(config, dict) else None
 
 
 def _prepare(model: nn.Module, required: bool):
@@ -109,7 +136,8 @@ def _prepare(model: nn.Module, required: bool):
         layout = decoder_layout(model)
         return model, layout, example_with_past(layout, model.config.vocab_size)
     else:
-        why = "it is not a Hugging Face causal LM (…ForCausalLM, …LMHeadModel)"
+        why = ("it is not a Hugging Face causal LM (…ForCausalLM, …LMHeadModel) nor an encoder-decoder LM "
+               "(…ForConditionalGeneration)")
     if required:
         raise UsageError(f"{type(model).__name__} has no KV cache to export: {why}; {_NO_CACHE_FIX}")
     return None
@@ -122,7 +150,25 @@ def _vanished_with_cache(model: fx.GraphModule, recipe: Recipe, folder: Path):
     if any((folder / f).is_file() for f in TOKENIZER_FILES):  # the recorded source folder's own tokenizer
         layout = dataclasses.replace(layout, tokenizer=str(folder.resolve()))
     example = example_with_past(layout, source.config.vocab_size)
-    graph = _capture(source, layout, example)
+    with flat_cache_forward(source, layout):
+        graph = capture_with(source, example, flat_dynamic_shapes(source, 3 if layout.position_ids else 2,
+                                                                  2 * layout.num_layers))
+    return rebuild_with_weights(graph, recipe, example, model, folder), layout, example
+
+
+def rebuild_with_weights(graph: fx.GraphModule, recipe: Recipe, example: tuple, model: nn.Module, folder: Path, *,
+                         part: bool = False) -> fx.GraphModule:
+    """The recipe re-applied to `graph` (a capture of its source) and `model`'s weights loaded into it (in place).
+
+    Args:
+        part: `graph` computes part of the model (an encoder-decoder's encoder or decoder): only
+            the recipe's layers it holds are compressed, and only its own weights must load.
+
+    Raises:
+        ExportError: the recipe does not fit the graph, or the graph does not take the weights.
+    """
+    if part:
+        recipe = _recipe_within(recipe, graph)
     try:
         rebuilt = rebuild(graph, recipe, example, {}, copy_model=False)  # the capture is ours: no copy
     except Exception as exc:
@@ -130,18 +176,35 @@ def _vanished_with_cache(model: fx.GraphModule, recipe: Recipe, folder: Path):
                           f"KV cache ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
                           f"{_NO_CACHE_FIX}") from exc
     missing, unexpected = rebuilt.load_state_dict(model.state_dict(), strict=False)
-    if missing or unexpected:
+    if part:  # the other part's weights stay in the capture, unread: only the ones this part reads must load
+        read = _read_weights(rebuilt)
+        missing = [k for k in missing if k in read]
+    if missing or (unexpected and not part):
         raise ExportError(f"the KV-cache graph of {folder.name} does not take the vanished model's weights (missing "
                           f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}): {_NO_CACHE_FIX}")
-    return rebuilt, layout, example
+    return rebuilt
 
 
-def _capture(source: nn.Module, layout: DecoderLayout, example: tuple) -> fx.GraphModule:
-    """torch.export of the source with the flat cache forward, batch / seq / past dynamic (pure on `source`)."""
+def _read_weights(graph: fx.GraphModule) -> set[str]:
+    """The parameters and buffers `graph` computes with (pure): a capture keeps every one of the module's."""
+    return {str(n.target) for n in graph.graph.nodes if n.op == "get_attr" and n.users}
+
+
+def _recipe_within(recipe: Recipe, graph: fx.GraphModule) -> Recipe:
+    """The recipe restricted to the layers whose weights `graph` computes with (pure)."""
+    held = {name.rpartition(".")[0] for name in _read_weights(graph)}
+    groups = [dataclasses.replace(g, layers=type(g.layers)(p for p in g.layers if p in held)) for g in recipe.groups]
+    groups = [g for g in groups if g.layers]
+    kept = {p for g in groups for p in g.layers}
+    return dataclasses.replace(recipe, groups=type(recipe.groups)(groups),
+                               plans={p: plan for p, plan in recipe.plans.items() if p in kept})
+
+
+def capture_with(source: nn.Module, example: tuple, shapes) -> fx.GraphModule:
+    """torch.export of `source` with the forward it has now on `example`, `shapes` dynamic (pure on `source`)."""
     try:
-        with flat_cache_forward(source, layout), quiet_export():
-            program = torch.export.export(source, example, dynamic_shapes=_dynamic_shapes(source, layout),
-                                          strict=False)
+        with quiet_export():
+            program = torch.export.export(source, example, dynamic_shapes=shapes, strict=False)
     except Exception as exc:
         raise ExportError(f"torch.export could not capture {type(source).__name__} with its KV cache "
                           f"({type(exc).__name__}): {_NO_CACHE_FIX}") from exc
@@ -152,11 +215,11 @@ def _capture(source: nn.Module, layout: DecoderLayout, example: tuple) -> fx.Gra
     return gm
 
 
-def _dynamic_shapes(module: nn.Module, layout: DecoderLayout) -> tuple:
-    """Batch and seq of the token inputs, batch and past of the cache, in the forward's own structure."""
+def flat_dynamic_shapes(module: nn.Module, heads: int, pasts: int) -> tuple:
+    """Dims 0 and 1 of the `heads` leading inputs, 0 and 2 of the `pasts` cache tensors, in the forward's structure."""
     auto = torch.export.Dim.AUTO
-    head = [{0: auto, 1: auto}] * (3 if layout.position_ids else 2)
-    past = [{0: auto, 2: auto}] * (2 * layout.num_layers)
+    head = [{0: auto, 1: auto}] * heads
+    past = [{0: auto, 2: auto}] * pasts
     params = inspect.signature(module.forward).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):  # the flat forward: (ids, mask, …, *past)
         return (*head, tuple(past))

@@ -10,12 +10,13 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from .decoder import METADATA_KEY, DecoderLayout
 
-__all__ = ["CachedDecoder", "layout_of_session", "Greedy"]
+__all__ = ["CachedDecoder", "layout_of_session", "Greedy", "run_greedy"]
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _NP_FLOATS = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}
@@ -116,18 +117,29 @@ class CachedDecoder:
                 forcing: each step is then judged on the same sequence as a reference's).
             stop_at_eos: stop once every row has produced an end-of-text token.
         """
-        start = time.perf_counter()
-        logits = self.prefill(input_ids)[:, -1]
-        prefilled = time.perf_counter()
-        tokens, steps = [], []
-        done = np.zeros(input_ids.shape[0], bool)
-        for k in range(max_new_tokens):
-            if k:
-                logits = self.step(forced[:, k - 1] if forced is not None else tokens[-1])[:, -1]
-            steps.append(logits)
-            tokens.append(logits.argmax(-1))
-            done |= np.isin(tokens[-1], self.layout.eos_token_ids)
-            if stop_at_eos and done.all():
-                break
-        end = time.perf_counter()
-        return Greedy(np.stack(tokens, 1), np.stack(steps, 1), prefilled - start, end - prefilled)
+        return run_greedy(lambda: self.prefill(input_ids)[:, -1], lambda tokens: self.step(tokens)[:, -1],
+                          max_new_tokens, self.layout.eos_token_ids, forced=forced, stop_at_eos=stop_at_eos)
+
+
+def run_greedy(first: Callable[[], np.ndarray], step: Callable[[np.ndarray], np.ndarray], max_new_tokens: int,
+               eos_token_ids: tuple[int, ...], *, forced: np.ndarray | None = None, stop_at_eos: bool = False) -> Greedy:
+    """The greedy loop: `first()` gives the first new token's logits [batch, vocab], `step(tokens)` each next one's.
+
+    Args:
+        forced / stop_at_eos: as `CachedDecoder.greedy`.
+    """
+    start = time.perf_counter()
+    logits = first()
+    prefilled = time.perf_counter()
+    tokens, steps = [], []
+    done = np.zeros(logits.shape[0], bool)
+    for k in range(max_new_tokens):
+        if k:
+            logits = step(forced[:, k - 1] if forced is not None else tokens[-1])
+        steps.append(logits)
+        tokens.append(logits.argmax(-1))
+        done |= np.isin(tokens[-1], eos_token_ids)
+        if stop_at_eos and done.all():
+            break
+    end = time.perf_counter()
+    return Greedy(np.stack(tokens, 1), np.stack(steps, 1), prefilled - start, end - prefilled)

@@ -2,7 +2,8 @@
 
 The prompt is tokenized with the model's tokenizer (the folder recorded in the file at export, or
 one given), run once from an empty cache, then one token a step with the cache until
-`max_new_tokens` or an end-of-text token.
+`max_new_tokens` or an end-of-text token. An encoder-decoder file (`seq2seq_run.py`) encodes the
+prompt once and writes its text from the decoder's start token; a decoder continues the prompt.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from ..errors import LoadError, UsageError, first_line
 from .check import _session
 from .decoder_run import CachedDecoder, layout_of_session
+from .seq2seq_run import open_seq2seq, seq2seq_layout_of_session
 
 __all__ = ["generate_text", "Generation"]
 
@@ -31,6 +33,8 @@ class Generation:
         prefill_ms: the prompt's one call, from an empty cache.
         decode_tokens_per_s: new tokens after the first, per second.
         tokenizer: the tokenizer folder used.
+        continues_prompt: the text continues the prompt (a decoder); False: an encoder-decoder
+            model's own text for it.
     """
 
     text: str
@@ -39,6 +43,7 @@ class Generation:
     prefill_ms: float
     decode_tokens_per_s: float
     tokenizer: str
+    continues_prompt: bool = True
 
 
 def generate_text(onnx_path: str | os.PathLike, prompt: str, *, max_new_tokens: int = 32,
@@ -46,23 +51,25 @@ def generate_text(onnx_path: str | os.PathLike, prompt: str, *, max_new_tokens: 
     """Generate greedily after `prompt` with a KV-cache decoder file (pure: files are only read).
 
     Args:
-        onnx_path: a file written by `export_onnx` for a decoder language model.
-        prompt: the text to continue.
+        onnx_path: a file written by `export_onnx` for a decoder language model (or the decoder file of an
+            encoder-decoder one, its encoder beside it).
+        prompt: the text to continue (an encoder-decoder model's input).
         max_new_tokens: the most tokens to add (fewer when the model ends the text).
         tokenizer: a folder holding the model's tokenizer; None takes the one recorded in the file.
         threads: onnxruntime intra-op threads; None uses every core.
 
     Raises:
         UsageError: `max_new_tokens` < 1, the file has no KV cache, or no tokenizer is known.
-        LoadError: the file or the tokenizer cannot be read.
+        LoadError: the file, its encoder file or the tokenizer cannot be read.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be a positive integer, got {max_new_tokens!r}")
     session = _session(onnx_path, threads)
-    layout = layout_of_session(session)
+    seq2seq = seq2seq_layout_of_session(session)
+    layout = seq2seq or layout_of_session(session)
     if layout is None:
         raise UsageError(f"{onnx_path} takes no past key/values, so it cannot generate with a KV cache: export the "
-                         "decoder language model with `vcon-fx export` (without --no-kv-cache)")
+                         "decoder (or encoder-decoder) language model with `vcon-fx export` (without --no-kv-cache)")
     folder = tokenizer or layout.tokenizer
     if folder is None:
         raise UsageError(f"{onnx_path} records no tokenizer (its source folder had none): pass --tokenizer FOLDER, "
@@ -71,13 +78,16 @@ def generate_text(onnx_path: str | os.PathLike, prompt: str, *, max_new_tokens: 
     ids = np.asarray([tok(prompt)["input_ids"]], dtype=np.int64)
     if ids.shape[1] == 0:
         raise UsageError("the prompt is empty after tokenization: give some text with --prompt")
-    greedy = CachedDecoder(session, layout).greedy(ids, max_new_tokens, stop_at_eos=True)
+    # an encoder-decoder model writes a new text for the prompt; a decoder continues the prompt's
+    runner = open_seq2seq(onnx_path, session, seq2seq, threads) if seq2seq else CachedDecoder(session, layout)
+    greedy = runner.greedy(ids, max_new_tokens, stop_at_eos=True)
     new = [int(t) for t in greedy.tokens[0]]
     if layout.eos_token_ids and new[-1] in layout.eos_token_ids:
         new = new[:-1]
-    return Generation(text=_continuation(tok, list(ids[0]), new), tokens=tuple(new), prompt_tokens=ids.shape[1],
+    text = tok.decode(new, skip_special_tokens=True) if seq2seq else _continuation(tok, list(ids[0]), new)
+    return Generation(text=text, tokens=tuple(new), prompt_tokens=ids.shape[1],
                       prefill_ms=greedy.prefill_s * 1e3, decode_tokens_per_s=greedy.decode_tokens_per_s,
-                      tokenizer=str(folder))
+                      tokenizer=str(folder), continues_prompt=seq2seq is None)
 
 
 def _continuation(tok, prompt: list[int], new: list[int]) -> str:
