@@ -132,3 +132,37 @@ def test_cli_export_check_and_generate_on_a_saved_t5_folder(t5):
     (root / "cli.encoder.onnx").unlink()
     missing = vcon("generate", "cli.onnx", "--prompt", "hello", cwd=root)
     assert missing.returncode != 0 and "cli.encoder.onnx" in missing.stdout + missing.stderr
+
+
+def _bart_folder(root):
+    import transformers as T
+
+    torch.manual_seed(0)
+    folder = root / "bart"
+    config = T.BartConfig(vocab_size=30522, d_model=64, encoder_layers=LAYERS, decoder_layers=LAYERS,
+                          encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                          decoder_ffn_dim=128)
+    T.BartForConditionalGeneration(config).save_pretrained(folder)
+    return folder
+
+
+def test_a_quantized_bart_exports_an_integer_pair_with_the_default_kernels(tmp_path):
+    """BART too, and the default export of a quant model (integer_export, kernel auto): it writes through a temporary
+    float file, so the encoder must land beside the user's file and the decoder's metadata name it."""
+    from vcon_fx.export import KERNELS, integer_export
+    from vcon_fx.methods import QuantConfig
+
+    lm = vcon_fx.load_model(_bart_folder(tmp_path))
+    vm = vcon_fx.transform(lm.module, QuantConfig(bits=8), example_kwargs=lm.example_kwargs,
+                           seq_inputs=lm.seq_inputs, source=lm.source)
+    vcon_fx.set_beta(vm, 0.0)
+    small = vcon_fx.vanish(vm)
+    out = tmp_path / "bart.onnx"
+    report = integer_export(small, out, (), kernel="auto", example_kwargs=lm.example_kwargs, seq_inputs=lm.seq_inputs)
+    assert sorted(p.name for p in tmp_path.glob("*.onnx")) == ["bart.encoder.onnx", "bart.onnx"]
+    decoder = _names_and_axes(out)
+    assert seq2seq_layout_of_session(decoder).encoder == "bart.encoder.onnx"
+    encoder_ops = {n.op_type for n in __import__("onnx").load(str(encoder_path(out))).graph.node}
+    assert "DynamicQuantizeMatMul" in encoder_ops and "dynamic" in " ".join(report.notes)  # the encoder's integers too
+    check_onnx(small, out, (), example_kwargs=lm.example_kwargs, rtol=KERNELS["dynamic"].rtol,
+               runs=1).assert_ok()

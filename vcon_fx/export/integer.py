@@ -25,6 +25,8 @@ from .layer_ranges import layer_ops, quantized_layers
 from .kernels import KERNELS, ExportKernel, get_kernel
 from .onnx import export_onnx
 from .quantize import CompressReport, compress_onnx_weights
+from .seq2seq import encoder_path
+from .seq2seq_onnx import rename_encoder
 from .static_inputs import StaticInputs, prepare_static
 
 __all__ = ["kernel_for_flags", "kernel_choice", "check_tolerance", "integer_export", "AUTO", "AUTO_CHOICES",
@@ -148,16 +150,34 @@ def integer_export(
         check_batch = calibration[0] if calibration else (tuple(example_inputs), dict(example_kwargs or {}))
         choice, notes, chosen_options = first_faithful(model, exported, Path(folder), choices, bits, check_batch,
                                                        step, described_as)
+        float_encoder = encoder_path(exported)
+        if float_encoder.is_file():  # an encoder-decoder LM: its encoder goes beside `out`, named after it
+            rename_encoder(exported, encoder_path(out).name)
         with step("storing integer weights…"):
             report = compress_onnx_weights(exported, out, bits=storage_bits(choice, bits), kernel=choice,
                                            require_integers=True, force=force, described_as=described_as,
                                            kernel_options={**(kernel_options or {}), **chosen_options})
+            if float_encoder.is_file():
+                _store_encoder(float_encoder, encoder_path(out), choice, bits, described_as,
+                               {**(kernel_options or {}), **chosen_options})
     report.notes[:0] = static.notes + notes
     report.layers = static.layer_kernels(report.layer_kernels)
     if "static" in choice:
         report.islands = find_islands(optimized_graph(out))
         report.notes.append(_islands_note(report.islands))
     return report
+
+
+def _store_encoder(float_encoder: Path, out: Path, choice: tuple[str, ...], bits: int | None, described_as: str,
+                   kernel_options: dict) -> None:
+    """The encoder file of an encoder-decoder LM with the decoder's kernels, replacing any at `out` (as export_onnx does).
+
+    Static int8 reads activation scales found for the decoder file only: its encoder runs the
+    dynamic kernel, or stays weight-only.
+    """
+    kernels = tuple(k for k in choice if k != "static") or ("weight-only",)
+    compress_onnx_weights(float_encoder, out, bits=storage_bits(kernels, bits), kernel=kernels, require_integers=False,
+                          force=True, described_as=f"the encoder of {described_as}", kernel_options=kernel_options)
 
 
 def _layer_ops(model: nn.Module, exported: Path, scopes: dict[str, str]) -> dict[str, tuple[str, str]]:

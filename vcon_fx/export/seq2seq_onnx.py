@@ -28,7 +28,7 @@ from .seq2seq import (ENCODER_INPUTS, ENCODER_OUTPUTS, SEQ2SEQ_METADATA_KEY, Seq
                       encoder_example, encoder_forward, encoder_path, flat_seq2seq_forward, is_seq2seq_lm,
                       seq2seq_example, seq2seq_layout)
 
-__all__ = ["export_seq2seq_with_cache"]
+__all__ = ["export_seq2seq_with_cache", "rename_encoder"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,24 @@ def export_seq2seq_with_cache(model: nn.Module, out: Path, *, opset: int | None 
     log.info("exported %s with its KV cache (%d decoder layers) to %s, its encoder to %s", name, layout.num_layers,
              out, encoder_path(out))
     return out
+
+
+def rename_encoder(decoder_file: Path, encoder_name: str) -> bool:
+    """Record `encoder_name` as the encoder of a decoder file (in place on the file); False if it is no seq2seq decoder.
+
+    For a file written under a temporary name and stored under another (integer_export: the
+    float export, then its integer copy at the user's path): its metadata must name the encoder
+    file that goes beside the final one. External weights stay where they are.
+    """
+    import onnx
+
+    model = onnx.load(str(decoder_file), load_external_data=False)
+    entry = next((p for p in model.metadata_props if p.key == SEQ2SEQ_METADATA_KEY), None)
+    if entry is None:
+        return False
+    entry.value = dataclasses.replace(Seq2SeqLayout.from_json(entry.value), encoder=encoder_name).to_json()
+    onnx.save(model, str(decoder_file))
+    return True
 
 
 def _vocab_size(model: nn.Module) -> int:
