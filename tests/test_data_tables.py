@@ -85,6 +85,26 @@ def test_text_rows_are_tokenized_like_text_files(tmp_path, tokenizer, fmt):
     assert int(ds[1]["labels"]) == 1 and ds[0]["input_ids"].shape == (7,)  # the model's example length
 
 
+def test_an_encoder_decoder_model_reads_each_line_on_both_sides(tmp_path, tokenizer):
+    """A model taking decoder_input_ids (T5, BART) gets the line shifted right behind its config's start token."""
+    import shutil
+
+    from vcon_fx.sources.hf import TOKENIZER_FILES
+
+    folder = tmp_path / "seq2seq"
+    folder.mkdir()
+    for name in TOKENIZER_FILES:
+        if (tokenizer / name).is_file():
+            shutil.copy(tokenizer / name, folder / name)
+    (folder / "config.json").write_text(json.dumps({"decoder_start_token_id": 2, "pad_token_id": 1}))
+    spec = {"args": [], "kwargs": {**TEXT_SPEC["kwargs"], "decoder_input_ids": TEXT_SPEC["kwargs"]["input_ids"]}}
+    (tmp_path / "t.txt").write_text("\n".join(TEXTS) + "\n")
+    ds = load_data(tmp_path / "t.txt", tokenizer_path=folder, input_spec=spec)
+    for i in range(3):
+        ids, decoder_ids = ds[i]["input_ids"].tolist(), ds[i]["decoder_input_ids"].tolist()
+        assert decoder_ids == [2] + ids[:-1]
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_numeric_columns_become_the_model_input(tmp_path, fmt):
     rows = [{"id": f"r{i}", **{f"f{j}": float(10 * i + j) for j in range(6)}, "label": i % 3} for i in range(4)]

@@ -81,10 +81,12 @@ def language_model_commands() -> list[list[str]]:
 
 
 @pytest.mark.slow
-def test_the_readme_language_model_quickstart_runs_as_written(tmp_path, monkeypatch):
-    from user_sources import hf_causal_lm
+@pytest.mark.parametrize("family", ["llama", "t5"])  # the README: "A T5 or BART folder works the same way"
+def test_the_readme_language_model_quickstart_runs_as_written(tmp_path, monkeypatch, family):
+    from user_sources import hf_causal_lm, hf_seq2seq_lm
 
-    source = hf_causal_lm(tmp_path)  # a Llama folder written by save_pretrained, with a tokenizer
+    # a Llama (or T5) folder written by save_pretrained, with a tokenizer
+    source = (hf_causal_lm if family == "llama" else hf_seq2seq_lm)(tmp_path)
     Path(source.model).rename(tmp_path / "my-llm")
     Path(source.data).rename(tmp_path / "text.txt")
     monkeypatch.chdir(tmp_path)
@@ -94,3 +96,4 @@ def test_the_readme_language_model_quickstart_runs_as_written(tmp_path, monkeypa
     assert (tmp_path / "llm.onnx").is_file() and "MatMulNBits" in {n.op_type for n in onnx.load(
         str(tmp_path / "llm.onnx")).graph.node}
     assert "The quick brown fox" in " ".join(said[1].split())
+    assert family == "llama" or (tmp_path / "llm.encoder.onnx").is_file()

@@ -156,6 +156,18 @@ def hf_causal_lm(root: Path) -> UserSource:
     return UserSource(str(folder), text_lines(root), text=True)
 
 
+def hf_seq2seq_lm(root: Path) -> UserSource:
+    """(f2) a T5 encoder-decoder LM folder written by `save_pretrained`, with a tokenizer."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=30522, d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8)
+    folder = root / "t5"
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    _tokenizer_into(folder)
+    return UserSource(str(folder), text_lines(root), text=True)
+
+
 def hf_vit(root: Path) -> UserSource:
     """(g) a ViT image classifier folder written by `save_pretrained` (grayscale 32 px, 10 classes)."""
     from transformers import ViTConfig, ViTForImageClassification

@@ -1,5 +1,8 @@
 """Text files: one example per line (`LABEL<TAB>text` lines are labelled), tokenized with the model's tokenizer.
 
+An encoder-decoder model (it takes `decoder_input_ids`) reads each line on both sides: the
+decoder gets the line shifted right behind its start token.
+
 `tokenize_texts` is the one place text becomes token ids; the table readers (rows.py) use it too.
 """
 
@@ -88,11 +91,34 @@ def tokenize_texts(path: Path, texts: list[str], request: ReadRequest) -> dict[s
     encoded = {k: v for k, v in enc.items() if k in keep}
     if "input_ids" not in encoded:
         raise DataError(f"{path} is text but the model takes {sorted(kwargs_spec)}, not input_ids: give a tensor file")
+    if "decoder_input_ids" in kwargs_spec and "decoder_input_ids" not in encoded:
+        encoded["decoder_input_ids"] = _shifted_right(encoded["input_ids"], _decoder_start(tokenizer_path, tok))
     missing = sorted(set(kwargs_spec) - set(encoded))
     if missing:
         raise DataError(f"the tokenizer at {tokenizer_path} does not produce {missing}, which the model takes: "
                         "give a tensor file with those arrays")
     return encoded
+
+
+def _decoder_start(folder, tok) -> int:
+    """The token an encoder-decoder model's decoder starts from: its config's, else the padding token (T5's rule)."""
+    import json
+
+    config = Path(folder) / "config.json"
+    data = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    for key in ("decoder_start_token_id", "pad_token_id"):
+        if isinstance(data.get(key), int):
+            return data[key]
+    return int(tok.pad_token_id or 0)
+
+
+def _shifted_right(ids: torch.Tensor, start: int) -> torch.Tensor:
+    """The decoder's inputs for reading a line back: the start token, then the line's own tokens but the last (pure).
+
+    Unlabelled lines carry no target text; teacher and twin read the same line on both sides, so
+    distillation covers the encoder, the cross-attention and the decoder on real text.
+    """
+    return torch.cat([torch.full_like(ids[:, :1], start), ids[:, :-1]], dim=1)
 
 
 def _no_tokenizer(path: Path) -> DataError:
