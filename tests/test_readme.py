@@ -81,7 +81,7 @@ def language_model_commands() -> list[list[str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "t5"])  # the README: "A T5 or BART folder works the same way"
+@pytest.mark.parametrize("family", ["llama", "t5"])  # the README: "… T5 and BART too"
 def test_the_readme_language_model_quickstart_runs_as_written(tmp_path, monkeypatch, family):
     from user_sources import hf_causal_lm, hf_seq2seq_lm
 
