@@ -40,6 +40,7 @@ __all__ = [
     "export_onnx",
     "other_batch",
     "count_params",
+    "matmul_nbits_at_float_compute",
 ]
 
 Inputs = tuple[tuple, dict]
@@ -247,3 +248,19 @@ def cli_output(*argv: str) -> tuple[int, str]:
     with contextlib.redirect_stdout(text):
         code = main([str(a) for a in argv])
     return code, text.getvalue()
+
+
+def matmul_nbits_at_float_compute(path, out):
+    """The ONNX file at `path` with every MatMulNBits at accuracy_level 0 (float activations), written to `out`.
+
+    What must equal PyTorch to float rounding; the level-4 file differs by int8 activation rounding.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        for a in node.attribute:
+            if node.op_type == "MatMulNBits" and a.name == "accuracy_level":
+                a.i = 0
+    onnx.save(model, str(out))
+    return out

@@ -23,6 +23,8 @@ from torch import nn
 from vcon_fx.export import KERNELS, check_onnx, compress_onnx_weights, export_onnx
 from vcon_fx.export.static_rewrites import is_int8_weight
 
+from tests.helpers import matmul_nbits_at_float_compute
+
 
 class AsymLinear(nn.Module):
     """A Linear stored as integers with one scale and zero point per `group` inputs of a row (None: per row)."""
@@ -82,14 +84,6 @@ def _relative(got: np.ndarray, want: torch.Tensor) -> float:
     return float(np.abs(got - want).max() / (want.max() - want.min()))
 
 
-def _float_compute(path, out):
-    model = onnx.load(str(path))
-    for node in model.graph.node:
-        for a in node.attribute:
-            if node.op_type == "MatMulNBits" and a.name == "accuracy_level":
-                a.i = 0
-    onnx.save(model, str(out))
-    return out
 
 
 def test_int4_stores_a_blocked_dequantize_linear_with_int4_zero_points(tmp_path):
@@ -151,7 +145,7 @@ def test_matmul_nbits_takes_the_zero_points(tmp_path, group, block_size, first):
     nibbles = np.stack([zeros & 15, zeros >> 4], axis=-1).reshape(96, -1)[:, :blocks].astype(np.int16) - 8
     want = model.up.zero_point.numpy().reshape(96, -1)
     np.testing.assert_array_equal(nibbles, np.repeat(want, blocks // want.shape[1], axis=1))
-    exact = check_onnx(model, _float_compute(report.path, tmp_path / "f.onnx"), (x,), rtol=1e-4, runs=1).assert_ok()
+    exact = check_onnx(model, matmul_nbits_at_float_compute(report.path, tmp_path / "f.onnx"), (x,), rtol=1e-4, runs=1).assert_ok()
     assert exact.outputs[0].rel_max_diff < 1e-5
     fast = check_onnx(model, report.path, (x,), rtol=KERNELS["matmul-nbits"].rtol, runs=1).assert_ok()
     assert fast.outputs[0].cosine > 0.999
@@ -162,7 +156,7 @@ def test_matmul_nbits_packs_a_gemm_with_zero_points(tmp_path):
     report, onnx_model = _export(tmp_path, model, torch.randn(2, 64), bits=4, kernel="matmul-nbits")
     nbits = [n for n in onnx_model.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 2 and all(len(n.input) == 6 and n.input[3] for n in nbits)
-    exact = check_onnx(model, _float_compute(report.path, tmp_path / "f.onnx"), (x,), rtol=1e-4, runs=1).assert_ok()
+    exact = check_onnx(model, matmul_nbits_at_float_compute(report.path, tmp_path / "f.onnx"), (x,), rtol=1e-4, runs=1).assert_ok()
     assert exact.outputs[0].rel_max_diff < 1e-5
 
 

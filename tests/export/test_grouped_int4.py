@@ -21,6 +21,8 @@ from vcon_fx.errors import ConfigError, UsageError
 from vcon_fx.export import KERNELS, check_onnx, integer_export
 from vcon_fx.methods import QuantConfig
 
+from tests.helpers import matmul_nbits_at_float_compute
+
 
 class GroupMLP(nn.Module):
     """Linears on [batch, seq, features]: `up`'s 40 inputs take no group of 32 (per channel), the others do."""
@@ -70,14 +72,6 @@ def test_weight_only_int4_stores_blocked_dequantize_linear_with_the_pytorch_weig
     check_onnx(small, path, (x,), rtol=KERNELS["weight-only"].rtol, runs=1).assert_ok()
 
 
-def _float_compute(path, out):
-    model = onnx.load(str(path))
-    for node in model.graph.node:
-        for a in node.attribute:
-            if node.op_type == "MatMulNBits" and a.name == "accuracy_level":
-                a.i = 0
-    onnx.save(model, str(out))
-    return out
 
 
 @pytest.mark.parametrize("group_size, block_size", [(32, 32), (64, 32), (32, 16)])
@@ -93,7 +87,7 @@ def test_matmul_nbits_packs_the_real_block_scales(tmp_path, group_size, block_si
     scales = inits[down.input[2]].reshape(24, 128 // block_size)
     want = small.get_submodule("down").scale.numpy()
     np.testing.assert_array_equal(scales, np.repeat(want, group_size // block_size, axis=1))
-    run = check_onnx(small, _float_compute(path, tmp_path / "f.onnx"), (x,), rtol=1e-4, runs=1).assert_ok()
+    run = check_onnx(small, matmul_nbits_at_float_compute(path, tmp_path / "f.onnx"), (x,), rtol=1e-4, runs=1).assert_ok()
     assert run.outputs[0].rel_max_diff < 1e-5
     fast = check_onnx(small, path, (x,), rtol=KERNELS["matmul-nbits"].rtol, runs=1).assert_ok()
     assert fast.outputs[0].cosine > 0.999

@@ -21,6 +21,8 @@ from vcon_fx.export import KERNELS, check_onnx, integer_export
 from vcon_fx.export.kernels.matmul_nbits import ACCURACY_LEVEL, pack_int4_blocks
 from vcon_fx.methods import ComposeConfig, LowRankConfig, QuantConfig
 
+from tests.helpers import matmul_nbits_at_float_compute
+
 
 class TokenMLP(nn.Module):
     """Linear layers on [batch, seq, features] (MatMul in ONNX), one of them with K not a multiple of 32."""
@@ -47,15 +49,6 @@ CONFIGS = {
 }
 
 
-def _float_compute(path, out):
-    """The same file at accuracy_level 0 (float activations): what must equal PyTorch to rounding."""
-    model = onnx.load(str(path))
-    for node in model.graph.node:
-        for a in node.attribute:
-            if node.op_type == "MatMulNBits" and a.name == "accuracy_level":
-                a.i = 0
-    onnx.save(model, str(out))
-    return out
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -74,7 +67,7 @@ def test_int4_matmuls_become_matmul_nbits_with_the_pytorch_weights(tmp_path, nam
     assert f"{matmuls} INT4 matmul(s) run as MatMulNBits (block {block_size}" in " ".join(report.notes)
 
     x = torch.randn(3, 5, 40)  # another batch than the export's
-    exact = check_onnx(small, _float_compute(path, tmp_path / "f.onnx"), (x,), rtol=1e-4, runs=1)
+    exact = check_onnx(small, matmul_nbits_at_float_compute(path, tmp_path / "f.onnx"), (x,), rtol=1e-4, runs=1)
     assert exact.assert_ok().outputs[0].rel_max_diff < 1e-5
     fast = check_onnx(small, path, (x,), rtol=KERNELS["matmul-nbits"].rtol, runs=1).assert_ok()
     assert fast.outputs[0].cosine > 0.999
