@@ -41,6 +41,7 @@ __all__ = [
     "other_batch",
     "count_params",
     "matmul_nbits_at_float_compute",
+    "unoptimized_error",
 ]
 
 Inputs = tuple[tuple, dict]
@@ -264,3 +265,19 @@ def matmul_nbits_at_float_compute(path, out):
                 a.i = 0
     onnx.save(model, str(out))
     return out
+
+
+def unoptimized_error(path, x: torch.Tensor, want: torch.Tensor) -> float:
+    """Max |onnxruntime − want| over want's range, the file at `path` run on `x` with graph optimizations off.
+
+    Without fusion (DequantizeLinear as written, then a float MatMul) an integer file gives the
+    PyTorch outputs to float rounding.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    want = want.detach().numpy()
+    return float(np.abs(got - want).max() / (want.max() - want.min()))

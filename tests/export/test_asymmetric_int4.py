@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
@@ -23,7 +22,7 @@ from torch import nn
 from vcon_fx.export import KERNELS, check_onnx, compress_onnx_weights, export_onnx
 from vcon_fx.export.static_rewrites import is_int8_weight
 
-from tests.helpers import matmul_nbits_at_float_compute
+from tests.helpers import matmul_nbits_at_float_compute, unoptimized_error
 
 
 class AsymLinear(nn.Module):
@@ -72,20 +71,6 @@ def _export(tmp_path, model, x, **compress):
     return report, onnx.load(str(report.path))
 
 
-def _unoptimized(path, x: torch.Tensor) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no fusion: DequantizeLinear as written
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-
-
-def _relative(got: np.ndarray, want: torch.Tensor) -> float:
-    want = want.detach().numpy()
-    return float(np.abs(got - want).max() / (want.max() - want.min()))
-
-
-
-
 def test_int4_stores_a_blocked_dequantize_linear_with_int4_zero_points(tmp_path):
     model, x = AsymMLP(), torch.randn(3, 5, 64)
     report, onnx_model = _export(tmp_path, model, torch.randn(2, 5, 64), bits=4)
@@ -102,7 +87,7 @@ def test_int4_stores_a_blocked_dequantize_linear_with_int4_zero_points(tmp_path)
     np.testing.assert_array_equal(numpy_helper.to_array(inits[up.input[2]]).astype(np.int8),
                                   model.up.zero_point.numpy().T)
     assert set(report.rewritten.values()) == {"int4"} and len(report.rewritten) == 2
-    assert _relative(_unoptimized(report.path, x), model(x)) < 1e-5
+    assert unoptimized_error(report.path, x, model(x)) < 1e-5
     check_onnx(model, report.path, (x,), rtol=KERNELS["weight-only"].rtol, runs=1).assert_ok()
 
 
@@ -114,7 +99,7 @@ def test_eight_bit_zero_points_stay_int8_with_their_integers(tmp_path):
     assert len(dq) == 2 and all(inits[n.input[0]].data_type == inits[n.input[2]].data_type == TensorProto.INT8
                                 for n in dq)
     assert all({a.name: a.i for a in n.attribute}.get("block_size") == 32 for n in dq)
-    assert _relative(_unoptimized(report.path, x), model(x)) < 1e-5
+    assert unoptimized_error(report.path, x, model(x)) < 1e-5
 
 
 def test_per_row_zero_points_become_int4_and_turn_with_a_folded_transpose(tmp_path):
@@ -125,7 +110,7 @@ def test_per_row_zero_points_become_int4_and_turn_with_a_folded_transpose(tmp_pa
     assert len(dq) == 2 and "Transpose" not in {n.op_type for n in onnx_model.graph.node}
     assert all(inits[n.input[2]].data_type == TensorProto.INT4 and {a.name: a.i for a in n.attribute} == {"axis": 1}
                for n in dq)
-    assert _relative(_unoptimized(report.path, x), model(x)) < 1e-5
+    assert unoptimized_error(report.path, x, model(x)) < 1e-5
 
 
 @pytest.mark.parametrize("group, block_size, first", [(32, 32, 64), (64, 32, 128), (32, 16, 64), (None, 32, 40)])
@@ -168,7 +153,7 @@ def test_dynamic_int8_leaves_grouped_zero_points_weight_only(tmp_path):
     assert not [n for n in onnx_model.graph.node if n.domain == "com.microsoft"]
     assert len([n for n in onnx_model.graph.node if n.op_type == "DequantizeLinear" and len(n.input) == 3]) == 2
     check_onnx(model, report.path, (x,), rtol=KERNELS["dynamic"].rtol, runs=1).assert_ok()
-    assert _relative(_unoptimized(report.path, x), model(x)) < 1e-5
+    assert unoptimized_error(report.path, x, model(x)) < 1e-5
 
 
 def test_dynamic_int8_passes_per_row_zero_points_to_the_integer_kernels(tmp_path):

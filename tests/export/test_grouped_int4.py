@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
@@ -21,7 +20,7 @@ from vcon_fx.errors import ConfigError, UsageError
 from vcon_fx.export import KERNELS, check_onnx, integer_export
 from vcon_fx.methods import QuantConfig
 
-from tests.helpers import matmul_nbits_at_float_compute
+from tests.helpers import matmul_nbits_at_float_compute, unoptimized_error
 
 
 class GroupMLP(nn.Module):
@@ -44,18 +43,6 @@ def _vanished(group_size: int):
     return vcon_fx.vanish(vm)
 
 
-def _unoptimized_run(path, x: torch.Tensor) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no fusion into MatMulNBits
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-
-
-def _relative(got: np.ndarray, want: torch.Tensor) -> float:
-    want = want.detach().numpy()
-    return float(np.abs(got - want).max() / (want.max() - want.min()))
-
-
 def test_weight_only_int4_stores_blocked_dequantize_linear_with_the_pytorch_weights(tmp_path):
     small, x = _vanished(32), torch.randn(3, 5, 40)
     path = tmp_path / "w.onnx"
@@ -68,10 +55,8 @@ def test_weight_only_int4_stores_blocked_dequantize_linear_with_the_pytorch_weig
     assert sorted(tuple(inits[n.input[1]].dims) for n in blocked) == [(3, 128), (4, 24)]  # (in/32, out): transposed
     assert all(inits[n.input[0]].data_type == onnx.TensorProto.INT4 for n in dq)
     assert "2 grouped weight(s) dequantized per block" in " ".join(report.notes)
-    assert _relative(_unoptimized_run(path, x), small(x)) < 1e-5
+    assert unoptimized_error(path, x, small(x)) < 1e-5
     check_onnx(small, path, (x,), rtol=KERNELS["weight-only"].rtol, runs=1).assert_ok()
-
-
 
 
 @pytest.mark.parametrize("group_size, block_size", [(32, 32), (64, 32), (32, 16)])

@@ -42,7 +42,7 @@ from .naming import _name_values
 from .onnx import _drop_debug_metadata, _run_exporter, _save
 
 __all__ = ["export_with_cache", "decoder_source_folder", "hf_source_config", "write_cached_onnx", "capture_with",
-           "rebuild_with_weights", "flat_dynamic_shapes"]
+           "source_and_layout", "rebuild_with_weights", "flat_dynamic_shapes"]
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +143,18 @@ def _prepare(model: nn.Module, required: bool):
     return None
 
 
-def _vanished_with_cache(model: fx.GraphModule, recipe: Recipe, folder: Path):
-    """The vanished model rebuilt on a capture of its source with the flat cache forward, weights loaded."""
-    source = build_hf(folder, load_weights=False).module  # every weight comes from `model` below
-    layout = decoder_layout(source)
+def source_and_layout(folder: Path, layout_of):
+    """(the recorded source folder's model, built without weights, its `layout_of` layout naming the folder's tokenizer)."""
+    source = build_hf(folder, load_weights=False).module  # every weight comes from the vanished model
+    layout = layout_of(source)
     if any((folder / f).is_file() for f in TOKENIZER_FILES):  # the recorded source folder's own tokenizer
         layout = dataclasses.replace(layout, tokenizer=str(folder.resolve()))
+    return source, layout
+
+
+def _vanished_with_cache(model: fx.GraphModule, recipe: Recipe, folder: Path):
+    """The vanished model rebuilt on a capture of its source with the flat cache forward, weights loaded."""
+    source, layout = source_and_layout(folder, decoder_layout)
     example = example_with_past(layout, source.config.vocab_size)
     with flat_cache_forward(source, layout):
         graph = capture_with(source, example, flat_dynamic_shapes(source, 3 if layout.position_ids else 2,

@@ -21,9 +21,8 @@ from pathlib import Path
 from torch import fx, nn
 
 from ..graph.recipe import Recipe
-from ..sources.hf import TOKENIZER_FILES, build_hf
 from .decoder_onnx import (capture_with, flat_dynamic_shapes, hf_source_config, rebuild_with_weights,
-                           write_cached_onnx)
+                           source_and_layout, write_cached_onnx)
 from .seq2seq import (ENCODER_INPUTS, ENCODER_OUTPUTS, SEQ2SEQ_METADATA_KEY, Seq2SeqLayout, config_is_seq2seq_lm,
                       encoder_example, encoder_forward, encoder_path, flat_seq2seq_forward, is_seq2seq_lm,
                       seq2seq_example, seq2seq_layout)
@@ -108,10 +107,7 @@ def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module, Seq2SeqLayout] | Non
 
 def _vanished_parts(model: fx.GraphModule, recipe: Recipe, folder: Path):
     """The vanished model rebuilt on two captures of its source (encoder; decoder with cache), weights loaded."""
-    source = build_hf(folder, load_weights=False).module  # every weight comes from `model` below
-    layout = seq2seq_layout(source)
-    if any((folder / f).is_file() for f in TOKENIZER_FILES):  # the recorded source folder's own tokenizer
-        layout = dataclasses.replace(layout, tokenizer=str(folder.resolve()))
+    source, layout = source_and_layout(folder, seq2seq_layout)
     vocab = _vocab_size(source)
     with encoder_forward(source):
         example = encoder_example(vocab)
