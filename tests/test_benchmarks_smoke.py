@@ -24,8 +24,8 @@ EXPECTED = {
     "transition.py": ["# Training cost over the transition", "blended, β = 0.5", "compressed only (vanished)",
                       "freeze_dense: dense params requires_grad=False, .grad is None: True", "peak MB"],
     "toolspeed.py": ["# Tool speed", "transform", "forward+backward", "truncated SVD", "vcon_fx.plan"],
-    "llm.py": ["# A language model as people deploy it", "| vcon int4 (GPTQ, group 32) |", "| vcon low-rank 0.5 + int4 |",
-               "| ort RTN asymmetric |", "peak RSS"],
+    "llm.py": ["# A language model as people deploy it", "| vcon int4 (GPTQ, group 32, asymmetric) |", "| vcon low-rank 0.5 + int4 |",
+               "| ort RTN asymmetric |", "| ort HQQ |", "peak RSS", "**Goal**"],
     "layers.py": ["# Layer types", "| r3d_18 |", "| gpt2_embedding_tied |", "4-bit (quant bits=4)", "### lstm_lm"],
 }
 
