@@ -41,6 +41,7 @@ __all__ = [
     "other_batch",
     "count_params",
     "matmul_nbits_at_float_compute",
+    "FourLinears",
     "unoptimized_error",
 ]
 
@@ -281,3 +282,14 @@ def unoptimized_error(path, x: torch.Tensor, want: torch.Tensor) -> float:
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     want = want.detach().numpy()
     return float(np.abs(got - want).max() / (want.max() - want.min()))
+
+
+class FourLinears(nn.Module):
+    """16 → 64 → 64 → 64 → 4 with ReLUs: a stem and a head that stay dense by default, two Linears in between."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.mid1, self.mid2, self.head = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mid2(torch.relu(self.mid1(torch.relu(self.stem(x)))))))

@@ -22,7 +22,7 @@ from torch import nn
 from vcon_fx.export import KERNELS, check_onnx, compress_onnx_weights, export_onnx
 from vcon_fx.export.static_rewrites import is_int8_weight
 
-from tests.helpers import matmul_nbits_at_float_compute, unoptimized_error
+from tests.helpers import FourLinears, matmul_nbits_at_float_compute, unoptimized_error
 
 
 class AsymLinear(nn.Module):
@@ -180,21 +180,12 @@ def test_static_int8_does_not_take_asymmetric_weights(tmp_path):
     assert all(is_int8_weight(w, producers, inits) for w in weights)  # the same weights at zero point 0 are taken
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem, self.mid1, self.mid2, self.head = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 4)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.mid2(torch.relu(self.mid1(torch.relu(self.stem(x)))))))
-
-
 def test_the_cli_transforms_vanishes_and_exports_an_asymmetric_model(tmp_path):
     """A `.pt2` saved the usual way (static shapes, batch 1), the README's commands with `--asymmetric`."""
     from tests.helpers import cli_output
 
     torch.manual_seed(0)
-    torch.export.save(torch.export.export(Net().eval(), (torch.randn(1, 16),)), tmp_path / "net.pt2")
+    torch.export.save(torch.export.export(FourLinears().eval(), (torch.randn(1, 16),)), tmp_path / "net.pt2")
     quant = ["--method", "quant", "--bits", "4", "--group-size", "32", "--asymmetric"]
     code, text = cli_output("inspect", tmp_path / "net.pt2", *quant)
     assert code == 0 and "asymmetric" in text, text
@@ -213,7 +204,7 @@ def test_asymmetric_without_group_size_is_refused_before_any_work(tmp_path, caps
     from vcon_fx.cli.main import main
     from vcon_fx.errors import ConfigError
 
-    torch.export.save(torch.export.export(Net().eval(), (torch.randn(1, 16),)), tmp_path / "net.pt2")
+    torch.export.save(torch.export.export(FourLinears().eval(), (torch.randn(1, 16),)), tmp_path / "net.pt2")
     code = main(["transform", str(tmp_path / "net.pt2"), "--method", "quant", "--bits", "4", "--asymmetric",
                  "-o", str(tmp_path / "bad.vcon")])
     assert code == ConfigError.exit_code and not (tmp_path / "bad.vcon").exists()

@@ -20,7 +20,7 @@ from vcon_fx.errors import ConfigError, UsageError
 from vcon_fx.export import KERNELS, check_onnx, integer_export
 from vcon_fx.methods import QuantConfig
 
-from tests.helpers import matmul_nbits_at_float_compute, unoptimized_error
+from tests.helpers import FourLinears, matmul_nbits_at_float_compute, unoptimized_error
 
 
 class GroupMLP(nn.Module):
@@ -86,20 +86,11 @@ def test_a_block_size_that_does_not_divide_the_groups_is_refused(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem, self.mid1, self.mid2, self.head = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 4)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.mid2(torch.relu(self.mid1(torch.relu(self.stem(x)))))))
-
-
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
     folder = tmp_path_factory.mktemp("grouped")
     torch.manual_seed(0)
-    ep = torch.export.export(Net().eval(), (torch.randn(2, 16),), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    ep = torch.export.export(FourLinears().eval(), (torch.randn(2, 16),), dynamic_shapes=({0: torch.export.Dim.AUTO},))
     torch.export.save(ep, folder / "net.pt2")
     return folder
 

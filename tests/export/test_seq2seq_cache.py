@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -94,6 +95,16 @@ def test_dense_t5_exports_decoder_with_cache_and_encoder(t5):
     _parity(lm.module, out, lm.example_kwargs, varied=True)
 
 
+def test_an_existing_encoder_file_is_refused_without_force(t5):
+    from vcon_fx.errors import OutputExistsError
+
+    root, lm = t5
+    (root / "kept.encoder.onnx").write_bytes(b"someone else's file")
+    with pytest.raises(OutputExistsError, match="kept.encoder.onnx exists: pass --force"):
+        export_onnx(lm.module, root / "kept.onnx", lm.example_args, example_kwargs=lm.example_kwargs)
+    assert not (root / "kept.onnx").exists() and (root / "kept.encoder.onnx").read_bytes() == b"someone else's file"
+
+
 def test_no_kv_cache_keeps_the_whole_model_export(t5):
     root, lm = t5
     out = export_onnx(lm.module, root / "flat.onnx", lm.example_args, example_kwargs=lm.example_kwargs,
@@ -149,6 +160,7 @@ def _bart_folder(root):
 def test_a_quantized_bart_exports_an_integer_pair_with_the_default_kernels(tmp_path):
     """BART too, and the default export of a quant model (integer_export, kernel auto): it writes through a temporary
     float file, so the encoder must land beside the user's file and the decoder's metadata name it."""
+    from vcon_fx.errors import OutputExistsError
     from vcon_fx.export import KERNELS, integer_export
     from vcon_fx.methods import QuantConfig
 
@@ -162,7 +174,11 @@ def test_a_quantized_bart_exports_an_integer_pair_with_the_default_kernels(tmp_p
     assert sorted(p.name for p in tmp_path.glob("*.onnx")) == ["bart.encoder.onnx", "bart.onnx"]
     decoder = _names_and_axes(out)
     assert seq2seq_layout_of_session(decoder).encoder == "bart.encoder.onnx"
-    encoder_ops = {n.op_type for n in __import__("onnx").load(str(encoder_path(out))).graph.node}
+    encoder_ops = {n.op_type for n in onnx.load(str(encoder_path(out))).graph.node}
     assert "DynamicQuantizeMatMul" in encoder_ops and "dynamic" in " ".join(report.notes)  # the encoder's integers too
     check_onnx(small, out, (), example_kwargs=lm.example_kwargs, rtol=KERNELS["dynamic"].rtol,
                runs=1).assert_ok()
+    out.unlink()  # the decoder gone, its encoder still there: a new export must not replace it silently
+    with pytest.raises(OutputExistsError, match="bart.encoder.onnx exists: pass --force"):
+        integer_export(small, out, (), kernel="auto", example_kwargs=lm.example_kwargs, seq_inputs=lm.seq_inputs)
+    assert not out.exists()

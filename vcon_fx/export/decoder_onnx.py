@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 _NO_CACHE_FIX = "export without the KV cache instead (--no-kv-cache, kv_cache=False)"
 
 
-def export_with_cache(model: nn.Module, out: Path, *, opset: int | None = None, required: bool = False) -> Path | None:
+def export_with_cache(model: nn.Module, out: Path, *, opset: int | None = None, required: bool = False,
+                      force: bool = False) -> Path | None:
     """Write the KV-cache ONNX of a decoder LM to `out` (pure on `model`); None when `model` is no decoder LM.
 
     Args:
@@ -65,7 +66,7 @@ def export_with_cache(model: nn.Module, out: Path, *, opset: int | None = None, 
     """
     from .seq2seq_onnx import export_seq2seq_with_cache  # an encoder-decoder LM: two files (seq2seq_onnx.py)
 
-    if export_seq2seq_with_cache(model, out, opset=opset) is not None:
+    if export_seq2seq_with_cache(model, out, opset=opset, force=force) is not None:
         return out
     prepared = _prepare(model, required)
     if prepared is None:

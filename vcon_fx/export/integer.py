@@ -152,6 +152,7 @@ def integer_export(
                                                        step, described_as)
         float_encoder = encoder_path(exported)
         if float_encoder.is_file():  # an encoder-decoder LM: its encoder goes beside `out`, named after it
+            check_output(encoder_path(out), force=force)  # before anything is written
             rename_encoder(exported, encoder_path(out).name)
         with step("storing integer weights…"):
             report = compress_onnx_weights(exported, out, bits=storage_bits(choice, bits), kernel=choice,
@@ -170,7 +171,7 @@ def integer_export(
 
 def _store_encoder(float_encoder: Path, out: Path, choice: tuple[str, ...], bits: int | None, described_as: str,
                    kernel_options: dict) -> None:
-    """The encoder file of an encoder-decoder LM with the decoder's kernels, replacing any at `out` (as export_onnx does).
+    """The encoder file of an encoder-decoder LM with the decoder's kernels (`out` checked by the caller).
 
     Static int8 reads activation scales found for the decoder file only: its encoder runs the
     dynamic kernel, or stays weight-only.

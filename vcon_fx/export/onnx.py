@@ -78,7 +78,7 @@ def export_onnx(
         The written path.
 
     Raises:
-        OutputExistsError: `path` exists and `force` is false.
+        OutputExistsError: `path` (or an encoder-decoder LM's encoder file beside it) exists and `force` is false.
         UsageError: the example inputs do not fit `model.forward`, a `seq_inputs` name is
             not an input, or `kv_cache` and the model is no decoder language model.
         ExportError: the exporter failed, or a requested dynamic dim came out static.
@@ -91,7 +91,7 @@ def export_onnx(
     if kv_cache or (kv_cache is None and dynamic_batch):
         from .decoder_onnx import export_with_cache  # it builds on this module's steps
 
-        if export_with_cache(model, out, opset=opset, required=bool(kv_cache)) is not None:
+        if export_with_cache(model, out, opset=opset, required=bool(kv_cache), force=force) is not None:
             return out
     args, kwargs = _as_args(example_inputs, example_kwargs)
     name = type(model).__name__

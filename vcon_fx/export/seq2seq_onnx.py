@@ -21,6 +21,7 @@ from pathlib import Path
 from torch import fx, nn
 
 from ..graph.recipe import Recipe
+from ..io.atomic import check_output
 from .decoder_onnx import (capture_with, flat_dynamic_shapes, hf_source_config, rebuild_with_weights,
                            source_and_layout, write_cached_onnx)
 from .seq2seq import (ENCODER_INPUTS, ENCODER_OUTPUTS, SEQ2SEQ_METADATA_KEY, Seq2SeqLayout, config_is_seq2seq_lm,
@@ -32,14 +33,16 @@ __all__ = ["export_seq2seq_with_cache", "rename_encoder"]
 log = logging.getLogger(__name__)
 
 
-def export_seq2seq_with_cache(model: nn.Module, out: Path, *, opset: int | None = None) -> Path | None:
+def export_seq2seq_with_cache(model: nn.Module, out: Path, *, opset: int | None = None,
+                              force: bool = False) -> Path | None:
     """Write the decoder-with-cache ONNX of an encoder-decoder LM to `out`, its encoder beside it (pure on `model`).
 
     Args:
         model: a Hugging Face encoder-decoder LM, or a vanished vcon model made from one.
         out: the decoder's .onnx file (already checked by the caller); the encoder goes to
-            `encoder_path(out)`, replaced if it exists.
+            `encoder_path(out)`.
         opset: ONNX opset; None takes the exporter's default.
+        force: replace an existing encoder file (`out` itself the caller checked).
 
     Returns:
         `out`, or None when `model` is no encoder-decoder LM (nothing is written then).
@@ -47,11 +50,13 @@ def export_seq2seq_with_cache(model: nn.Module, out: Path, *, opset: int | None 
     Raises:
         ExportError: the exporter failed, a dim came out static, or a capture does not take
             the vanished model's weights.
+        OutputExistsError: the encoder file exists and `force` is false.
     """
     parts = _parts(model)
     if parts is None:
         return None
     encoder, decoder, layout = parts
+    check_output(encoder_path(out), force=force)  # before anything is written
     layout = dataclasses.replace(layout, encoder=encoder_path(out).name)
     name = type(model).__name__
     vocab = _vocab_size(model)
