@@ -63,7 +63,9 @@ def test_weight_only_int4_stores_blocked_dequantize_linear_with_the_pytorch_weig
 def test_matmul_nbits_packs_the_real_block_scales(tmp_path, group_size, block_size):
     small, x = _vanished(group_size), torch.randn(3, 5, 40)
     path = tmp_path / "m.onnx"
-    integer_export(small, path, (torch.randn(2, 5, 40),), kernel="matmul-nbits", kernel_options={"block_size": block_size})
+    report = integer_export(small, path, (torch.randn(2, 5, 40),), kernel="matmul-nbits",
+                            kernel_options={"block_size": block_size})
+    assert report.layers == {"up": "matmul-nbits", "mid": "matmul-nbits", "down": "matmul-nbits"}  # not "weight-only"
     model = onnx.load(str(path))
     nbits = {n.name: n for n in model.graph.node if n.op_type == "MatMulNBits"}
     assert len(nbits) == 3 and not [n for n in model.graph.node if n.op_type in ("MatMul", "DequantizeLinear")]

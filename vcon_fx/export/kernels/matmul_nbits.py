@@ -67,7 +67,7 @@ def lower_to_matmul_nbits(model, report: "CompressReport", *, block_size: int = 
         UsageError: `block_size` is not a power of 2 of at least 16 (what the op takes), or it does
             not divide the model's group of inputs per scale (`--group-size`).
     """
-    done = to_matmul_nbits(model, check_block_size(block_size))
+    done = to_matmul_nbits(model, check_block_size(block_size), report.layer_kernels)
     report.notes.append(f"{done} INT4 matmul(s) run as MatMulNBits (block {block_size}, accuracy_level "
                         f"{ACCURACY_LEVEL}: int8 activations)")
 
@@ -96,8 +96,12 @@ class _Site:
     anchor: object  # the matmul node: the fused op takes its place
 
 
-def to_matmul_nbits(model, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
-    """Rewrite the INT4 weight-only matmuls of an onnx ModelProto in place; returns how many."""
+def to_matmul_nbits(model, block_size: int = DEFAULT_BLOCK_SIZE, layer_kernels: dict[str, str] | None = None) -> int:
+    """Rewrite the INT4 weight-only matmuls of an onnx ModelProto in place; returns how many.
+
+    `layer_kernels`, when given, gets each rewritten matmul's output name → "matmul-nbits" (in place),
+    so the per-layer report names the kernel each layer runs.
+    """
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -120,6 +124,8 @@ def to_matmul_nbits(model, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
         node = helper.make_node("MatMulNBits", inputs, [site.out], name=node_name, domain=_MS_DOMAIN,
                                 K=k, N=n, bits=4, block_size=block_size, accuracy_level=ACCURACY_LEVEL)
         graph.node.insert(list(graph.node).index(site.anchor), node)
+        if layer_kernels is not None:
+            layer_kernels[site.anchor.output[0]] = "matmul-nbits"
         for old in site.remove:
             graph.node.remove(old)
     if sites:
